@@ -1,0 +1,360 @@
+"""VideoModel: the one interface the OnlineVPO loop sees, whatever the base model.
+
+A VideoModel owns a trainable denoiser (`.dit`, the policy), a frozen autoencoder and a frozen text encoder,
+and knows the video size it generates. The loop needs exactly these verbs:
+  encode_prompts -> sample (N candidates per prompt, one batched call) -> decode (uint8 videos)
+  and, for the Diffusion-DPO loss (paper Eq. 3), noise / target / errors with a given network (policy or ref).
+`MODELS` maps a `--model` name to its builder; that dict is the whole registry.
+"""
+import copy
+import json
+import os
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+import opensora as osr
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as one line by the command-line tools, never as a traceback."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Text: Open-Sora's prompt format, and an embedded byte-level T5 for the tiny model
+
+
+def opensora_prompt(prompt: str, aes: float | None = 6.5) -> str:
+    """The caption format Open-Sora v1.2 was trained on: an aesthetic-score suffix, then T5 caption cleaning.
+    Our cleaning covers plain-text prompts (lower case, PixArt's bad-punctuation set to spaces, a space after
+    ',./' that follows a letter, whitespace collapsed); the original's URL/HTML/mojibake repair is not done."""
+    if aes is not None and "aesthetic score:" not in prompt:
+        prompt = f"{prompt} aesthetic score: {aes:.1f}."
+    text = prompt.strip().lower()
+    text = re.sub(r"[#®•©™&@·º½¾¿¡§~)(\]\[}{|\\/*]+", " ", text)
+    text = re.sub(r"[\.]{2,}", " ", text)
+    text = re.sub(r"\s+\.\s+", " ", text)
+    text = re.sub(r"(\D[,\./])\b", r"\1 ", text)
+    return re.sub(r"\s+", " ", text).strip()
+
+
+class ByteTokenizer:
+    """A tokenizer with no files: UTF-8 bytes + 3 (0 = pad, 1 = eos, as T5), padded to max_length."""
+
+    vocab_size = 259
+
+    def __call__(self, texts: list[str], max_length: int):
+        ids = torch.zeros(len(texts), max_length, dtype=torch.long)
+        for i, text in enumerate(texts):
+            b = [c + 3 for c in text.encode("utf-8")][: max_length - 1] + [1]
+            ids[i, : len(b)] = torch.tensor(b)
+        return ids, (ids != 0).long()
+
+
+class HFTokenizer:
+    def __init__(self, path: str):
+        from transformers import AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(path)
+
+    def __call__(self, texts: list[str], max_length: int):
+        out = self.tok(texts, max_length=max_length, padding="max_length", truncation=True,
+                       add_special_tokens=True, return_tensors="pt")
+        return out["input_ids"], out["attention_mask"]
+
+
+def tiny_t5(d_model: int = 32, seed: int = 0):
+    """A small random T5 encoder, identical on every machine (fixed seed): text features for the tiny model."""
+    from transformers import T5Config, T5EncoderModel
+
+    cfg = T5Config(vocab_size=ByteTokenizer.vocab_size, d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2,
+                   num_heads=4, feed_forward_proj="gated-gelu", dropout_rate=0.0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return T5EncoderModel(cfg).eval()
+
+
+class PixelSpace(nn.Module):
+    """The tiny model's 'autoencoder': latents are the pixels themselves, in [-1, 1]."""
+
+    def latent_frames(self, frames: int) -> int:
+        return frames
+
+    def encode(self, x, **_):
+        return x
+
+    def decode(self, z, num_frames: int):
+        return z
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading: Hugging Face ids or local folders
+
+
+def resolve(path: str, what: str, patterns: list[str] | None = None) -> str:
+    """A local folder as is; otherwise a Hub id fetched (or found in the local Hub cache)."""
+    if os.path.isdir(path):
+        return path
+    looks_local = path.startswith((".", "/", "~")) or path.count("/") != 1
+    hint = f"download it with `huggingface-cli download {path} --local-dir DIR` and pass DIR"
+    if looks_local:
+        raise UserError(f"{what}: folder {path!r} does not exist; pass a local folder or a Hugging Face id")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(path, allow_patterns=patterns)
+    except Exception as e:  # offline, gated, missing: one line with the way out
+        raise UserError(f"{what}: cannot get {path!r} ({type(e).__name__}); {hint}") from None
+
+
+def read_config(folder: str) -> dict:
+    with open(os.path.join(folder, "config.json")) as f:
+        return json.load(f)
+
+
+def load_state(module: nn.Module, file: str, what: str, fill_missing: tuple = ()):
+    """Strict load of a safetensors file; keys in fill_missing may be absent (they are derived, e.g. RoPE freqs)."""
+    state = load_file(file)
+    own = module.state_dict()
+    for key in fill_missing:
+        state.setdefault(key, own[key])
+    missing, unexpected = own.keys() - state.keys(), state.keys() - own.keys()
+    bad = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
+    if missing or unexpected or bad:
+        detail = ", ".join(f"{n} {sorted(ks)[:3]}" for n, ks in
+                           (("missing", missing), ("unexpected", unexpected), ("wrong shape", bad)) if ks)
+        raise UserError(f"{what}: {file} does not match this model ({detail})")
+    module.load_state_dict(state, strict=True)
+
+
+def load_dit(path: str) -> osr.STDiT3:
+    folder = resolve(path, "STDiT3 weights", ["config.json", "model.safetensors"])
+    dit = osr.STDiT3(**read_config(folder))
+    load_state(dit, os.path.join(folder, "model.safetensors"), "STDiT3 weights", fill_missing=("rope.freqs",))
+    return dit
+
+
+def load_vae(path: str) -> osr.OpenSoraVAE:
+    folder = resolve(path, "Open-Sora VAE", ["config.json", "model.safetensors"])
+    vae = osr.OpenSoraVAE(**read_config(folder))
+    load_state(vae, os.path.join(folder, "model.safetensors"), "Open-Sora VAE")
+    return vae
+
+
+def load_t5(path: str):
+    from transformers import T5EncoderModel
+
+    folder = resolve(path, "T5 text encoder")
+    return T5EncoderModel.from_pretrained(folder).eval(), HFTokenizer(folder)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The interface
+
+
+@dataclass
+class VideoModel:
+    name: str
+    dit: osr.STDiT3  # the policy network G_theta
+    vae: nn.Module
+    text_encoder: nn.Module
+    tokenizer: object
+    height: int
+    width: int
+    frames: int
+    fps: int = 24
+    sample_steps: int = 30
+    cfg: float = 7.0
+    beta: float = 500.0  # default DPO beta for this backend (see README: velocity-space errors)
+    max_length: int = 300
+    aes: float | None = 6.5
+    use_timestep_transform: bool = True
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    # --- sizes
+    @property
+    def latent_shape(self) -> tuple:
+        f = getattr(self.vae, "spatial_factor", 1)
+        return (self.dit.in_channels, self.vae.latent_frames(self.frames), self.height // f, self.width // f)
+
+    def to(self, device, dtype: torch.dtype = torch.float32) -> "VideoModel":
+        """Policy weights stay fp32 (autocast does bf16 compute); frozen parts are stored in `dtype`."""
+        self.device, self.dtype = torch.device(device), dtype
+        self.dit.to(self.device)
+        self.vae.to(self.device, dtype).eval().requires_grad_(False)
+        self.text_encoder.to(self.device).eval().requires_grad_(False)
+        return self
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    # --- text
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """T5 features (B, 1, L, C) and mask (B, L); each prompt is encoded once and cached on the CPU."""
+        todo = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+        if todo:
+            texts = [opensora_prompt(p, self.aes) if self.aes is not None else p.lower() for p in todo]
+            ids, mask = self.tokenizer(texts, self.max_length)
+            dev = next(self.text_encoder.parameters()).device
+            y = self.text_encoder(input_ids=ids.to(dev), attention_mask=mask.to(dev)).last_hidden_state
+            for p, yi, mi in zip(todo, y.float().cpu(), mask):
+                self._cache[p] = (yi, mi)
+        y = torch.stack([self._cache[p][0] for p in prompts])[:, None].to(self.device)
+        mask = torch.stack([self._cache[p][1] for p in prompts]).to(self.device)
+        return y, mask
+
+    def model_kwargs(self, b: int) -> dict:
+        full = lambda v: torch.full((b,), float(v), device=self.device)
+        return dict(fps=full(self.fps), height=full(self.height), width=full(self.width))
+
+    def transform(self, t: torch.Tensor) -> torch.Tensor:
+        if not self.use_timestep_transform:
+            return t
+        return osr.timestep_transform(t, self.height, self.width, self.frames)
+
+    # --- Alg. 1 line 4: N candidates per prompt from the current policy
+    @torch.no_grad()
+    def sample(self, prompts: list[str], n: int, seeds: list[int], net: nn.Module | None = None,
+               steps: int | None = None, cfg: float | None = None) -> torch.Tensor:
+        """Clean latents (len(prompts) * n, C, T, H, W), candidates of a prompt adjacent. All candidates and
+        both CFG halves go through the network as ONE batch per step; candidate j uses seeds[j] for its noise."""
+        net = net or self.dit
+        assert len(seeds) == len(prompts) * n
+        y, mask = self.encode_prompts(prompts)
+        y, mask = y.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
+        y_all = torch.cat([y, net.y_embedder.y_embedding[None, None].to(y).expand_as(y)])  # [cond; null]
+        z = torch.stack([torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(s))
+                         for s in seeds]).to(self.device)
+        kw = self.model_kwargs(2 * z.shape[0])
+
+        def velocity(z_in, t_in):
+            with self.autocast():
+                return net(z_in, t_in, y_all, mask=mask, **kw)[:, : net.in_channels].float()
+
+        was_training = net.training
+        net.eval()
+        ts = osr.sampling_timesteps(steps or self.sample_steps, self.transform)
+        z = osr.euler_cfg_sample(velocity, z, ts, self.cfg if cfg is None else cfg)
+        net.train(was_training)
+        return z
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> uint8 videos (B, T, H, W, 3), one video at a time to bound memory."""
+        out = []
+        for z in latents.split(1):
+            x = self.vae.decode(z.to(self.dtype), num_frames=self.frames).float()
+            x = ((x.clamp(-1, 1) + 1) / 2 * 255 + 0.5).clamp(0, 255).to(torch.uint8)  # as Open-Sora saves
+            out.append(x.permute(0, 2, 3, 4, 1).cpu())
+        return torch.cat(out)
+
+    # --- what the Diffusion-DPO loss needs (Alg. 1 line 7)
+    def training_timesteps(self, b: int, generator: torch.Generator) -> torch.Tensor:
+        return self.transform(osr.training_timesteps(b, generator, self.device))
+
+    def errors(self, net: nn.Module, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+               y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Per-sample MSE between the net's velocity and the rectified-flow target x0 - noise, mean over all
+        non-batch dims, fp32. Captions are never dropped here (Open-Sora would drop them in train mode)."""
+        x_t = osr.add_noise(x0, noise, t)
+        with self.autocast():
+            v = net(x_t, t, y, mask=mask, **self.model_kwargs(x0.shape[0]))[:, : net.in_channels]
+        return (v.float() - osr.velocity_target(x0, noise).float()).pow(2).flatten(1).mean(1)
+
+    # --- memory and weights
+    def set_grad_checkpointing(self, on: bool):
+        self.dit.grad_checkpointing = on
+
+    def frozen_copy(self) -> nn.Module:
+        """The reference network G_ref: a frozen copy of the policy."""
+        return copy.deepcopy(self.dit).requires_grad_(False).eval()
+
+    def save_weights(self, folder: str, net: nn.Module | None = None, file: str = "model.safetensors"):
+        """DiT weights as safetensors plus config.json: the layout of hpcai-tech/OpenSora-STDiT-v3, so a
+        checkpoint folder works anywhere a DiT folder does (`--dit checkpoint-200`)."""
+        net = net or self.dit
+        os.makedirs(folder, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
+        save_file(state, os.path.join(folder, file), metadata={"model": self.name})
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump({**net.config, "model": self.name}, f, indent=1)
+
+    def load_weights(self, file: str, net: nn.Module | None = None):
+        """Fine-tuned DiT weights saved by save_weights; refuses a file made for another model."""
+        from safetensors import safe_open
+
+        if not os.path.isfile(file):
+            raise UserError(f"no weights file {file}")
+        with safe_open(file, "pt") as f:
+            made_for = (f.metadata() or {}).get("model")
+        if made_for is not None and made_for != self.name:
+            raise UserError(f"{file} holds weights of model {made_for!r}, not {self.name!r}")
+        load_state(net or self.dit, file, f"weights for {self.name}", fill_missing=("rope.freqs",))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Builders: --model NAME
+
+
+def size_for(resolution: str, aspect: str, size: str | None, multiple: int) -> tuple[int, int]:
+    """A named Open-Sora size, or an explicit HxW that must be a multiple of `multiple` pixels."""
+    if size:
+        try:
+            h, w = (int(v) for v in size.lower().split("x"))
+        except ValueError:
+            raise UserError(f"--size must look like 240x432, got {size!r}") from None
+        if h <= 0 or w <= 0 or h % multiple or w % multiple:
+            raise UserError(f"--size {size}: height and width must be positive multiples of {multiple} pixels")
+        return h, w
+    try:
+        return osr.image_size(resolution, aspect)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def build_opensora(dit: str = "hpcai-tech/OpenSora-STDiT-v3", vae: str = "hpcai-tech/OpenSora-VAE-v1.2",
+                   text_encoder: str = "DeepFloyd/t5-v1_1-xxl", resolution: str = "240p", aspect: str = "9:16",
+                   size: str | None = None, frames: int | None = None, **_) -> VideoModel:
+    """Open-Sora v1.2 as the paper fine-tunes it: 240p 9:16, 51 frames, 24 fps, 30 steps, cfg 7.0, aes 6.5."""
+    height, width = size_for(resolution, aspect, size, 16)
+    frames = frames or 51
+    if frames < 1:
+        raise UserError("--frames must be at least 1")
+    net = load_dit(dit)
+    ae = load_vae(vae)
+    t5, tok = load_t5(text_encoder)
+    return VideoModel("opensora", net, ae, t5, tok, height, width, frames, max_length=net.config["model_max_length"])
+
+
+TINY_DIT = dict(in_channels=3, patch_size=(1, 4, 4), hidden_size=64, depth=2, num_heads=4, pred_sigma=False,
+                caption_channels=32, model_max_length=48, input_sq_size=32, qk_norm=True)
+
+
+def build_tiny(size: str | None = None, frames: int | None = None, dit: str | None = None, **_) -> VideoModel:
+    """The embedded default: the same STDiT3 class, small, working on 32x32 pixels directly, with a random
+    byte-level T5. No files, no downloads; samples an 8-frame video on a CPU in well under a second."""
+    height, width = size_for("", "", size or "32x32", 8)
+    if dit:
+        net = load_dit(dit)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            net = osr.STDiT3(**TINY_DIT)
+    return VideoModel("tiny", net, PixelSpace(), tiny_t5(TINY_DIT["caption_channels"]), ByteTokenizer(),
+                      height, width, frames or 8, fps=8, sample_steps=20, cfg=4.0, beta=500.0,
+                      max_length=TINY_DIT["model_max_length"], aes=None, use_timestep_transform=False)
+
+
+MODELS = {"opensora": build_opensora, "tiny": build_tiny}
+
+
+def build_model(name: str, **kwargs) -> VideoModel:
+    if name not in MODELS:
+        raise UserError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    return MODELS[name](**kwargs)

@@ -1,0 +1,281 @@
+"""OnlineVPO training: Algorithm 1 of the paper as one loop.
+
+    python train.py --model opensora --reward videoscore --n 4 --k 200     # the paper's setting
+    python train.py --steps 40 --batch-size 4 --k 20 --lr 1e-4             # the embedded tiny model, CPU
+
+For each prompt: sample N videos from the current policy, score them, take best vs worst, apply the
+Diffusion-DPO loss against the reference model; every K optimizer steps the reference becomes the policy.
+"""
+import argparse
+import glob
+import json
+import os
+import shutil
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+import dpo
+from model import UserError
+from reward import REWARDS, build_reward, pick
+from sample import add_model_args, load_prompts, model_from_args, video_name, write_video
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--reward", default="pixel", help=f"video reward: {', '.join(REWARDS)}")
+    p.add_argument("--reward-dim", default=None, help="reward dimension the pairs are built on; 'global' = mean "
+                   "of all (default: the reward's temporal consistency, paper Table 4b)")
+    p.add_argument("--n", type=int, default=4, help="candidates sampled per prompt (paper: 4)")
+    p.add_argument("--k", type=int, default=200, help="reference update every K optimizer steps; 0 = never "
+                   "(paper: 200)")
+    p.add_argument("--beta", type=float, default=None, help="DPO beta (default: the model's, see README)")
+    p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (paper: 1e-5)")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (Open-Sora: 1.0)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per optimizer step (paper: 8)")
+    p.add_argument("--sample-batch", type=int, default=1, help="prompts sampled together in one call")
+    p.add_argument("--min-gap", type=float, default=0.0, help="a best-worst reward gap <= this is a tie: skipped")
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps")
+    p.add_argument("--prompts", default="prompts/train.txt", help="txt (one per line) or csv")
+    p.add_argument("--prompt-column", default=None, help="csv column holding the prompts (default: text)")
+    p.add_argument("--eval-prompts", default="prompts/eval.txt", help="fixed prompts for --sample-every")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/vpo")
+    p.add_argument("--save-every", type=int, default=100, help="checkpoint every this many steps (and at the end)")
+    p.add_argument("--sample-every", type=int, default=0, help="write eval mp4s every this many steps; 0 = never")
+    p.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="continue from the latest checkpoint in --out, or from the given checkpoint folder")
+    p.add_argument("--no-grad-checkpointing", action="store_true", help="faster, more memory")
+    p.add_argument("--max-bad-steps", type=int, default=3, help="stop after this many NaN/inf steps in a row")
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    if args.n < 2:
+        raise UserError("--n must be at least 2: a preference pair needs two candidates")
+    for name in ("batch_size", "sample_batch", "steps"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.k < 0:
+        raise UserError("--k must be >= 0 (0 = never update the reference)")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Deterministic data and noise: everything random is a function of (seed, prompt counter), so a resumed run
+# draws exactly what an uninterrupted one would.
+
+
+def prompt_at(prompts: list[str], seed: int, counter: int) -> str:
+    epoch, pos = divmod(counter, len(prompts))
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+    return prompts[order[pos]]
+
+
+def candidate_seeds(seed: int, counter: int, n: int) -> list[int]:
+    return [(seed * 1_000_003 + counter * n + j) % 2**63 for j in range(n)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints: OUT/checkpoint-<step>/ written to a temporary folder, then renamed (atomic on one filesystem)
+
+
+def save_checkpoint(out: str, model, ref, opt, state: dict, args) -> str:
+    final = os.path.join(out, f"checkpoint-{state['step']}")
+    tmp = os.path.join(out, f".tmp-checkpoint-{state['step']}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_weights(tmp)  # policy: model.safetensors + config.json, loadable as --dit
+    model.save_weights(tmp, net=ref, file="ref.safetensors")
+    torch.save(opt.state_dict(), os.path.join(tmp, "optimizer.pt"))
+    torch.save({"torch": torch.get_rng_state()}, os.path.join(tmp, "rng.pt"))
+    with open(os.path.join(tmp, "state.json"), "w") as f:
+        json.dump(state, f, indent=1)
+    with open(os.path.join(tmp, "args.json"), "w") as f:
+        json.dump(vars(args), f, indent=1)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+def latest_checkpoint(out: str) -> str | None:
+    found = sorted(glob.glob(os.path.join(out, "checkpoint-*")), key=lambda p: int(p.rsplit("-", 1)[1]))
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: str, model, ref, opt) -> dict:
+    if not os.path.isfile(os.path.join(path, "state.json")):
+        raise UserError(f"{path} is not a train.py checkpoint (no state.json)")
+    model.load_weights(os.path.join(path, "model.safetensors"))
+    model.load_weights(os.path.join(path, "ref.safetensors"), net=ref)
+    opt.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))
+    torch.set_rng_state(torch.load(os.path.join(path, "rng.pt"), weights_only=True)["torch"])
+    with open(os.path.join(path, "state.json")) as f:
+        return json.load(f)
+
+
+def write_eval_samples(model, prompts: list[str], out: str, step: int, seed: int):
+    folder = os.path.join(out, "samples", f"step-{step}")
+    os.makedirs(folder, exist_ok=True)
+    for k, prompt in enumerate(prompts):
+        videos = model.decode(model.sample([prompt], 2, candidate_seeds(seed + 1, k, 2)))
+        for i, video in enumerate(videos):
+            write_video(os.path.join(folder, video_name(prompt, i)), video, model.fps)
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def train(args) -> dict:
+    check_args(args)
+    prompts = load_prompts(args.prompts, args.prompt_column)
+    eval_prompts = load_prompts(args.eval_prompts)[:4] if args.sample_every else []
+    reward = build_reward(args.reward, device=args.device)
+    dim = args.reward_dim or reward.default_dim
+    if dim != "global" and dim not in reward.dims:
+        raise UserError(f"unknown reward dimension {dim!r}; choose one of {', '.join(reward.dims)}, global")
+    model = model_from_args(args)
+    beta = args.beta if args.beta is not None else model.beta
+    model.set_grad_checkpointing(not args.no_grad_checkpointing)
+    ref = model.frozen_copy()  # G_ref <- G_theta at the start (Alg. 1 line 1)
+    opt = torch.optim.AdamW(model.dit.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    state = {"model": args.model, "step": 0, "prompts_seen": 0, "ties": 0, "bad_steps": 0, "ref_updates": 0}
+
+    os.makedirs(args.out, exist_ok=True)
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    if args.resume:
+        path = latest_checkpoint(args.out) if args.resume == "latest" else args.resume
+        if path is None:
+            raise UserError(f"--resume: no checkpoint-<step> folder in {args.out}")
+        state = load_checkpoint(path, model, ref, opt)
+        if state.get("model") != args.model:
+            raise UserError(f"{path} is a checkpoint of model {state.get('model')!r}, not {args.model!r}")
+        keep = []  # drop metrics logged after the checkpoint by the interrupted run
+        if os.path.isfile(metrics_path):
+            with open(metrics_path) as f:
+                keep = [line for line in f if json.loads(line)["step"] <= state["step"]]
+        with open(metrics_path, "w") as f:
+            f.writelines(keep)
+    else:
+        open(metrics_path, "w").close()
+        with open(os.path.join(args.out, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=1)
+
+    bar = tqdm(total=args.steps, initial=state["step"], desc="OnlineVPO", dynamic_ncols=True)
+    model.dit.train()
+    while state["step"] < args.steps:
+        times = dict.fromkeys(("sample", "decode", "reward", "train"), 0.0)
+        log = {"loss": [], "accuracy": [], "margin": [], "kl": [], "reward_mean": [], "reward_w": [],
+               "reward_l": [], "gap": []}
+        pairs, finite = 0, True
+        opt.zero_grad(set_to_none=True)
+        for first in range(0, args.batch_size, args.sample_batch):
+            counters = [state["prompts_seen"] + i for i in range(min(args.sample_batch, args.batch_size - first))]
+            state["prompts_seen"] += len(counters)
+            batch = [prompt_at(prompts, args.seed, c) for c in counters]
+            seeds = [s for c in counters for s in candidate_seeds(args.seed, c, args.n)]
+
+            tic = time.perf_counter()  # Alg. 1 line 4: N videos per prompt from the current policy
+            latents = model.sample(batch, args.n, seeds)
+            times["sample"] += time.perf_counter() - tic
+            tic = time.perf_counter()
+            videos = model.decode(latents)
+            times["decode"] += time.perf_counter() - tic
+            tic = time.perf_counter()  # Alg. 1 line 5: score every candidate
+            scores = pick(reward.score(videos, [p for p in batch for _ in range(args.n)]), dim).view(-1, args.n)
+            times["reward"] += time.perf_counter() - tic
+
+            tic = time.perf_counter()
+            winners, losers, chosen, noise_gens = [], [], [], []
+            for i, c in enumerate(counters):  # Alg. 1 line 6: best vs worst; ties give no pair
+                pair = dpo.select_pair(scores[i], args.min_gap)
+                log["reward_mean"].append(scores[i].mean().item())
+                if pair is None:
+                    state["ties"] += 1
+                    continue
+                w, l = pair
+                winners.append(latents[i * args.n + w])  # the sampled latents themselves: no VAE re-encode
+                losers.append(latents[i * args.n + l])
+                chosen.append(batch[i])
+                noise_gens.append(torch.Generator().manual_seed(args.seed * 104729 + c))
+                log["reward_w"].append(scores[i, w].item())
+                log["reward_l"].append(scores[i, l].item())
+                log["gap"].append((scores[i, w] - scores[i, l]).item())
+            if chosen:  # Alg. 1 line 7: Diffusion-DPO loss; winner and loser share one noise and one t
+                P = len(chosen)
+                noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in noise_gens])
+                t = torch.cat([model.training_timesteps(1, g) for g in noise_gens])
+                x0 = torch.cat([torch.stack(winners), torch.stack(losers)])
+                noise, t = noise.to(x0.device).repeat(2, 1, 1, 1, 1), t.repeat(2)
+                y, mask = model.encode_prompts(chosen + chosen)
+                policy_err = model.errors(model.dit, x0, noise, t, y, mask)
+                with torch.no_grad():
+                    ref_err = model.errors(ref, x0, noise, t, y, mask)
+                loss, m = dpo.diffusion_dpo_loss(policy_err[:P], policy_err[P:], ref_err[:P], ref_err[P:], beta)
+                if torch.isfinite(loss):
+                    (loss * P / args.batch_size).backward()  # Alg. 1 line 8: gradients summed over pairs
+                else:
+                    finite = False
+                for key in ("loss", "accuracy", "margin", "kl"):
+                    log[key] += [m[key]] * P
+                pairs += P
+            times["train"] += time.perf_counter() - tic
+
+        tic = time.perf_counter()
+        grad_norm = float("nan")
+        if pairs and finite:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.dit.parameters(), args.max_grad_norm))
+            finite = grad_norm == grad_norm and grad_norm != float("inf")
+        if pairs and finite:
+            opt.step()
+            state["bad_steps"] = 0
+        elif pairs:  # NaN/inf: skip this step, keep the weights as they were
+            state["bad_steps"] += 1
+            state["skipped_nan"] = state.get("skipped_nan", 0) + 1
+        opt.zero_grad(set_to_none=True)
+        state["step"] += 1
+        if args.k and state["step"] % args.k == 0:  # curriculum reference update: G_ref <- G_theta
+            dpo.update_reference(ref, model.dit)
+            state["ref_updates"] += 1
+        times["train"] += time.perf_counter() - tic
+
+        mean = lambda v: sum(v) / len(v) if v else None
+        row = {"step": state["step"], "pairs": pairs, "ties": state["ties"], "ref_updates": state["ref_updates"],
+               "skipped_nan": state.get("skipped_nan", 0), "grad_norm": grad_norm, "lr": args.lr, "beta": beta,
+               "reward_dim": dim, **{k: mean(v) for k, v in log.items()},
+               **{f"time_{k}": round(v, 3) for k, v in times.items()}}
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        bar.update(1)
+        fmt = lambda v: "-" if v is None else f"{v:.3f}"
+        bar.set_postfix_str(f"loss {fmt(row['loss'])} r {fmt(row['reward_mean'])} w {fmt(row['reward_w'])} "
+                            f"l {fmt(row['reward_l'])} acc {fmt(row['accuracy'])} ties {state['ties']}")
+
+        if state["bad_steps"] >= args.max_bad_steps:
+            last = latest_checkpoint(args.out)
+            raise UserError(f"stopping: {state['bad_steps']} optimizer steps in a row had a NaN/inf loss or "
+                            f"gradient (lower --lr or --beta); last good checkpoint: {last or 'none'}")
+        if state["step"] % args.save_every == 0 or state["step"] == args.steps:
+            save_checkpoint(args.out, model, ref, opt, state, args)
+        if args.sample_every and state["step"] % args.sample_every == 0:
+            write_eval_samples(model, eval_prompts, args.out, state["step"], args.seed)
+    bar.close()
+    return state
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        state = train(args)
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted; resume with --resume (continues from the latest checkpoint)")
+    print(f"done: {state['step']} steps, {state['ties']} ties skipped, {state['ref_updates']} reference updates; "
+          f"metrics in {os.path.join(args.out, 'metrics.jsonl')}")
+
+
+if __name__ == "__main__":
+    main()
