@@ -26,7 +26,8 @@ def diffusion_dpo_loss(policy_err_w: torch.Tensor, policy_err_l: torch.Tensor, r
     loss = -F.logsigmoid(logits).mean()
     metrics = {
         "loss": loss.item(),
-        "accuracy": (logits > 0).float().mean().item(),  # implicit reward prefers the winner
+        # implicit reward prefers the winner; an exact tie (policy == reference) counts as a coin flip
+        "accuracy": ((logits > 0).float() + 0.5 * (logits == 0).float()).mean().item(),
         "margin": logits.mean().item(),
         "kl": 0.5 * (w_diff + l_diff).mean().item(),  # how far the policy moved from the reference
         "policy_err_w": policy_err_w.float().mean().item(),

@@ -9,6 +9,7 @@ Diffusion-DPO loss against the reference model; every K optimizer steps the refe
 import argparse
 import glob
 import json
+import math
 import os
 import shutil
 import sys
@@ -150,6 +151,8 @@ def train(args) -> dict:
         if path is None:
             raise UserError(f"--resume: no checkpoint-<step> folder in {args.out}")
         state = load_checkpoint(path, model, ref, opt)
+        for group in opt.param_groups:  # flags given now win over the saved optimizer's
+            group.update(lr=args.lr, weight_decay=args.weight_decay)
         if state.get("model") != args.model:
             raise UserError(f"{path} is a checkpoint of model {state.get('model')!r}, not {args.model!r}")
         keep = []  # drop metrics logged after the checkpoint by the interrupted run
@@ -180,6 +183,9 @@ def train(args) -> dict:
             tic = time.perf_counter()  # Alg. 1 line 4: N videos per prompt from the current policy
             latents = model.sample(batch, args.n, seeds)
             times["sample"] += time.perf_counter() - tic
+            if not torch.isfinite(latents).all():  # a broken policy: NaN videos would all tie, silently
+                finite = False
+                continue
             tic = time.perf_counter()
             videos = model.decode(latents)
             times["decode"] += time.perf_counter() - tic
@@ -224,14 +230,14 @@ def train(args) -> dict:
             times["train"] += time.perf_counter() - tic
 
         tic = time.perf_counter()
-        grad_norm = float("nan")
+        grad_norm = None
         if pairs and finite:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.dit.parameters(), args.max_grad_norm))
-            finite = grad_norm == grad_norm and grad_norm != float("inf")
+            finite = math.isfinite(grad_norm)
         if pairs and finite:
             opt.step()
             state["bad_steps"] = 0
-        elif pairs:  # NaN/inf: skip this step, keep the weights as they were
+        elif not finite:  # NaN/inf loss, gradient or samples: skip this step, keep the weights as they were
             state["bad_steps"] += 1
             state["skipped_nan"] = state.get("skipped_nan", 0) + 1
         opt.zero_grad(set_to_none=True)
@@ -255,9 +261,9 @@ def train(args) -> dict:
 
         if state["bad_steps"] >= args.max_bad_steps:
             last = latest_checkpoint(args.out)
-            raise UserError(f"stopping: {state['bad_steps']} optimizer steps in a row had a NaN/inf loss or "
-                            f"gradient (lower --lr or --beta); last good checkpoint: {last or 'none'}")
-        if state["step"] % args.save_every == 0 or state["step"] == args.steps:
+            raise UserError(f"stopping: {state['bad_steps']} optimizer steps in a row had a NaN/inf loss, gradient "
+                            f"or sample (lower --lr or --beta); last good checkpoint: {last or 'none'}")
+        if state["bad_steps"] == 0 and (state["step"] % args.save_every == 0 or state["step"] == args.steps):
             save_checkpoint(args.out, model, ref, opt, state, args)
         if args.sample_every and state["step"] % args.sample_every == 0:
             write_eval_samples(model, eval_prompts, args.out, state["step"], args.seed)

@@ -1,0 +1,109 @@
+"""train.py end to end on the tiny model: metrics, checkpoints, resume, the K schedule, bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["--size", "16x16", "--frames", "4", "--sample-steps", "3", "--n", "2", "--batch-size", "2", "--lr", "1e-3"]
+
+
+def run(out, *extra):
+    train.main(FAST + ["--out", str(out), "--prompts", os.path.join(ROOT, "prompts/train.txt"), *extra])
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(line).items() if not k.startswith("time_")} for line in f]
+
+
+def weights(out, step, file="model.safetensors"):
+    return load_file(os.path.join(out, f"checkpoint-{step}", file))
+
+
+def same(a, b):
+    return all((a[k] == b[k]).all() for k in a)
+
+
+def test_two_step_run_writes_metrics_and_checkpoint(tmp_path):
+    run(tmp_path, "--steps", "2")
+    rows = metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at step 1
+    for key in ("reward_mean", "reward_w", "reward_l", "accuracy", "kl", "ties", "pairs"):
+        assert key in rows[1]
+    assert sorted(os.listdir(tmp_path / "checkpoint-2")) == sorted(
+        ["model.safetensors", "config.json", "ref.safetensors", "optimizer.pt", "rng.pt", "state.json", "args.json"])
+
+
+def test_stop_and_resume_equals_uninterrupted(tmp_path):
+    run(tmp_path / "a", "--steps", "4", "--k", "3")
+    run(tmp_path / "b", "--steps", "2", "--k", "3")
+    run(tmp_path / "b", "--steps", "4", "--k", "3", "--resume")
+    assert metrics(tmp_path / "a") == metrics(tmp_path / "b")
+    assert same(weights(tmp_path / "a", 4), weights(tmp_path / "b", 4))
+    assert same(weights(tmp_path / "a", 4, "ref.safetensors"), weights(tmp_path / "b", 4, "ref.safetensors"))
+
+
+@pytest.mark.parametrize("k", [2, 0])
+def test_reference_changes_exactly_every_k_steps(tmp_path, k):
+    run(tmp_path, "--steps", "4", "--k", str(k), "--save-every", "1")
+    refs = [weights(tmp_path, s, "ref.safetensors") for s in range(1, 5)]
+    policies = [weights(tmp_path, s) for s in range(1, 5)]
+    if k == 2:
+        assert not same(refs[0], policies[0])  # step 1: still the initial policy
+        assert same(refs[1], policies[1])  # step 2: updated, equals the policy
+        assert same(refs[2], refs[1]) and not same(refs[2], policies[2])
+        assert same(refs[3], policies[3])
+    else:
+        assert all(same(r, refs[0]) for r in refs) and not same(refs[3], policies[3])
+    assert [r["ref_updates"] for r in metrics(tmp_path)] == ([0, 1, 1, 2] if k == 2 else [0, 0, 0, 0])
+
+
+def cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *FAST, *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompts", "/nonexistent.txt"], "prompt file '/nonexistent.txt' not found"),
+    (["--n", "1"], "--n must be at least 2"),
+    (["--model", "sora9"], "unknown model 'sora9'"),
+    (["--reward", "oracle"], "unknown reward 'oracle'"),
+    (["--reward-dim", "beauty"], "unknown reward dimension 'beauty'"),
+])
+def test_bad_input_gives_one_line_and_nonzero_exit(tmp_path, args, message):
+    r = cli("--out", str(tmp_path), "--steps", "1", *args)
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines() == [f"error: {message}" + r.stderr.strip().split(message, 1)[1]]
+    assert "Traceback" not in r.stderr
+
+
+def test_empty_prompt_file(tmp_path):
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    r = cli("--out", str(tmp_path), "--prompts", str(tmp_path / "empty.txt"))
+    assert r.returncode != 0 and r.stderr.strip() == f"error: prompt file '{tmp_path / 'empty.txt'}' holds no prompts"
+
+
+def test_resuming_a_checkpoint_of_another_model(tmp_path, small_opensora):
+    run(tmp_path, "--steps", "1")
+    r = cli("--model", "opensora", "--dit", small_opensora["dit"], "--vae", small_opensora["vae"],
+            "--text-encoder", small_opensora["t5"], "--size", "32x32", "--frames", "17", "--out", str(tmp_path),
+            "--resume")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "holds weights of model 'tiny', not 'opensora'" in r.stderr
+
+
+def test_nan_losses_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path):
+    run(tmp_path, "--steps", "1")
+    before = weights(tmp_path, 1)
+    r = cli("--out", str(tmp_path), "--steps", "8", "--resume", "--lr", "1e30", "--max-grad-norm", "1e30")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "in a row had a NaN/inf loss" in r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["args.json", "checkpoint-1", "metrics.jsonl"]
+    assert same(weights(tmp_path, 1), before)
