@@ -1,0 +1,54 @@
+"""The weights-free reward and the mp4 writer/naming of sample.py."""
+import os
+
+import av
+import pytest
+import torch
+
+import sample
+from model import UserError
+from reward import build_reward, pick
+
+
+def test_static_video_has_temporal_flickering_one_and_noise_scores_lower():
+    r = build_reward("pixel")
+    static = torch.full((1, 6, 16, 16, 3), 90, dtype=torch.uint8)
+    noise = torch.randint(0, 256, (1, 6, 16, 16, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    s = r.score(torch.cat([static, noise]), ["a", "b"])
+    assert s["temporal_consistency"][0].item() == 1.0
+    assert s["temporal_consistency"][1].item() < 0.7  # mean |a-b| of uniform bytes is ~85 -> ~0.67
+    assert s["colorfulness"][0].item() == pytest.approx(0.0, abs=1e-6)  # gray has no colour
+    assert pick(s, "global").tolist() == pytest.approx(((s["temporal_consistency"] + s["colorfulness"]) / 2).tolist())
+
+
+def test_flicker_formula_on_a_known_video():
+    video = torch.zeros(1, 3, 4, 4, 3, dtype=torch.uint8)
+    video[0, 1] = 51  # |F1-F0| = 51, |F2-F1| = 51 -> (255 - 51) / 255
+    assert build_reward("pixel").score(video, ["x"])["temporal_consistency"].item() == pytest.approx(204 / 255)
+
+
+def test_reward_rejects_bad_input():
+    with pytest.raises(UserError, match="uint8"):
+        build_reward("pixel").score(torch.zeros(1, 2, 4, 4, 3), ["x"])
+    with pytest.raises(UserError, match="unknown reward dimension 'beauty'"):
+        pick({"temporal_consistency": torch.zeros(1)}, "beauty")
+
+
+def test_mp4_round_trip_and_vbench_names(tmp_path):
+    video = torch.zeros(5, 16, 22, 3, dtype=torch.uint8)
+    video[:, :, :, 0] = torch.arange(5).view(5, 1, 1) * 50
+    path = os.path.join(tmp_path, sample.video_name("a cat / dog", 3))
+    assert os.path.basename(path) == "a cat   dog-3.mp4"
+    sample.write_video(path, video, fps=8)
+    with av.open(path) as f:
+        frames = [fr.to_ndarray(format="rgb24") for fr in f.decode(video=0)]
+    assert len(frames) == 5 and frames[0].shape == (16, 22, 3)
+    assert abs(int(frames[4][8, 8, 0]) - 200) < 8
+
+
+def test_sample_cli_writes_n_videos_per_prompt(tmp_path):
+    (tmp_path / "p.txt").write_text("a red ball\na blue cube\n")
+    sample.main(["--prompts", str(tmp_path / "p.txt"), "--n", "2", "--size", "16x16", "--frames", "4",
+                 "--sample-steps", "2", "--out", str(tmp_path / "out")])
+    assert sorted(os.listdir(tmp_path / "out")) == ["a blue cube-0.mp4", "a blue cube-1.mp4", "a red ball-0.mp4",
+                                                   "a red ball-1.mp4"]
