@@ -94,20 +94,24 @@ class PixelSpace(nn.Module):
 # Loading: Hugging Face ids or local folders
 
 
-def resolve(path: str, what: str, patterns: list[str] | None = None) -> str:
+def resolve(path: str, what: str, hub_id: str, patterns: list[str] | None = None) -> str:
     """A local folder as is; otherwise a Hub id fetched (or found in the local Hub cache)."""
     if os.path.isdir(path):
         return path
     looks_local = path.startswith((".", "/", "~")) or path.count("/") != 1
-    hint = f"download it with `huggingface-cli download {path} --local-dir DIR` and pass DIR"
     if looks_local:
-        raise UserError(f"{what}: folder {path!r} does not exist; pass a local folder or a Hugging Face id")
+        raise UserError(f"{what}: folder {path!r} does not exist; download the weights with "
+                        f"`huggingface-cli download {hub_id} --local-dir {path}`")
+    hint = f"download it with `huggingface-cli download {path} --local-dir DIR` and pass DIR"
     try:
         from huggingface_hub import snapshot_download
 
         return snapshot_download(path, allow_patterns=patterns)
     except Exception as e:  # offline, gated, missing: one line with the way out
         raise UserError(f"{what}: cannot get {path!r} ({type(e).__name__}); {hint}") from None
+
+
+DIT_ID, VAE_ID, T5_ID = "hpcai-tech/OpenSora-STDiT-v3", "hpcai-tech/OpenSora-VAE-v1.2", "DeepFloyd/t5-v1_1-xxl"
 
 
 def read_config(folder: str) -> dict:
@@ -131,14 +135,14 @@ def load_state(module: nn.Module, file: str, what: str, fill_missing: tuple = ()
 
 
 def load_dit(path: str) -> osr.STDiT3:
-    folder = resolve(path, "STDiT3 weights", ["config.json", "model.safetensors"])
+    folder = resolve(path, "STDiT3 weights", DIT_ID, ["config.json", "model.safetensors"])
     dit = osr.STDiT3(**read_config(folder))
     load_state(dit, os.path.join(folder, "model.safetensors"), "STDiT3 weights", fill_missing=("rope.freqs",))
     return dit
 
 
 def load_vae(path: str) -> osr.OpenSoraVAE:
-    folder = resolve(path, "Open-Sora VAE", ["config.json", "model.safetensors"])
+    folder = resolve(path, "Open-Sora VAE", VAE_ID, ["config.json", "model.safetensors"])
     vae = osr.OpenSoraVAE(**read_config(folder))
     load_state(vae, os.path.join(folder, "model.safetensors"), "Open-Sora VAE")
     return vae
@@ -147,7 +151,7 @@ def load_vae(path: str) -> osr.OpenSoraVAE:
 def load_t5(path: str):
     from transformers import T5EncoderModel
 
-    folder = resolve(path, "T5 text encoder")
+    folder = resolve(path, "T5 text encoder", T5_ID)
     return T5EncoderModel.from_pretrained(folder).eval(), HFTokenizer(folder)
 
 
@@ -318,8 +322,7 @@ def size_for(resolution: str, aspect: str, size: str | None, multiple: int) -> t
         raise UserError(str(e)) from None
 
 
-def build_opensora(dit: str = "hpcai-tech/OpenSora-STDiT-v3", vae: str = "hpcai-tech/OpenSora-VAE-v1.2",
-                   text_encoder: str = "DeepFloyd/t5-v1_1-xxl", resolution: str = "240p", aspect: str = "9:16",
+def build_opensora(dit: str = DIT_ID, vae: str = VAE_ID, text_encoder: str = T5_ID, resolution: str = "240p", aspect: str = "9:16",
                    size: str | None = None, frames: int | None = None, **_) -> VideoModel:
     """Open-Sora v1.2 as the paper fine-tunes it: 240p 9:16, 51 frames, 24 fps, 30 steps, cfg 7.0, aes 6.5."""
     height, width = size_for(resolution, aspect, size, 16)

@@ -64,7 +64,7 @@ def test_weights_of_another_model_are_refused(tiny, small_opensora, tmp_path):
     (dict(size="240x430"), "multiples of 16"),
     (dict(resolution="1080q"), "unknown resolution"),
     (dict(aspect="7:5"), "unknown aspect ratio"),
-    (dict(dit="/nonexistent/stdit"), "does not exist"),
+    (dict(dit="/nonexistent/stdit"), "huggingface-cli download hpcai-tech/OpenSora-STDiT-v3 --local-dir /nonexistent"),
 ])
 def test_bad_opensora_input_is_one_clear_error(kwargs, message):
     with pytest.raises(UserError, match=message):
