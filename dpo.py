@@ -30,8 +30,6 @@ def diffusion_dpo_loss(policy_err_w: torch.Tensor, policy_err_l: torch.Tensor, r
         "accuracy": ((logits > 0).float() + 0.5 * (logits == 0).float()).mean().item(),
         "margin": logits.mean().item(),
         "kl": 0.5 * (w_diff + l_diff).mean().item(),  # how far the policy moved from the reference
-        "policy_err_w": policy_err_w.float().mean().item(),
-        "policy_err_l": policy_err_l.float().mean().item(),
     }
     return loss, metrics
 

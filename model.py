@@ -83,9 +83,6 @@ class PixelSpace(nn.Module):
     def latent_frames(self, frames: int) -> int:
         return frames
 
-    def encode(self, x, **_):
-        return x
-
     def decode(self, z, num_frames: int):
         return z
 
@@ -322,8 +319,8 @@ def size_for(resolution: str, aspect: str, size: str | None, multiple: int) -> t
         raise UserError(str(e)) from None
 
 
-def build_opensora(dit: str = DIT_ID, vae: str = VAE_ID, text_encoder: str = T5_ID, resolution: str = "240p", aspect: str = "9:16",
-                   size: str | None = None, frames: int | None = None, **_) -> VideoModel:
+def build_opensora(dit: str = DIT_ID, vae: str = VAE_ID, text_encoder: str = T5_ID, resolution: str = "240p",
+                   aspect: str = "9:16", size: str | None = None, frames: int | None = None, **_) -> VideoModel:
     """Open-Sora v1.2 as the paper fine-tunes it: 240p 9:16, 51 frames, 24 fps, 30 steps, cfg 7.0, aes 6.5."""
     height, width = size_for(resolution, aspect, size, 16)
     frames = frames or 51

@@ -142,7 +142,8 @@ def train(args) -> dict:
     model.set_grad_checkpointing(not args.no_grad_checkpointing)
     ref = model.frozen_copy()  # G_ref <- G_theta at the start (Alg. 1 line 1)
     opt = torch.optim.AdamW(model.dit.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    state = {"model": args.model, "step": 0, "prompts_seen": 0, "ties": 0, "bad_steps": 0, "ref_updates": 0}
+    state = {"model": args.model, "step": 0, "prompts_seen": 0, "ties": 0, "bad_steps": 0, "skipped_nan": 0,
+             "ref_updates": 0}
 
     os.makedirs(args.out, exist_ok=True)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
@@ -239,7 +240,7 @@ def train(args) -> dict:
             state["bad_steps"] = 0
         elif not finite:  # NaN/inf loss, gradient or samples: skip this step, keep the weights as they were
             state["bad_steps"] += 1
-            state["skipped_nan"] = state.get("skipped_nan", 0) + 1
+            state["skipped_nan"] += 1
         opt.zero_grad(set_to_none=True)
         state["step"] += 1
         if args.k and state["step"] % args.k == 0:  # curriculum reference update: G_ref <- G_theta
@@ -249,7 +250,7 @@ def train(args) -> dict:
 
         mean = lambda v: sum(v) / len(v) if v else None
         row = {"step": state["step"], "pairs": pairs, "ties": state["ties"], "ref_updates": state["ref_updates"],
-               "skipped_nan": state.get("skipped_nan", 0), "grad_norm": grad_norm, "lr": args.lr, "beta": beta,
+               "skipped_nan": state["skipped_nan"], "grad_norm": grad_norm, "lr": args.lr, "beta": beta,
                "reward_dim": dim, **{k: mean(v) for k, v in log.items()},
                **{f"time_{k}": round(v, 3) for k, v in times.items()}}
         with open(metrics_path, "a") as f:

@@ -80,8 +80,8 @@ def cli(*args, cwd=ROOT):
 def test_bad_input_gives_one_line_and_nonzero_exit(tmp_path, args, message):
     r = cli("--out", str(tmp_path), "--steps", "1", *args)
     assert r.returncode != 0
-    assert r.stderr.strip().splitlines() == [f"error: {message}" + r.stderr.strip().split(message, 1)[1]]
-    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {message}")
 
 
 def test_empty_prompt_file(tmp_path):
