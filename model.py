@@ -220,30 +220,50 @@ class VideoModel:
         return osr.timestep_transform(t, self.height, self.width, self.frames)
 
     # --- Alg. 1 line 4: N candidates per prompt from the current policy
-    @torch.no_grad()
-    def sample(self, prompts: list[str], n: int, seeds: list[int], net: nn.Module | None = None,
-               steps: int | None = None, cfg: float | None = None) -> torch.Tensor:
-        """Clean latents (len(prompts) * n, C, T, H, W), candidates of a prompt adjacent. All candidates and
-        both CFG halves go through the network as ONE batch per step; candidate j uses seeds[j] for its noise."""
-        net = net or self.dit
-        assert len(seeds) == len(prompts) * n
+    def _conditioning(self, net: nn.Module, prompts: list[str], n: int):
+        """[cond; null] text features for both CFG halves, the shared mask, and the size kwargs."""
         y, mask = self.encode_prompts(prompts)
         y, mask = y.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
         y_all = torch.cat([y, net.y_embedder.y_embedding[None, None].to(y).expand_as(y)])  # [cond; null]
-        z = torch.stack([torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(s))
-                         for s in seeds]).to(self.device)
-        kw = self.model_kwargs(2 * z.shape[0])
+        return y_all, mask, self.model_kwargs(2 * y.shape[0])
 
+    def _cfg_velocity(self, net, y_all, mask, kw):
         def velocity(z_in, t_in):
             with self.autocast():
                 return net(z_in, t_in, y_all, mask=mask, **kw)[:, : net.in_channels].float()
+        return velocity
 
+    @torch.no_grad()
+    def sample(self, prompts: list[str], n: int, seeds: list[int], net: nn.Module | None = None,
+               steps: int | None = None, cfg: float | None = None, until: int | None = None):
+        """Clean latents (len(prompts) * n, C, T, H, W), candidates of a prompt adjacent. All candidates and
+        both CFG halves go through the network as ONE batch per step; candidate j uses seeds[j] for its noise.
+        With `until=i` it stops after i of the steps and returns (z_t, t): the partly denoised latents (ReFL)."""
+        net = net or self.dit
+        assert len(seeds) == len(prompts) * n
+        y_all, mask, kw = self._conditioning(net, prompts, n)
+        z = torch.stack([torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(s))
+                         for s in seeds]).to(self.device)
         was_training = net.training
         net.eval()
         ts = osr.sampling_timesteps(steps or self.sample_steps, self.transform)
-        z = osr.euler_cfg_sample(velocity, z, ts, self.cfg if cfg is None else cfg)
+        cfg = self.cfg if cfg is None else cfg
+        if until is None:
+            z = osr.euler_cfg_sample(self._cfg_velocity(net, y_all, mask, kw), z, ts, cfg)
+        else:
+            z = osr.euler_cfg_sample(self._cfg_velocity(net, y_all, mask, kw), z, ts[:until], cfg, end=ts[until])
         net.train(was_training)
-        return z
+        return z if until is None else (z, ts[until])
+
+    def predict_x0(self, net: nn.Module, z: torch.Tensor, t: float, prompts: list[str],
+                   cfg: float | None = None) -> torch.Tensor:
+        """One guided network call WITH gradients (ReFL): the clean latents the velocity at (z, t) points to,
+        x0 = z_t + (t / 1000) v, exact for rectified flow's x_t = (1 - t/1000) x0 + (t/1000) noise."""
+        y_all, mask, kw = self._conditioning(net, prompts, 1)
+        t_in = torch.full((2 * z.shape[0],), t, device=z.device)
+        cond, uncond = self._cfg_velocity(net, y_all, mask, kw)(torch.cat([z, z]), t_in).chunk(2)
+        v = uncond + (self.cfg if cfg is None else cfg) * (cond - uncond)
+        return z + (t / osr.NUM_TIMESTEPS) * v
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -254,6 +274,16 @@ class VideoModel:
             x = ((x.clamp(-1, 1) + 1) / 2 * 255 + 0.5).clamp(0, 255).to(torch.uint8)  # as Open-Sora saves
             out.append(x.permute(0, 2, 3, 4, 1).cpu())
         return torch.cat(out)
+
+    def decode_float(self, latents: torch.Tensor, latent_frames: int | None = None) -> torch.Tensor:
+        """Differentiable decode to float videos (B, T, H, W, 3) on 0..255 (ReFL). Only the first
+        `latent_frames` latent frames are decoded (Open-Sora: 5 latent frames = one 17-frame VAE chunk): the
+        memory of the decoder's backward grows with every frame, so decode only what the reward needs."""
+        lf = latents.shape[2] if latent_frames is None else min(latent_frames, latents.shape[2])
+        frames = max(f for f in range(1, self.frames + 1) if self.vae.latent_frames(f) <= lf)
+        with self.autocast():
+            x = self.vae.decode(latents[:, :, :lf].to(self.dtype), num_frames=frames).float()
+        return ((x.clamp(-1, 1) + 1) * 127.5).permute(0, 2, 3, 4, 1)
 
     # --- what the Diffusion-DPO loss needs (Alg. 1 line 7)
     def training_timesteps(self, b: int, generator: torch.Generator) -> torch.Tensor:
@@ -351,7 +381,27 @@ def build_tiny(size: str | None = None, frames: int | None = None, dit: str | No
                       max_length=TINY_DIT["model_max_length"], aes=None, use_timestep_transform=False)
 
 
-MODELS = {"opensora": build_opensora, "tiny": build_tiny}
+def build_toy(size: str | None = None, frames: int | None = None, dit: str | None = None, **_) -> VideoModel:
+    """The README's default: the toy world's model (toy.py), a wider STDiT3 pretrained on moving shapes, 32x32,
+    8 frames. Its weights ship in the repository (toy/); `dit="random"` gives the untrained network."""
+    import toy
+
+    height, width = size_for("", "", size or f"{toy.SIZE}x{toy.SIZE}", 8)
+    if dit == "random":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            net = osr.STDiT3(**toy.TOY_DIT)
+    else:
+        folder = dit or toy.TOY_DIR
+        if not os.path.isfile(os.path.join(folder, "model.safetensors")):
+            raise UserError(f"toy weights: {folder}/model.safetensors not found; run `python toy.py` to make them")
+        net = load_dit(folder)
+    return VideoModel("toy", net, PixelSpace(), tiny_t5(toy.TOY_DIT["caption_channels"]), ByteTokenizer(),
+                      height, width, frames or toy.FRAMES, fps=toy.FPS, sample_steps=20, cfg=4.0, beta=500.0,
+                      max_length=toy.TOY_DIT["model_max_length"], aes=None, use_timestep_transform=False)
+
+
+MODELS = {"opensora": build_opensora, "toy": build_toy, "tiny": build_tiny}
 
 
 def build_model(name: str, **kwargs) -> VideoModel:

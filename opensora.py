@@ -572,13 +572,13 @@ def sampling_timesteps(steps: int, transform=None) -> list[float]:
 
 
 @torch.no_grad()
-def euler_cfg_sample(velocity, z: torch.Tensor, timesteps: list[float], cfg: float) -> torch.Tensor:
+def euler_cfg_sample(velocity, z: torch.Tensor, timesteps: list[float], cfg: float, end: float = 0.0) -> torch.Tensor:
     """Open-Sora's Euler sampler. velocity(z_in, t_in) takes both CFG halves in one batch [cond; uncond]
-    and returns their velocities; the last step goes all the way to t = 0."""
+    and returns their velocities; the last step goes all the way to t = end (0: a clean sample)."""
     for i, t in enumerate(timesteps):
         t_in = torch.full((2 * z.shape[0],), t, device=z.device)
         cond, uncond = velocity(torch.cat([z, z]), t_in).chunk(2)
         v = uncond + cfg * (cond - uncond)
-        dt = (t - (timesteps[i + 1] if i + 1 < len(timesteps) else 0.0)) / NUM_TIMESTEPS
+        dt = (t - (timesteps[i + 1] if i + 1 < len(timesteps) else end)) / NUM_TIMESTEPS
         z = z + v * dt
     return z

@@ -32,10 +32,41 @@ def write_video(path: str, video: torch.Tensor, fps: int):
             container.mux(packet)
 
 
+def write_png(path: str, image: torch.Tensor):
+    """uint8 (H, W, 3) -> PNG with zlib alone (no imaging library needed)."""
+    import struct
+    import zlib
+
+    h, w, _ = image.shape
+    raw = b"".join(b"\x00" + row.tobytes() for row in image.contiguous().cpu().numpy())
+    chunk = lambda kind, data: (struct.pack(">I", len(data)) + kind + data
+                                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+                + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+
+
+def frame_strip(videos: torch.Tensor, scale: int = 1, gap: int = 2) -> torch.Tensor:
+    """uint8 (B, T, H, W, 3) -> one image, a row of frames per video, for a quick look or a README."""
+    v = videos.repeat_interleave(scale, 2).repeat_interleave(scale, 3)
+    v = torch.nn.functional.pad(v, (0, 0, 0, gap, 0, gap), value=255)  # white gaps right of / below frames
+    b, t, h, w, c = v.shape
+    return v.permute(0, 2, 1, 3, 4).reshape(b * h, t * w, c)
+
+
 def video_name(prompt: str, i: int) -> str:
     """VBench's file name: the prompt itself (slashes replaced, capped at 180 bytes) then -i."""
     name = prompt.strip().replace("/", " ")
     return f"{name.encode('utf-8')[:180].decode('utf-8', 'ignore')}-{i}.mp4"
+
+
+PROMPTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
+
+
+def default_prompts(model: str, kind: str) -> str:
+    """The shipped prompt file for a model: the toy world's own prompts for `toy`, general ones otherwise."""
+    names = {"toy": {"train": "toy.txt", "eval": "toy_eval.txt"}}.get(model, {"train": "train.txt", "eval": "eval.txt"})
+    return os.path.join(PROMPTS_DIR, names[kind])
 
 
 def load_prompts(path: str, column: str | None = None) -> list[str]:
@@ -63,7 +94,8 @@ def load_prompts(path: str, column: str | None = None) -> list[str]:
 
 def add_model_args(p: argparse.ArgumentParser):
     """Flags shared by train.py and sample.py: which model, where its weights are, what size it generates."""
-    p.add_argument("--model", default="tiny", help=f"base model: {', '.join(MODELS)} (default: tiny, embedded)")
+    p.add_argument("--model", default="toy", help=f"base model: {', '.join(MODELS)} (default: toy, shipped "
+                   "weights; tiny = the same network family, random weights)")
     p.add_argument("--dit", default=None, help="denoiser weights: Hugging Face id or folder "
                    "(opensora default hpcai-tech/OpenSora-STDiT-v3)")
     p.add_argument("--vae", default=None, help="VAE: Hub id or folder (opensora default hpcai-tech/OpenSora-VAE-v1.2)")
@@ -95,26 +127,32 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     p.add_argument("--checkpoint", default=None, help="a train.py checkpoint-<step> folder (its policy weights)")
-    p.add_argument("--prompts", default="prompts/eval.txt", help="txt (one per line) or csv")
+    p.add_argument("--prompts", default=None, help="txt (one per line) or csv (default: the model's eval prompts)")
     p.add_argument("--prompt-column", default=None, help="csv column holding the prompts (default: text)")
     p.add_argument("--n", type=int, default=5, help="videos per prompt (VBench uses 5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="samples")
+    p.add_argument("--strip", default=None, help="also write every video as a row of frames to this PNG file")
+    p.add_argument("--strip-scale", type=int, default=1, help="pixel upscaling of the strip")
     args = p.parse_args(argv)
     try:
         if args.n < 1:
             raise UserError("--n must be at least 1")
-        prompts = load_prompts(args.prompts, args.prompt_column)
+        prompts = load_prompts(args.prompts or default_prompts(args.model, "eval"), args.prompt_column)
         model = model_from_args(args)
         if args.checkpoint:
             model.load_weights(os.path.join(args.checkpoint, "model.safetensors"))
         os.makedirs(args.out, exist_ok=True)
+        strip = []
         for k, prompt in enumerate(prompts):
             seeds = [args.seed * 1_000_003 + k * args.n + i for i in range(args.n)]
             videos = model.decode(model.sample([prompt], args.n, seeds))
             for i, video in enumerate(videos):
                 write_video(os.path.join(args.out, video_name(prompt, i)), video, model.fps)
+            strip.append(videos)
             print(f"[{k + 1}/{len(prompts)}] {prompt}")
+        if args.strip:
+            write_png(args.strip, frame_strip(torch.cat(strip), args.strip_scale))
     except UserError as e:
         sys.exit(f"error: {e}")
 

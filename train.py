@@ -21,15 +21,26 @@ from tqdm import tqdm
 import dpo
 from model import UserError
 from reward import REWARDS, build_reward, pick
-from sample import add_model_args, load_prompts, model_from_args, video_name, write_video
+from sample import add_model_args, default_prompts, load_prompts, model_from_args, video_name, write_video
+
+
+DEFAULT_REWARD = "videoscore" if "videoscore" in REWARDS else "pixel"
+METHOD_NAMES = {"online": "OnlineVPO", "offline": "offline DPO", "refl": "ReFL"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
-    p.add_argument("--reward", default="pixel", help=f"video reward: {', '.join(REWARDS)}")
+    p.add_argument("--reward", default=None, help=f"video reward: {', '.join(REWARDS)} (default: toy for the toy "
+                   "model, videoscore otherwise)")
     p.add_argument("--reward-dim", default=None, help="reward dimension the pairs are built on; 'global' = mean "
                    "of all (default: the reward's temporal consistency, paper Table 4b)")
+    p.add_argument("--method", default="online", choices=list(METHOD_NAMES),
+                   help="online: OnlineVPO (Alg. 1); offline: DPO on pairs sampled once from the initial policy, "
+                   "fixed reference (Table 4d); refl: reward feedback learning (Table 4c)")
+    p.add_argument("--offline-pairs", type=int, default=200, help="--method offline: prompts sampled for pairs")
+    p.add_argument("--refl-latent-frames", type=int, default=None,
+                   help="--method refl: latent frames decoded for the reward (default: all)")
     p.add_argument("--n", type=int, default=4, help="candidates sampled per prompt (paper: 4)")
     p.add_argument("--k", type=int, default=200, help="reference update every K optimizer steps; 0 = never "
                    "(paper: 200)")
@@ -41,9 +52,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sample-batch", type=int, default=1, help="prompts sampled together in one call")
     p.add_argument("--min-gap", type=float, default=0.0, help="a best-worst reward gap <= this is a tie: skipped")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps")
-    p.add_argument("--prompts", default="prompts/train.txt", help="txt (one per line) or csv")
+    p.add_argument("--prompts", default=None, help="txt (one per line) or csv (default: prompts/toy.txt for the "
+                   "toy model, prompts/train.txt otherwise)")
     p.add_argument("--prompt-column", default=None, help="csv column holding the prompts (default: text)")
-    p.add_argument("--eval-prompts", default="prompts/eval.txt", help="fixed prompts for --sample-every")
+    p.add_argument("--eval-prompts", default=None, help="fixed prompts for --sample-every")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/vpo")
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every this many steps (and at the end)")
@@ -52,17 +64,25 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="continue from the latest checkpoint in --out, or from the given checkpoint folder")
     p.add_argument("--no-grad-checkpointing", action="store_true", help="faster, more memory")
     p.add_argument("--max-bad-steps", type=int, default=3, help="stop after this many NaN/inf steps in a row")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.reward = args.reward or ("toy" if args.model == "toy" else DEFAULT_REWARD)
+    args.prompts = args.prompts or default_prompts(args.model, "train")
+    args.eval_prompts = args.eval_prompts or default_prompts(args.model, "eval")
+    return args
 
 
 def check_args(args):
-    if args.n < 2:
+    if args.n < 2 and args.method != "refl":
         raise UserError("--n must be at least 2: a preference pair needs two candidates")
     for name in ("batch_size", "sample_batch", "steps"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     if args.k < 0:
         raise UserError("--k must be >= 0 (0 = never update the reference)")
+    if args.offline_pairs < 1:
+        raise UserError("--offline-pairs must be at least 1")
+    if args.refl_latent_frames is not None and args.refl_latent_frames < 1:
+        raise UserError("--refl-latent-frames must be at least 1")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -89,7 +109,8 @@ def save_checkpoint(out: str, model, ref, opt, state: dict, args) -> str:
     tmp = os.path.join(out, f".tmp-checkpoint-{state['step']}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_weights(tmp)  # policy: model.safetensors + config.json, loadable as --dit
-    model.save_weights(tmp, net=ref, file="ref.safetensors")
+    if ref is not None:
+        model.save_weights(tmp, net=ref, file="ref.safetensors")
     torch.save(opt.state_dict(), os.path.join(tmp, "optimizer.pt"))
     torch.save({"torch": torch.get_rng_state()}, os.path.join(tmp, "rng.pt"))
     with open(os.path.join(tmp, "state.json"), "w") as f:
@@ -110,7 +131,8 @@ def load_checkpoint(path: str, model, ref, opt) -> dict:
     if not os.path.isfile(os.path.join(path, "state.json")):
         raise UserError(f"{path} is not a train.py checkpoint (no state.json)")
     model.load_weights(os.path.join(path, "model.safetensors"))
-    model.load_weights(os.path.join(path, "ref.safetensors"), net=ref)
+    if ref is not None:
+        model.load_weights(os.path.join(path, "ref.safetensors"), net=ref)
     opt.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))
     torch.set_rng_state(torch.load(os.path.join(path, "rng.pt"), weights_only=True)["torch"])
     with open(os.path.join(path, "state.json")) as f:
@@ -129,6 +151,118 @@ def write_eval_samples(model, prompts: list[str], out: str, step: int, seed: int
 # ----------------------------------------------------------------------------------------------------------
 
 
+# ----------------------------------------------------------------------------------------------------------
+# One prompt batch of each method: online and offline DPO share dpo_backward; ReFL is its own loss.
+
+def online_pairs(model, reward, dim, prompts, counters, args, log, times) -> list | None:
+    """Alg. 1 lines 4-6: sample N videos per prompt from the current policy, score them, pick best vs worst.
+    One (prompt, winner latents, loser latents, reward gap) per prompt, None for a tie; None if a sample is
+    NaN/inf (a broken policy: NaN videos would all tie, silently)."""
+    batch = [prompt_at(prompts, args.seed, c) for c in counters]
+    seeds = [s for c in counters for s in candidate_seeds(args.seed, c, args.n)]
+    tic = time.perf_counter()
+    latents = model.sample(batch, args.n, seeds)
+    times["sample"] += time.perf_counter() - tic
+    if not torch.isfinite(latents).all():
+        return None
+    tic = time.perf_counter()
+    videos = model.decode(latents)
+    times["decode"] += time.perf_counter() - tic
+    tic = time.perf_counter()
+    scores = pick(reward.score(videos, [p for p in batch for _ in range(args.n)]), dim).view(-1, args.n)
+    times["reward"] += time.perf_counter() - tic
+    found = []
+    for i, prompt in enumerate(batch):
+        pair = dpo.select_pair(scores[i], args.min_gap)  # ties give no pair
+        log["reward_mean"].append(scores[i].mean().item())
+        if pair is None:
+            found.append(None)
+            continue
+        w, l = pair
+        log["reward_w"].append(scores[i, w].item())
+        log["reward_l"].append(scores[i, l].item())
+        log["gap"].append((scores[i, w] - scores[i, l]).item())
+        # the sampled latents themselves: no VAE re-encode
+        found.append((prompt, latents[i * args.n + w].cpu(), latents[i * args.n + l].cpu()))
+    return found
+
+
+def dpo_backward(model, ref, beta, found, args, log) -> tuple[int, bool]:
+    """Alg. 1 lines 7-8: the Diffusion-DPO loss on (counter, (prompt, winner, loser)) pairs; winner and loser
+    share one noise and one t, drawn from (seed, counter). Gradients are summed over the optimizer batch."""
+    P = len(found)
+    gens = [torch.Generator().manual_seed(args.seed * 104729 + c) for c, _ in found]
+    chosen = [pair[0] for _, pair in found]
+    x0 = torch.stack([pair[1] for _, pair in found] + [pair[2] for _, pair in found]).to(model.device)
+    noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(x0.device).repeat(2, 1, 1, 1, 1)
+    t = torch.cat([model.training_timesteps(1, g) for g in gens]).repeat(2)
+    y, mask = model.encode_prompts(chosen + chosen)
+    policy_err = model.errors(model.dit, x0, noise, t, y, mask)
+    with torch.no_grad():
+        ref_err = model.errors(ref, x0, noise, t, y, mask)
+    loss, m = dpo.diffusion_dpo_loss(policy_err[:P], policy_err[P:], ref_err[:P], ref_err[P:], beta)
+    finite = bool(torch.isfinite(loss))
+    if finite:
+        (loss * P / args.batch_size).backward()
+    for key in ("loss", "accuracy", "margin", "kl"):
+        log[key] += [m[key]] * P
+    return P, finite
+
+
+def collect_offline_pairs(model, reward, dim, prompts, args) -> list:
+    """Table 4d, Diffusion-DPO style: --offline-pairs prompts sampled ONCE with the initial policy and scored
+    by the same reward, best vs worst kept (ties as None); cached to OUT/offline_pairs.pt so a resumed run
+    trains on the same pairs. Training then cycles through them with a fixed reference."""
+    path = os.path.join(args.out, "offline_pairs.pt")
+    if os.path.isfile(path):
+        cached = torch.load(path, weights_only=True)
+        if cached["prompts_file"] == args.prompts and len(cached["pairs"]) == args.offline_pairs:
+            return cached["pairs"]
+    pairs, log, times = [], {k: [] for k in ("reward_mean", "reward_w", "reward_l", "gap")}, {}
+    times.update(sample=0.0, decode=0.0, reward=0.0)
+    for first in tqdm(range(0, args.offline_pairs, args.sample_batch), desc="collecting offline pairs"):
+        counters = list(range(first, min(first + args.sample_batch, args.offline_pairs)))
+        found = online_pairs(model, reward, dim, prompts, counters, args, log, times)
+        if found is None:
+            raise UserError("the initial policy sampled NaN/inf latents: cannot collect offline pairs")
+        pairs += found
+    if all(pair is None for pair in pairs):
+        raise UserError(f"all {len(pairs)} offline prompts gave ties (equal rewards): no pairs to train on")
+    tmp = path + ".tmp"
+    torch.save({"prompts_file": args.prompts, "pairs": pairs}, tmp)
+    os.replace(tmp, path)
+    return pairs
+
+
+def refl_backward(model, reward, dim, prompts, counters, args, log, times) -> bool:
+    """Table 4c, ReFL (ImageReward's reward feedback learning, applied to video): denoise without gradients
+    to a random step among the last quarter of the sampling steps, take ONE guided step with gradients,
+    jump to the predicted x0, decode (only --refl-latent-frames latent frames) and maximise the reward.
+    The reward's own weights are frozen: gradients reach the policy only."""
+    batch = [prompt_at(prompts, args.seed, c) for c in counters]
+    seeds = [candidate_seeds(args.seed, c, 1)[0] for c in counters]
+    steps = model.sample_steps
+    g = torch.Generator().manual_seed(args.seed * 15485863 + counters[0])
+    stop = int(torch.randint(steps - max(1, steps // 4), steps, (1,), generator=g))
+    tic = time.perf_counter()
+    z, t = model.sample(batch, 1, seeds, until=stop)
+    times["sample"] += time.perf_counter() - tic
+    tic = time.perf_counter()
+    x0 = model.predict_x0(model.dit, z, t, batch)
+    videos = model.decode_float(x0, args.refl_latent_frames)
+    times["decode"] += time.perf_counter() - tic
+    tic = time.perf_counter()
+    r = pick(reward.score_float(videos, batch), dim).float()
+    loss = -r.mean()
+    finite = bool(torch.isfinite(loss))
+    if finite:
+        (loss * len(batch) / args.batch_size).backward()
+    times["reward"] += time.perf_counter() - tic
+    log["loss"] += [loss.item()] * len(batch)
+    log["reward_mean"] += r.tolist()
+    return finite
+
+
 def train(args) -> dict:
     check_args(args)
     prompts = load_prompts(args.prompts, args.prompt_column)
@@ -137,10 +271,17 @@ def train(args) -> dict:
     dim = args.reward_dim or reward.default_dim
     if dim != "global" and dim not in reward.dims:
         raise UserError(f"unknown reward dimension {dim!r}; choose one of {', '.join(reward.dims)}, global")
+    if args.method == "refl" and not hasattr(reward, "score_float"):
+        raise UserError(f"--method refl needs a differentiable reward; {args.reward!r} is not")
+    for part in vars(reward).values():  # the reward is a judge, never trained (ReFL's gradients stop at it)
+        if isinstance(part, torch.nn.Module):
+            part.requires_grad_(False)
     model = model_from_args(args)
     beta = args.beta if args.beta is not None else model.beta
     model.set_grad_checkpointing(not args.no_grad_checkpointing)
-    ref = model.frozen_copy()  # G_ref <- G_theta at the start (Alg. 1 line 1)
+    # G_ref <- G_theta at the start (Alg. 1 line 1); ReFL has no reference, and holds no copy (Fig. 7 memory)
+    ref = model.frozen_copy() if args.method != "refl" else None
+    k = args.k if args.method == "online" else 0  # offline DPO keeps its reference fixed
     opt = torch.optim.AdamW(model.dit.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     state = {"model": args.model, "step": 0, "prompts_seen": 0, "ties": 0, "bad_steps": 0, "skipped_nan": 0,
              "ref_updates": 0}
@@ -167,67 +308,34 @@ def train(args) -> dict:
         with open(os.path.join(args.out, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=1)
 
-    bar = tqdm(total=args.steps, initial=state["step"], desc="OnlineVPO", dynamic_ncols=True)
+    offline = collect_offline_pairs(model, reward, dim, prompts, args) if args.method == "offline" else None
+    bar = tqdm(total=args.steps, initial=state["step"], desc=METHOD_NAMES[args.method], dynamic_ncols=True)
     model.dit.train()
     while state["step"] < args.steps:
         times = dict.fromkeys(("sample", "decode", "reward", "train"), 0.0)
-        log = {"loss": [], "accuracy": [], "margin": [], "kl": [], "reward_mean": [], "reward_w": [],
-               "reward_l": [], "gap": []}
+        log = {k: [] for k in ("loss", "accuracy", "margin", "kl", "reward_mean", "reward_w", "reward_l", "gap")}
         pairs, finite = 0, True
         opt.zero_grad(set_to_none=True)
         for first in range(0, args.batch_size, args.sample_batch):
             counters = [state["prompts_seen"] + i for i in range(min(args.sample_batch, args.batch_size - first))]
             state["prompts_seen"] += len(counters)
-            batch = [prompt_at(prompts, args.seed, c) for c in counters]
-            seeds = [s for c in counters for s in candidate_seeds(args.seed, c, args.n)]
-
-            tic = time.perf_counter()  # Alg. 1 line 4: N videos per prompt from the current policy
-            latents = model.sample(batch, args.n, seeds)
-            times["sample"] += time.perf_counter() - tic
-            if not torch.isfinite(latents).all():  # a broken policy: NaN videos would all tie, silently
+            if args.method == "refl":
+                ok = refl_backward(model, reward, dim, prompts, counters, args, log, times)
+                pairs, finite = pairs + len(counters), finite and ok
+                continue
+            if args.method == "online":
+                found = online_pairs(model, reward, dim, prompts, counters, args, log, times)
+            else:  # offline: the pairs collected once from the initial policy, never re-sampled
+                found = [offline[c % len(offline)] for c in counters]
+            if found is None:  # NaN/inf samples from a broken policy
                 finite = False
                 continue
+            state["ties"] += sum(pair is None for pair in found)
             tic = time.perf_counter()
-            videos = model.decode(latents)
-            times["decode"] += time.perf_counter() - tic
-            tic = time.perf_counter()  # Alg. 1 line 5: score every candidate
-            scores = pick(reward.score(videos, [p for p in batch for _ in range(args.n)]), dim).view(-1, args.n)
-            times["reward"] += time.perf_counter() - tic
-
-            tic = time.perf_counter()
-            winners, losers, chosen, noise_gens = [], [], [], []
-            for i, c in enumerate(counters):  # Alg. 1 line 6: best vs worst; ties give no pair
-                pair = dpo.select_pair(scores[i], args.min_gap)
-                log["reward_mean"].append(scores[i].mean().item())
-                if pair is None:
-                    state["ties"] += 1
-                    continue
-                w, l = pair
-                winners.append(latents[i * args.n + w])  # the sampled latents themselves: no VAE re-encode
-                losers.append(latents[i * args.n + l])
-                chosen.append(batch[i])
-                noise_gens.append(torch.Generator().manual_seed(args.seed * 104729 + c))
-                log["reward_w"].append(scores[i, w].item())
-                log["reward_l"].append(scores[i, l].item())
-                log["gap"].append((scores[i, w] - scores[i, l]).item())
-            if chosen:  # Alg. 1 line 7: Diffusion-DPO loss; winner and loser share one noise and one t
-                P = len(chosen)
-                noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in noise_gens])
-                t = torch.cat([model.training_timesteps(1, g) for g in noise_gens])
-                x0 = torch.cat([torch.stack(winners), torch.stack(losers)])
-                noise, t = noise.to(x0.device).repeat(2, 1, 1, 1, 1), t.repeat(2)
-                y, mask = model.encode_prompts(chosen + chosen)
-                policy_err = model.errors(model.dit, x0, noise, t, y, mask)
-                with torch.no_grad():
-                    ref_err = model.errors(ref, x0, noise, t, y, mask)
-                loss, m = dpo.diffusion_dpo_loss(policy_err[:P], policy_err[P:], ref_err[:P], ref_err[P:], beta)
-                if torch.isfinite(loss):
-                    (loss * P / args.batch_size).backward()  # Alg. 1 line 8: gradients summed over pairs
-                else:
-                    finite = False
-                for key in ("loss", "accuracy", "margin", "kl"):
-                    log[key] += [m[key]] * P
-                pairs += P
+            found = [(c, pair) for c, pair in zip(counters, found) if pair is not None]
+            if found:
+                P, ok = dpo_backward(model, ref, beta, found, args, log)
+                pairs, finite = pairs + P, finite and ok
             times["train"] += time.perf_counter() - tic
 
         tic = time.perf_counter()
@@ -243,7 +351,7 @@ def train(args) -> dict:
             state["skipped_nan"] += 1
         opt.zero_grad(set_to_none=True)
         state["step"] += 1
-        if args.k and state["step"] % args.k == 0:  # curriculum reference update: G_ref <- G_theta
+        if k and state["step"] % k == 0:  # curriculum reference update: G_ref <- G_theta
             dpo.update_reference(ref, model.dit)
             state["ref_updates"] += 1
         times["train"] += time.perf_counter() - tic
@@ -251,7 +359,7 @@ def train(args) -> dict:
         mean = lambda v: sum(v) / len(v) if v else None
         row = {"step": state["step"], "pairs": pairs, "ties": state["ties"], "ref_updates": state["ref_updates"],
                "skipped_nan": state["skipped_nan"], "grad_norm": grad_norm, "lr": args.lr, "beta": beta,
-               "reward_dim": dim, **{k: mean(v) for k, v in log.items()},
+               "method": args.method, "reward_dim": dim, **{key: mean(v) for key, v in log.items()},
                **{f"time_{k}": round(v, 3) for k, v in times.items()}}
         with open(metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")

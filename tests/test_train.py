@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAST = ["--size", "16x16", "--frames", "4", "--sample-steps", "3", "--n", "2", "--batch-size", "2", "--lr", "1e-3"]
+FAST = ["--model", "tiny", "--reward", "pixel", "--size", "16x16", "--frames", "4", "--sample-steps", "3", "--n", "2", "--batch-size", "2", "--lr", "1e-3"]
 
 
 def run(out, *extra):

@@ -1,0 +1,108 @@
+"""The paper's comparisons, replayed in the toy world (toy.py) on a CPU: online vs offline DPO (Table 4d),
+the reference-update period K and the candidate count N (Table 5), over several seeds.
+
+    python ablate.py                                  # all runs below, 2 seeds: about an hour on 2 CPU cores
+    python ablate.py --runs online-K5 offline --seeds 0 1 2
+
+Every run starts from the shipped toy weights and trains with the toy reward's temporal consistency (the
+paper's best dimension, Table 4b). Each final policy then samples every toy prompt with fixed seeds, and the
+table reports the toy reward of those videos (mean +- std over seeds), next to the untrained model's.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import torch
+
+import toy
+import train
+from model import UserError, build_model
+from reward import build_reward
+
+# name -> train.py flags. K is counted in optimizer steps of a --steps-long run.
+RUNS = {
+    "online-K5": ["--method", "online", "--k", "5", "--n", "4"],
+    "online-K20": ["--method", "online", "--k", "20", "--n", "4"],  # once or twice per run, like K=200 in the paper
+    "online-Knever": ["--method", "online", "--k", "0", "--n", "4"],
+    "offline": ["--method", "offline", "--n", "4"],
+    "online-K5-N2": ["--method", "online", "--k", "5", "--n", "2"],
+    "online-K5-N8": ["--method", "online", "--k", "5", "--n", "8"],
+}
+
+
+@torch.no_grad()
+def evaluate_policy(model, reward, prompts: list[str], videos_per_prompt: int = 2, seed: int = 12345) -> dict:
+    """Mean toy reward per dimension over every prompt, fixed seeds (the same for every policy)."""
+    totals = {}
+    for k, prompt in enumerate(prompts):
+        seeds = [seed + k * videos_per_prompt + i for i in range(videos_per_prompt)]
+        videos = model.decode(model.sample([prompt], videos_per_prompt, seeds))
+        for dim, s in reward.score(videos, [prompt] * len(videos)).items():
+            totals.setdefault(dim, []).extend(s.tolist())
+    return {dim: sum(v) / len(v) for dim, v in totals.items()}
+
+
+def run_one(name: str, seed: int, args) -> dict:
+    out = os.path.join(args.out, f"{name}-seed{seed}")
+    flags = RUNS[name] + ["--model", "toy", "--reward", "toy", "--prompts", args.prompts, "--steps", str(args.steps),
+                          "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--seed", str(seed),
+                          "--sample-steps", str(args.sample_steps), "--offline-pairs", str(args.offline_pairs),
+                          "--save-every", str(args.steps), "--out", out]
+    if not os.path.isfile(os.path.join(out, f"checkpoint-{args.steps}", "model.safetensors")):
+        train.train(train.parse_args(flags))
+    return {"policy": os.path.join(out, f"checkpoint-{args.steps}")}
+
+
+def summarise(results: dict, dims: list[str]) -> str:
+    """A markdown table: a row per run, mean +- std over seeds of each reward dimension."""
+    lines = ["| run | seeds | " + " | ".join(dims) + " |", "|---" * (len(dims) + 2) + "|"]
+    for name, per_seed in results.items():
+        cells = []
+        for dim in dims:
+            v = [r[dim] for r in per_seed]
+            cells.append(f"{statistics.mean(v):.3f} ± {statistics.stdev(v) if len(v) > 1 else 0:.3f}")
+        lines.append(f"| {name} | {len(per_seed)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", nargs="+", default=list(RUNS), help=f"which runs: {', '.join(RUNS)}")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--sample-steps", type=int, default=10)
+    p.add_argument("--offline-pairs", type=int, default=60, help="offline prompts (every toy prompt once)")
+    p.add_argument("--prompts", default="prompts/toy.txt")
+    p.add_argument("--out", default="runs/ablation")
+    args = p.parse_args(argv)
+    try:
+        unknown = [r for r in args.runs if r not in RUNS]
+        if unknown:
+            raise UserError(f"unknown run {unknown[0]!r}; choose from {', '.join(RUNS)}")
+        reward = build_reward("toy")
+        model = build_model("toy")
+        model.sample_steps = args.sample_steps
+        prompts = toy.all_prompts()
+        results = {"untrained": [evaluate_policy(model, reward, prompts)]}
+        for name in args.runs:
+            for seed in args.seeds:
+                policy = run_one(name, seed, args)["policy"]
+                model.load_weights(os.path.join(policy, "model.safetensors"))
+                results.setdefault(name, []).append(evaluate_policy(model, reward, prompts))
+                print(f"{name} seed {seed}: {json.dumps({k: round(v, 4) for k, v in results[name][-1].items()})}")
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    table = summarise(results, reward.dims)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"args": vars(args), "results": results}, f, indent=1)
+    with open(os.path.join(args.out, "table.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

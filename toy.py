@@ -1,0 +1,174 @@
+"""A toy text-to-video world that replays OnlineVPO on a laptop CPU.
+
+A video is one coloured shape moving in a straight line over a plain background; its prompt names the
+colour, the shape and the direction: "a red circle moving left". Everything a video reward can judge in
+this world is computable from pixels (see reward.ToyReward), so the paper's comparisons (online vs offline,
+N, K, reward dimension) can be re-run in minutes before spending GPU-days.
+
+    python toy.py                  # pretrain the toy model (about 20 minutes on 2 CPU cores) -> toy/
+    python toy.py --steps 5        # a smoke run
+
+The weights it writes ship in the repository (toy/model.safetensors), so `python train.py` starts from a
+model that already draws moving shapes, imperfectly: there is something left to align.
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+# The world's vocabulary. Colours are RGB on 0..255; directions are (dx, dy) in image coordinates (y down).
+COLORS = {"red": (220, 50, 50), "green": (60, 190, 70), "blue": (60, 100, 235), "yellow": (235, 210, 60),
+          "white": (235, 235, 235)}
+SHAPES = ("circle", "square", "triangle")
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+BACKGROUND = (40, 40, 48)
+SIZE, FRAMES, FPS = 32, 8, 8
+SPEED = 2.0  # pixels per frame: the shape travels 14 px over 8 frames
+
+TOY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy")
+# The toy denoiser: the tiny model's STDiT3, wider and deeper, still a few MB of fp32 weights.
+TOY_DIT = dict(in_channels=3, patch_size=(1, 4, 4), hidden_size=96, depth=3, num_heads=4, pred_sigma=False,
+               caption_channels=32, model_max_length=48, input_sq_size=32, qk_norm=True)
+
+
+def prompt_for(color: str, shape: str, direction: str) -> str:
+    return f"a {color} {shape} moving {direction}"
+
+
+def all_prompts() -> list[str]:
+    return [prompt_for(c, s, d) for c in COLORS for s in SHAPES for d in DIRECTIONS]
+
+
+def parse_prompt(prompt: str) -> tuple[str | None, str | None, str | None]:
+    """(colour, shape, direction) named in a prompt; None for what it does not name."""
+    words = prompt.lower().replace(",", " ").replace(".", " ").split()
+    find = lambda vocab: next((w for w in words if w in vocab), None)
+    return find(COLORS), find(SHAPES), find(DIRECTIONS)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rendering: anti-aliased shapes from signed distances, so edges are soft over one pixel as in a real video
+
+
+def coverage(shape: str, px: torch.Tensor, py: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor,
+             r: torch.Tensor) -> torch.Tensor:
+    """Fraction of each pixel covered by the shape centred at (cx, cy) with half-size r (broadcast)."""
+    dx, dy = px - cx, py - cy
+    if shape == "circle":
+        sd = (dx * dx + dy * dy).sqrt() - r
+    elif shape == "square":
+        sd = torch.maximum(dx.abs(), dy.abs()) - 0.85 * r  # same area as the circle, roughly
+    else:  # an upright isosceles triangle: the max of three half-plane distances
+        k = 1 / math.sqrt(1 + 0.25)
+        sd = torch.maximum(dy - 0.8 * r, (-dy - 1.2 * r + 2 * dx.abs()) * k)
+    return (0.5 - sd).clamp(0, 1)
+
+
+def render(colors: list[str], shapes: list[str], directions: list[str], generator: torch.Generator,
+           size: int = SIZE, frames: int = FRAMES) -> torch.Tensor:
+    """uint8 videos (B, T, H, W, 3): per video a random half-size (4..6 px) and a random start that keeps the
+    whole path inside the frame."""
+    b = len(colors)
+    r = 4 + 2 * torch.rand(b, generator=generator)
+    travel = SPEED * (frames - 1)
+    d = torch.tensor([DIRECTIONS[k] for k in directions], dtype=torch.float)  # (B, 2)
+    lo = r[:, None] + 1 + travel * (d < 0)  # the start leaves room for the path
+    hi = size - 1 - r[:, None] - 1 - travel * (d > 0)
+    start = lo + (hi - lo).clamp(min=0) * torch.rand(b, 2, generator=generator)
+    t = torch.arange(frames, dtype=torch.float)
+    centre = start[:, None] + SPEED * t[None, :, None] * d[:, None]  # (B, T, 2)
+    py, px = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+    bg = torch.tensor(BACKGROUND, dtype=torch.float)
+    out = torch.empty(b, frames, size, size, 3)
+    for i in range(b):
+        a = coverage(shapes[i], px, py, centre[i, :, 0, None, None], centre[i, :, 1, None, None],
+                     r[i])[..., None]  # (T, H, W, 1)
+        out[i] = bg * (1 - a) + torch.tensor(COLORS[colors[i]], dtype=torch.float) * a
+    return (out + 0.5).clamp(0, 255).to(torch.uint8)
+
+
+def random_batch(b: int, generator: torch.Generator) -> tuple[torch.Tensor, list[str]]:
+    """b random videos of the world with their prompts."""
+    pick = lambda seq: [seq[int(i)] for i in torch.randint(len(seq), (b,), generator=generator)]
+    colors, shapes, directions = pick(list(COLORS)), pick(SHAPES), pick(list(DIRECTIONS))
+    videos = render(colors, shapes, directions, generator)
+    return videos, [prompt_for(*c) for c in zip(colors, shapes, directions)]
+
+
+def to_latents(videos: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, T, H, W, 3) -> the tiny model's pixel latents (B, 3, T, H, W) in [-1, 1]."""
+    return videos.permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pretraining: Open-Sora's own objective (rectified flow, logit-normal t) on rendered videos
+
+
+def pretrain(steps: int, batch_size: int, lr: float, out: str, seed: int = 0, drop_caption: float = 0.1,
+             ema_decay: float = 0.998, log_every: int = 50) -> dict:
+    from model import build_toy  # the toy model's text side (byte T5) is fixed; only the DiT learns
+
+    torch.manual_seed(seed)
+    model = build_toy(dit="random")
+    net = model.dit.train()
+    # adaLN-Zero practice (DiT, Peebles & Xie 2023): a zero output layer starts the velocity at 0, so the loss
+    # starts at E|x0 - noise|^2 instead of several times that; Open-Sora's own init leaves it random.
+    torch.nn.init.zeros_(net.final_layer.linear.weight)
+    torch.nn.init.zeros_(net.final_layer.linear.bias)
+    ema = copy.deepcopy(net).requires_grad_(False)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    null = net.y_embedder.y_embedding.detach()
+    tic, history = time.perf_counter(), []
+    for step in range(1, steps + 1):
+        for g in opt.param_groups:  # linear warm-up, then cosine decay to 10%
+            g["lr"] = lr * min(1.0, step / 100) * (0.55 + 0.45 * math.cos(math.pi * step / steps))
+        videos, prompts = random_batch(batch_size, gen)
+        x0 = to_latents(videos)
+        y, mask = model.encode_prompts(prompts)
+        drop = torch.rand(batch_size, generator=gen) < drop_caption  # so classifier-free guidance has a null
+        y = torch.where(drop[:, None, None, None], null[None, None].to(y), y)
+        noise = torch.randn(x0.shape, generator=gen)
+        t = model.training_timesteps(batch_size, gen)
+        loss = model.errors(net, x0, noise, t, y, mask).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():  # an EMA of the weights samples much cleaner after a short run
+            decay = min(ema_decay, (1 + step) / (10 + step))
+            for pe, p in zip(ema.parameters(), net.parameters()):
+                pe.lerp_(p, 1 - decay)
+        history.append(loss.item())
+        if step % log_every == 0 or step == steps:
+            print(f"step {step}/{steps} loss {sum(history[-log_every:]) / len(history[-log_every:]):.4f} "
+                  f"{time.perf_counter() - tic:.0f}s", flush=True)
+    model.dit = ema
+    model.save_weights(out, ema)
+    return {"steps": steps, "seconds": time.perf_counter() - tic, "final_loss": sum(history[-50:]) / len(history[-50:])}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=TOY_DIR, help="folder for model.safetensors + config.json")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.batch_size < 1:
+        print("error: --steps and --batch-size must be at least 1", file=sys.stderr)
+        sys.exit(1)
+    result = pretrain(args.steps, args.batch_size, args.lr, args.out, args.seed)
+    with open(os.path.join(args.out, "pretrain.json"), "w") as f:
+        json.dump({**vars(args), **result}, f, indent=1)
+    print(f"wrote {args.out}/model.safetensors ({result['seconds']:.0f}s)")
+
+
+if __name__ == "__main__":
+    main()
