@@ -199,3 +199,15 @@ def test_bad_input_is_one_clear_line(tiny, tmp_path):
         pick(vs.score(video(1, 2), ["x"]), "beauty")
     with pytest.raises(UserError, match="0 frames"):
         vs.score(torch.zeros(1, 0, 24, 30, 3, dtype=torch.uint8), ["x"])
+
+
+def test_score_cli_reads_a_video_file(vs, tiny, tmp_path, capsys):
+    import sample
+
+    path = str(tmp_path / "v.mp4")
+    sample.write_video(path, video(1, 9, 24, 30)[0], fps=8)
+    out = reward.main(["score", path, "--prompt", "a red ball", "--reward", "videoscore", "--reward-path", tiny,
+                       "--device", "cpu"])
+    assert json.loads(capsys.readouterr().out) == out
+    want = vs.score(reward.read_video(path)[None], ["a red ball"])
+    assert out[path] == {d: round(v.item(), 4) for d, v in want.items()}
