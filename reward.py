@@ -201,8 +201,12 @@ def load_videoscore(path: str, hub_id: str, dtype: torch.dtype):
     seq_len = read_json(folder, "processor_config.json", what).get("image_seq_len", 64)
     if seq_len != config.perceiver_config.resampler_n_latents:
         raise UserError(f"{what}: image_seq_len {seq_len} != resampler_n_latents in {folder}/config.json")
-    net, info = Idefics2ForSequenceClassification.from_pretrained(folder, config=config, dtype=dtype,
-                                                                  output_loading_info=True, ignore_mismatched_sizes=True)
+    try:
+        net, info = Idefics2ForSequenceClassification.from_pretrained(
+            folder, config=config, dtype=dtype, use_safetensors=True, output_loading_info=True,
+            ignore_mismatched_sizes=True)
+    except OSError as e:  # no weights file
+        raise UserError(f"{what}: {e}") from None
     bad = {k: v for k, v in info.items() if k != "error_msgs" and v}
     if bad or info.get("error_msgs"):
         raise UserError(f"{what}: weights in {folder} do not match the model ({bad or info['error_msgs']})")
@@ -270,8 +274,8 @@ class VideoScore:
         check_videos(videos, prompts)
         if self.offload:
             self.net.to(self.device)
-        out = torch.cat([self.logits(v, prompts[i: i + len(v)]).cpu()
-                         for i, v in zip(range(0, len(videos), self.batch_size), videos.split(self.batch_size))])
+        b = self.batch_size
+        out = torch.cat([self.logits(videos[i: i + b], prompts[i: i + b]).cpu() for i in range(0, len(videos), b)])
         if self.offload:
             self.net.to("cpu")
         return dict(zip(self.dims, out.unbind(1)))

@@ -96,7 +96,7 @@ def test_prompt_is_the_trained_template_with_one_image_marker_per_frame(vs, tiny
     text = videoscore_prompt("a red ball", 16)
     assert text == VIDEOSCORE_TEMPLATE.replace("{text_prompt}", "a red ball") + "<image> " * 16
     assert text.startswith("\nSuppose you are an expert") and "sub-score, \nthe lowest" in text
-    assert text.endswith('the text prompt is "a red ball",\nall the frames of video are as follows:\n' + "<image> " * 16)
+    assert text.endswith('"a red ball",\nall the frames of video are as follows:\n' + "<image> " * 16)
     # tokens: BOS, then per frame <fake> <image>*64 <fake> (64 = N_LATENTS here)
     ids = vs.inputs(video(1, 51), ["a red ball"])["input_ids"][0].tolist()
     image_id = vs.net.config.image_token_id
@@ -182,6 +182,9 @@ def test_bad_input_is_one_clear_line(tiny, tmp_path):
     broken = save_tiny_videoscore(str(tmp_path / "broken"))
     os.remove(os.path.join(broken, "tokenizer.json"))
     with pytest.raises(UserError, match="has no tokenizer.json"):
+        build_reward("videoscore", path=broken)
+    os.remove(os.path.join(broken, "model.safetensors"))
+    with pytest.raises(UserError, match="no file named model.safetensors"):
         build_reward("videoscore", path=broken)
     split = save_tiny_videoscore(str(tmp_path / "split"), proc={**PROC, "do_image_splitting": True})
     with pytest.raises(UserError, match="image splitting"):
