@@ -4,9 +4,11 @@ videos are uint8 (B, T, H, W, 3), prompts plain strings. Every reward lists its 
 (the one the paper found best, temporal consistency, Table 4b). `REWARDS` maps a `--reward` name to a
 constructor; `--reward-dim global` is the mean over all dimensions.
 """
+import argparse
 import functools
 import json
 import os
+import sys
 
 import numpy as np
 import torch
@@ -359,9 +361,6 @@ def run_agreement(manifest: str, reward) -> dict:
 
 
 def main(argv=None):
-    import argparse
-    import sys
-
     p = argparse.ArgumentParser(description="Score videos with a reward, or measure its agreement with human "
                                 "choices (MRR, Recall@1/2/4; paper Table 2).")
     p.add_argument("command", choices=["score", "agreement"])
