@@ -24,7 +24,6 @@ from reward import REWARDS, build_reward, pick
 from sample import add_model_args, default_prompts, load_prompts, model_from_args, video_name, write_video
 
 
-DEFAULT_REWARD = "videoscore" if "videoscore" in REWARDS else "pixel"
 METHOD_NAMES = {"online": "OnlineVPO", "offline": "offline DPO", "refl": "ReFL"}
 
 
@@ -41,6 +40,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--offline-pairs", type=int, default=200, help="--method offline: prompts sampled for pairs")
     p.add_argument("--refl-latent-frames", type=int, default=None,
                    help="--method refl: latent frames decoded for the reward (default: all)")
+    p.add_argument("--reward-path", default=None, help="local folder or Hub id of the reward's weights "
+                   "(default: the reward's own Hub id)")
+    p.add_argument("--reward-batch", type=int, default=4, help="videos per reward forward")
+    p.add_argument("--reward-offload", action="store_true", help="keep the reward model on the CPU except while "
+                   "it scores (frees its memory for sampling and training)")
     p.add_argument("--n", type=int, default=4, help="candidates sampled per prompt (paper: 4)")
     p.add_argument("--k", type=int, default=200, help="reference update every K optimizer steps; 0 = never "
                    "(paper: 200)")
@@ -65,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-grad-checkpointing", action="store_true", help="faster, more memory")
     p.add_argument("--max-bad-steps", type=int, default=3, help="stop after this many NaN/inf steps in a row")
     args = p.parse_args(argv)
-    args.reward = args.reward or ("toy" if args.model == "toy" else DEFAULT_REWARD)
+    args.reward = args.reward or ("toy" if args.model == "toy" else "videoscore")
     args.prompts = args.prompts or default_prompts(args.model, "train")
     args.eval_prompts = args.eval_prompts or default_prompts(args.model, "eval")
     return args
@@ -267,7 +271,8 @@ def train(args) -> dict:
     check_args(args)
     prompts = load_prompts(args.prompts, args.prompt_column)
     eval_prompts = load_prompts(args.eval_prompts)[:4] if args.sample_every else []
-    reward = build_reward(args.reward, device=args.device)
+    reward = build_reward(args.reward, device=args.device, path=args.reward_path, batch_size=args.reward_batch,
+                          offload=args.reward_offload)
     dim = args.reward_dim or reward.default_dim
     if dim != "global" and dim not in reward.dims:
         raise UserError(f"unknown reward dimension {dim!r}; choose one of {', '.join(reward.dims)}, global")

@@ -1,0 +1,63 @@
+"""Reward agreement with human choices (paper Table 2): MRR and Recall@k, ties, the manifest CLI."""
+import json
+
+import pytest
+import torch
+
+import reward
+import sample
+
+
+def test_mrr_and_recall_with_known_answers_and_ties():
+    scores = [[0.1, 0.9, 0.5],     # best ranked 1st
+              [3.0, 2.0, 1.0, 0.0],  # best (index 2) ranked 3rd
+              [1.0, 1.0, 0.0, 2.0]]  # best tied with one other behind one higher: rank 2 or 3, half each
+    got = reward.agreement(scores, best=[1, 2, 0])
+    assert got["mrr"] == pytest.approx((1 + 1 / 3 + (1 / 2 + 1 / 3) / 2) / 3)
+    assert got["recall@1"] == pytest.approx(1 / 3)
+    assert got["recall@2"] == pytest.approx((1 + 0 + 0.5) / 3)
+    assert got["recall@4"] == pytest.approx(1.0)
+    # a constant reward is at chance level, not perfect: 4 tied candidates -> MRR (1 + 1/2 + 1/3 + 1/4) / 4
+    flat = reward.agreement([[5.0] * 4], best=[3])
+    assert flat["mrr"] == pytest.approx(25 / 48) and flat["recall@1"] == 0.25 and flat["recall@2"] == 0.5
+
+
+def write_group(folder, name, n_noisy):
+    """One static video (the human's pick) and n_noisy flickering ones."""
+    static = torch.full((6, 16, 16, 3), 90, dtype=torch.uint8)
+    sample.write_video(str(folder / f"{name}-0.mp4"), static, fps=8)
+    g = torch.Generator().manual_seed(len(name))
+    for i in range(1, n_noisy + 1):
+        noise = torch.randint(0, 256, (6, 16, 16, 3), dtype=torch.uint8, generator=g)
+        sample.write_video(str(folder / f"{name}-{i}.mp4"), noise, fps=8)
+    return [f"{name}-{i}.mp4" for i in range(n_noisy + 1)]
+
+
+def test_agreement_cli_on_a_synthetic_manifest(tmp_path, capsys):
+    a, b = write_group(tmp_path, "a", 3), write_group(tmp_path, "b", 2)
+    manifest = [{"prompt": "a ball", "videos": a, "best": a[0]},  # best by name
+                {"prompt": "a cube", "videos": b, "best": 1}]    # best by index: a flickering one
+    (tmp_path / "m.json").write_text(json.dumps(manifest))
+    out = reward.main(["agreement", str(tmp_path / "m.json"), "--reward", "pixel", "--device", "cpu"])
+    assert json.loads(capsys.readouterr().out) == out
+    tc = out["temporal_consistency"]  # static video: flicker score 1.0, ranked first; group b's pick is not
+    assert tc["recall@1"] == 0.5 and tc["recall@4"] == 1.0 and 0.5 + 0.25 / 2 <= tc["mrr"] < 1.0
+    assert set(out) == {"temporal_consistency", "colorfulness", "global"}
+
+
+def test_bad_manifest_or_video_is_one_line(tmp_path, capsys):
+    (tmp_path / "broken.mp4").write_bytes(b"not a video")
+    a = write_group(tmp_path, "a", 1)
+    cases = {"missing.json": None,
+             "one.json": [{"prompt": "x", "videos": a[:1], "best": 0}],
+             "best.json": [{"prompt": "x", "videos": a, "best": "c.mp4"}],
+             "unreadable.json": [{"prompt": "x", "videos": [a[0], "broken.mp4"], "best": 0}]}
+    messages = {"missing.json": "cannot read manifest", "one.json": "at least two 'videos'",
+                "best.json": "'best' must be one of its videos", "unreadable.json": "cannot read video"}
+    for name, content in cases.items():
+        if content is not None:
+            (tmp_path / name).write_text(json.dumps(content))
+        with pytest.raises(SystemExit) as e:
+            reward.main(["agreement", str(tmp_path / name), "--reward", "pixel", "--device", "cpu"])
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and err.startswith("error: ") and messages[name] in err and err.count("\n") == 1
