@@ -7,6 +7,7 @@ and knows the video size it generates. The loop needs exactly these verbs:
 `MODELS` maps a `--model` name to its builder; that dict is the whole registry.
 """
 import copy
+import importlib
 import json
 import os
 import re
@@ -351,7 +352,13 @@ def build_tiny(size: str | None = None, frames: int | None = None, dit: str | No
                       max_length=TINY_DIT["model_max_length"], aes=None, use_timestep_transform=False)
 
 
-MODELS = {"opensora": build_opensora, "tiny": build_tiny}
+def lazy(module: str, builder: str):
+    """A builder imported on first use: diffusers_models imports this file, so this file cannot import it first."""
+    return lambda **kwargs: getattr(importlib.import_module(module), builder)(**kwargs)
+
+
+MODELS = {"opensora": build_opensora, "tiny": build_tiny, "cogvideox": lazy("diffusers_models", "build_cogvideox"),
+          "wan": lazy("diffusers_models", "build_wan")}
 
 
 def build_model(name: str, **kwargs) -> VideoModel:
