@@ -544,7 +544,9 @@ def main(argv=None):
     p.add_argument("--frames", type=int, default=None, help="default: 9 tiny, the model's own otherwise")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16"])
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (1: stable timings on a shared machine)")
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if (args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")) == "bf16" else torch.float32
     with tempfile.TemporaryDirectory() as tmp:
         tiny = args.dit is None
