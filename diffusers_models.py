@@ -37,9 +37,10 @@ def is_pipeline(path: str) -> bool:
 def component(path: str, sub: str, hub_id: str) -> str:
     """The folder of one component: `sub/` of a pipeline (a Hub id is fetched, or found in the Hub cache), or `path`
     itself when it holds the component directly (a fine-tuned transformer, a text-encoder folder)."""
-    folder = path if os.path.isdir(path) else resolve(path, f"{sub} of {path}", hub_id, ["model_index.json", f"{sub}/*"])
-    inner = os.path.join(folder, sub)
-    return inner if os.path.isdir(inner) else folder
+    if not os.path.isdir(path):
+        path = resolve(path, f"{sub} of {path}", hub_id, ["model_index.json", f"{sub}/*"])
+    inner = os.path.join(path, sub)
+    return inner if os.path.isdir(inner) else path
 
 
 def locate(hub_id: str, dit: str | None, vae: str | None, text_encoder: str | None) -> dict[str, str]:
@@ -49,9 +50,11 @@ def locate(hub_id: str, dit: str | None, vae: str | None, text_encoder: str | No
     base = dit if is_pipeline(dit) else hub_id
     transformer = component(dit, "transformer", hub_id)
     own_scheduler = os.path.isfile(os.path.join(transformer, "scheduler_config.json"))  # save_weights writes one
-    return dict(transformer=transformer, scheduler=transformer if own_scheduler else component(base, "scheduler", hub_id),
-                vae=component(vae or base, "vae", hub_id), text_encoder=component(text_encoder or base, "text_encoder", hub_id),
-                tokenizer=component(text_encoder or base, "tokenizer", hub_id))
+    text = text_encoder or base
+    return dict(transformer=transformer,
+                scheduler=transformer if own_scheduler else component(base, "scheduler", hub_id),
+                vae=component(vae or base, "vae", hub_id), text_encoder=component(text, "text_encoder", hub_id),
+                tokenizer=component(text, "tokenizer", hub_id))
 
 
 def load(cls, folder: str, **kwargs):
@@ -108,8 +111,9 @@ def check_video(name: str, size: str | None, default: tuple[int, int], multiple:
     height, width = size_for("", "", size, multiple) if size else default
     frames = default_frames if frames is None else frames
     if frames < 1 or (frames - 1) % time_factor:
+        near = max(1, (frames - 1) // time_factor * time_factor + 1)
         raise UserError(f"--frames {frames}: {name} takes {time_factor}k+1 frames (its VAE compresses time "
-                        f"{time_factor}x), e.g. {max(1, (frames - 1) // time_factor * time_factor + 1)} or {default_frames}")
+                        f"{time_factor}x), e.g. {near} or {default_frames}")
     return height, width, frames
 
 
@@ -228,7 +232,10 @@ class DiffusersVideoModel:
     # --- memory and weights
     def set_grad_checkpointing(self, on: bool):
         """diffusers' own switch: each transformer block recomputed in the backward pass."""
-        self.dit.enable_gradient_checkpointing() if on else self.dit.disable_gradient_checkpointing()
+        if on:
+            self.dit.enable_gradient_checkpointing()
+        else:
+            self.dit.disable_gradient_checkpointing()
 
     def frozen_copy(self) -> nn.Module:
         """The reference network G_ref: a frozen copy of the policy."""
@@ -287,9 +294,9 @@ class CogVideoX(DiffusersVideoModel):
         from diffusers.models.embeddings import get_3d_rotary_pos_embed
         from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
 
-        c = self.dit.config
-        gh, gw = self.height // (self.vae_spatial * c.patch_size), self.width // (self.vae_spatial * c.patch_size)
-        crops = get_resize_crop_region_for_grid((gh, gw), c.sample_width // c.patch_size, c.sample_height // c.patch_size)
+        c, p = self.dit.config, self.dit.config.patch_size
+        gh, gw = self.height // (self.vae_spatial * p), self.width // (self.vae_spatial * p)
+        crops = get_resize_crop_region_for_grid((gh, gw), c.sample_width // p, c.sample_height // p)
         return get_3d_rotary_pos_embed(embed_dim=c.attention_head_dim, crops_coords=crops, grid_size=(gh, gw),
                                        temporal_size=latent_frames, device=self.device)
 
@@ -335,8 +342,9 @@ def build_cogvideox(dit: str | None = None, vae: str | None = None, text_encoder
         raise UserError(f"cogvideox: scheduler {sc['_class_name']} ({sc.get('prediction_type')}) is not supported; "
                         "the sampler steps CogVideoXDDIMScheduler with v_prediction, as CogVideoX-2b ships")
     s, patch = 2 ** (len(vc["block_out_channels"]) - 1), tc.get("patch_size", 2)
-    height, width, frames = check_video("cogvideox", size, (tc.get("sample_height", 60) * s, tc.get("sample_width", 90) * s),
-                                        s * patch, frames, tc.get("sample_frames", 49), vc.get("temporal_compression_ratio", 4))
+    default = (tc.get("sample_height", 60) * s, tc.get("sample_width", 90) * s)
+    height, width, frames = check_video("cogvideox", size, default, s * patch, frames, tc.get("sample_frames", 49),
+                                        vc.get("temporal_compression_ratio", 4))
     return CogVideoX(load_model(CogVideoXTransformer3DModel, parts["transformer"]),
                      load_model(AutoencoderKLCogVideoX, parts["vae"]),
                      load(T5EncoderModel, parts["text_encoder"]).eval(), load(AutoTokenizer, parts["tokenizer"]),
@@ -547,7 +555,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1, help="CPU threads (1: stable timings on a shared machine)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    dtype = torch.bfloat16 if (args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")) == "bf16" else torch.float32
+    bf16 = (args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")) == "bf16"
+    dtype = torch.bfloat16 if bf16 else torch.float32
     with tempfile.TemporaryDirectory() as tmp:
         tiny = args.dit is None
         dit = save_tiny(args.model, tmp) if tiny else args.dit
