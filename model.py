@@ -7,6 +7,7 @@ and knows the video size it generates. The loop needs exactly these verbs:
 `MODELS` maps a `--model` name to its builder; that dict is the whole registry.
 """
 import copy
+import importlib
 import json
 import os
 import re
@@ -401,7 +402,13 @@ def build_toy(size: str | None = None, frames: int | None = None, dit: str | Non
                       max_length=toy.TOY_DIT["model_max_length"], aes=None, use_timestep_transform=False)
 
 
-MODELS = {"opensora": build_opensora, "toy": build_toy, "tiny": build_tiny}
+def lazy(module: str, builder: str):
+    """A builder imported on first use: diffusers_models imports this file, so this file cannot import it first."""
+    return lambda **kwargs: getattr(importlib.import_module(module), builder)(**kwargs)
+
+
+MODELS = {"toy": build_toy, "opensora": build_opensora, "cogvideox": lazy("diffusers_models", "build_cogvideox"),
+          "wan": lazy("diffusers_models", "build_wan"), "tiny": build_tiny}
 
 
 def build_model(name: str, **kwargs) -> VideoModel:

@@ -282,6 +282,9 @@ def train(args) -> dict:
         if isinstance(part, torch.nn.Module):
             part.requires_grad_(False)
     model = model_from_args(args)
+    if args.method == "refl" and not hasattr(model, "predict_x0"):
+        raise UserError(f"--method refl is implemented for the Open-Sora family (opensora, toy, tiny), "
+                        f"not {args.model!r}")
     beta = args.beta if args.beta is not None else model.beta
     model.set_grad_checkpointing(not args.no_grad_checkpointing)
     # G_ref <- G_theta at the start (Alg. 1 line 1); ReFL has no reference, and holds no copy (Fig. 7 memory)

@@ -1,0 +1,568 @@
+"""CogVideoX-2B and Wan2.1 as OnlineVPO base models, assembled from diffusers components.
+
+    python train.py --model cogvideox     # THUDM/CogVideoX-2b: 49 frames, 480x720, 50 steps, guidance 6
+    python train.py --model wan           # Wan-AI/Wan2.1-T2V-1.3B-Diffusers: 81 frames, 480x832, 50 steps, guidance 5
+
+Transformer, VAE, text encoder, tokenizer and scheduler are diffusers' and transformers' own classes, loaded from the
+published folder layout. Ours is only what the VideoModel verbs need: prompt embeddings cached per prompt; the N
+candidates and both CFG halves in ONE transformer forward per step, stepped by the pipeline's own scheduler; decoding;
+the per-sample error in the space of each model's own training objective; weights written with `save_pretrained`, so
+a fine-tuned transformer drops into CogVideoXPipeline / WanPipeline.
+
+    python diffusers_models.py --model wan     # benchmark: batched sampling of N=4 vs 4 pipeline calls (tiny, CPU)
+"""
+import argparse
+import copy
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from model import UserError, resolve, size_for
+
+COGVIDEOX_ID, WAN_ID = "THUDM/CogVideoX-2b", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading: a pipeline (Hub id, or a folder with model_index.json) or a folder holding one component
+
+
+def is_pipeline(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "model_index.json")) if os.path.isdir(path) else True  # else a Hub id
+
+
+def component(path: str, sub: str, hub_id: str) -> str:
+    """The folder of one component: `sub/` of a pipeline (a Hub id is fetched, or found in the Hub cache), or `path`
+    itself when it holds the component directly (a fine-tuned transformer, a text-encoder folder)."""
+    if not os.path.isdir(path):
+        path = resolve(path, f"{sub} of {path}", hub_id, ["model_index.json", f"{sub}/*"])
+    inner = os.path.join(path, sub)
+    return inner if os.path.isdir(inner) else path
+
+
+def locate(hub_id: str, dit: str | None, vae: str | None, text_encoder: str | None) -> dict[str, str]:
+    """`--dit` is the base pipeline (Hub id or folder) or a transformer folder such as a train.py checkpoint; the parts
+    a transformer folder lacks come from the default base. `--vae` and `--text-encoder` default to the base."""
+    dit = dit or hub_id
+    base = dit if is_pipeline(dit) else hub_id
+    transformer = component(dit, "transformer", hub_id)
+    own_scheduler = os.path.isfile(os.path.join(transformer, "scheduler_config.json"))  # save_weights writes one
+    text = text_encoder or base
+    return dict(transformer=transformer,
+                scheduler=transformer if own_scheduler else component(base, "scheduler", hub_id),
+                vae=component(vae or base, "vae", hub_id), text_encoder=component(text, "text_encoder", hub_id),
+                tokenizer=component(text, "tokenizer", hub_id))
+
+
+def load(cls, folder: str, **kwargs):
+    """from_pretrained, with a missing or broken folder reported as one line."""
+    try:
+        return cls.from_pretrained(folder, **kwargs)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load {cls.__name__} from {folder}: {str(e).splitlines()[0]}") from None
+
+
+def load_model(cls, folder: str, variant: str | None = None) -> nn.Module:
+    """cls.from_pretrained. diffusers cannot load a model that keeps modules in fp32 (Wan's transformer) without the
+    optional `accelerate` package; then the same by hand: the class from config.json, the safetensors weights (one
+    file or shards, diffusers' names) loaded strictly."""
+    from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME, _add_variant, is_accelerate_available
+    from safetensors.torch import load_file
+
+    if cls._keep_in_fp32_modules is None or is_accelerate_available():
+        return load(cls, folder, variant=variant, low_cpu_mem_usage=is_accelerate_available())
+    single = os.path.join(folder, _add_variant(SAFETENSORS_WEIGHTS_NAME, variant))
+    index = os.path.join(folder, _add_variant(SAFE_WEIGHTS_INDEX_NAME, variant))
+    if os.path.isfile(single):
+        state = load_file(single)
+    elif os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        state = {k: v for shard in shards for k, v in load_file(os.path.join(folder, shard)).items()}
+    else:
+        raise UserError(f"cannot load {cls.__name__} from {folder}: no {os.path.basename(single)}")
+    net = cls.from_config(read_json(folder, "config.json"))
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise UserError(f"cannot load {cls.__name__} from {folder}: {str(e).splitlines()[0]}") from None
+    return net.eval()
+
+
+def place(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """module.to(device, dtype), without diffusers' warning about fp32-kept modules that fires for any dtype."""
+    return module.to(device)._apply(lambda t: t.to(dtype) if t.is_floating_point() else t)
+
+
+def read_json(folder: str, name: str) -> dict:
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        raise UserError(f"{folder} has no {name}: not a diffusers component folder")
+    with open(path) as f:
+        return json.load(f)
+
+
+def check_video(name: str, size: str | None, default: tuple[int, int], multiple: int, frames: int | None,
+                default_frames: int, time_factor: int) -> tuple[int, int, int]:
+    """Sizes the model can take: H and W multiples of VAE factor x patch, frames = time_factor * k + 1."""
+    height, width = size_for("", "", size, multiple) if size else default
+    frames = default_frames if frames is None else frames
+    if frames < 1 or (frames - 1) % time_factor:
+        near = max(1, (frames - 1) // time_factor * time_factor + 1)
+        raise UserError(f"--frames {frames}: {name} takes {time_factor}k+1 frames (its VAE compresses time "
+                        f"{time_factor}x), e.g. {near} or {default_frames}")
+    return height, width, frames
+
+
+def tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    out = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, add_special_tokens=True,
+                    return_attention_mask=True, return_tensors="pt")
+    return out.input_ids, out.attention_mask
+
+
+def variant_of(file: str) -> str | None:
+    """train.py names the policy `model.safetensors` and the reference `ref.safetensors`; in diffusers format these are
+    the folder's transformer (diffusion_pytorch_model.safetensors) and its variant "ref"."""
+    name = os.path.basename(file)
+    return None if name == "model.safetensors" else name.removesuffix(".safetensors")
+
+
+MODEL_OF_CLASS = {"CogVideoXTransformer3DModel": "cogvideox", "WanTransformer3DModel": "wan"}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What both backends share
+
+
+@dataclass
+class DiffusersVideoModel:
+    """The VideoModel verbs over a diffusers transformer; CogVideoX and Wan add the latent layout, the text encoding,
+    decoding and the training target. Latents are (B, C, T, H, W) as for every VideoModel."""
+    dit: nn.Module  # the policy network G_theta: the pipeline's `transformer`
+    vae: nn.Module
+    text_encoder: nn.Module
+    tokenizer: object
+    scheduler: object  # the pipeline's scheduler: sampling steps exactly as the pipeline does
+    height: int
+    width: int
+    frames: int
+    fps: int
+    sample_steps: int
+    cfg: float
+    max_length: int
+    beta: float = 500.0  # default DPO beta, see README: errors in the model's own target space
+    negative_prompt: str = ""  # both pipelines' default negative prompt
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+    _cache: dict = field(default_factory=dict, repr=False)
+    vae_fp32 = False  # keep the VAE in fp32 whatever the compute dtype
+
+    def to(self, device, dtype: torch.dtype = torch.float32) -> "DiffusersVideoModel":
+        """Policy weights stay fp32 (autocast does bf16 compute); frozen parts are stored in `dtype`."""
+        self.device, self.dtype = torch.device(device), dtype
+        place(self.dit, self.device, torch.float32)
+        place(self.vae, self.device, torch.float32 if self.vae_fp32 else dtype).eval().requires_grad_(False)
+        place(self.text_encoder, self.device, dtype).eval().requires_grad_(False)
+        return self
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    # --- text
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text features (B, L, C) and mask (B, L); each prompt is encoded once and cached on the CPU, so the text
+        encoder can be moved off the accelerator once the prompts are known."""
+        todo = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+        if todo:
+            y, mask = self.embed(todo)
+            for p, yi, mi in zip(todo, y.float().cpu(), mask.cpu()):
+                self._cache[p] = (yi, mi)
+        y = torch.stack([self._cache[p][0] for p in prompts]).to(self.device)
+        mask = torch.stack([self._cache[p][1] for p in prompts]).to(self.device)
+        return y, mask
+
+    # --- Alg. 1 line 4: N candidates per prompt from the current policy
+    @torch.no_grad()
+    def sample(self, prompts: list[str], n: int, seeds: list[int], net: nn.Module | None = None,
+               steps: int | None = None, cfg: float | None = None) -> torch.Tensor:
+        """Clean latents (len(prompts) * n, C, T, H, W), candidates of a prompt adjacent. All candidates and both CFG
+        halves go through the transformer as ONE batch per step; candidate j uses seeds[j] for its initial noise.
+        The loop is the pipelines' own: scheduler.timesteps, uncond + cfg * (cond - uncond), scheduler.step."""
+        net = net or self.dit
+        cfg = self.cfg if cfg is None else cfg
+        assert len(seeds) == len(prompts) * n
+        y = self.encode_prompts(prompts)[0].repeat_interleave(n, 0)
+        guided = cfg > 1  # both pipelines: guidance_scale <= 1 turns CFG off
+        if guided:  # [uncond; cond], the order of CogVideoXPipeline's batch
+            y = torch.cat([self.encode_prompts([self.negative_prompt])[0].expand_as(y), y])
+        z = torch.stack([torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(s))
+                         for s in seeds]).to(self.device)
+        scheduler = copy.deepcopy(self.scheduler)  # multistep solvers keep a history: a fresh one per call
+        scheduler.set_timesteps(steps or self.sample_steps, device=self.device)
+        if hasattr(scheduler, "set_begin_index"):  # as WanPipeline
+            scheduler.set_begin_index(0)
+        was_training = net.training
+        net.eval()
+        for t in scheduler.timesteps:
+            z_in = torch.cat([z, z]) if guided else z
+            with self.autocast():
+                pred = self.predict(net, z_in, t.expand(z_in.shape[0]), y).float()
+            if guided:
+                uncond, cond = pred.chunk(2)
+                pred = uncond + cfg * (cond - uncond)
+            z = scheduler.step(pred, t, z, return_dict=False)[0]
+        net.train(was_training)
+        return z
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> uint8 videos (B, T, H, W, 3), one video at a time to bound memory; pixel values as the
+        pipelines' postprocess (x / 2 + 0.5 clamped) rounded to 8 bits as their PIL output is."""
+        out = []
+        for z in latents.split(1):
+            x = self.vae_decode(z.to(self.device, self.vae.dtype)).float()
+            x = ((x / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+            out.append(x.permute(0, 2, 3, 4, 1).cpu())
+        return torch.cat(out)
+
+    # --- memory and weights
+    def set_grad_checkpointing(self, on: bool):
+        """diffusers' own switch: each transformer block recomputed in the backward pass."""
+        if on:
+            self.dit.enable_gradient_checkpointing()
+        else:
+            self.dit.disable_gradient_checkpointing()
+
+    def frozen_copy(self) -> nn.Module:
+        """The reference network G_ref: a frozen copy of the policy."""
+        return copy.deepcopy(self.dit).requires_grad_(False).eval()
+
+    def save_weights(self, folder: str, net: nn.Module | None = None, file: str = "model.safetensors"):
+        """The transformer in diffusers format (save_pretrained: config.json + diffusion_pytorch_model.safetensors)
+        plus the scheduler's config, so the folder is a transformer folder for the diffusers pipeline and a whole
+        `--dit`. Another `file` (train.py's ref.safetensors) is saved as the diffusers variant of that name."""
+        (net or self.dit).save_pretrained(folder, variant=variant_of(file))
+        self.scheduler.save_pretrained(folder)
+
+    def load_weights(self, file: str, net: nn.Module | None = None):
+        """Weights written by save_weights; `file` names them as train.py does (see variant_of). Refuses weights of
+        another model or of another configuration of this transformer."""
+        net = net or self.dit
+        folder = os.path.dirname(file) or "."
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise UserError(f"no weights file {file} (and no diffusers transformer in {folder})")
+        saved = read_json(folder, "config.json")
+        made_for = saved.get("model") or MODEL_OF_CLASS.get(saved.get("_class_name"), saved.get("_class_name"))
+        if made_for != self.name:
+            raise UserError(f"{file} holds weights of model {made_for!r}, not {self.name!r}")
+        own = json.loads(json.dumps(dict(net.config)))  # tuples -> lists, as in the saved file
+        changed = [k for k, v in own.items() if not k.startswith("_") and k in saved and saved[k] != v]
+        if changed:
+            k = changed[0]
+            raise UserError(f"{file} was saved from another {type(net).__name__} ({k} {saved[k]} vs {own[k]})")
+        net.load_state_dict(load_model(type(net), folder, variant_of(file)).state_dict())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CogVideoX: v-prediction on a DDIM schedule (zero terminal SNR, SNR shift), T5 text
+
+
+class CogVideoX(DiffusersVideoModel):
+    """THUDM/CogVideoX-2b (and -5b) through diffusers; the transformer takes (B, T, C, H, W)."""
+    name = "cogvideox"
+
+    @property
+    def vae_spatial(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)  # CogVideoXPipeline.vae_scale_factor_spatial
+
+    @property
+    def latent_shape(self) -> tuple:
+        s, tc = self.vae_spatial, self.vae.config.temporal_compression_ratio
+        return (self.dit.config.in_channels, (self.frames - 1) // tc + 1, self.height // s, self.width // s)
+
+    def embed(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """CogVideoXPipeline._get_t5_prompt_embeds: padded to 226 tokens, and T5 reads the padding (no mask)."""
+        ids, mask = tokenize(self.tokenizer, texts, self.max_length)
+        return self.text_encoder(ids.to(next(self.text_encoder.parameters()).device))[0], mask
+
+    def rotary(self, latent_frames: int):
+        """CogVideoXPipeline._prepare_rotary_positional_embeddings for CogVideoX 1.0 (-5b; -2b has no RoPE)."""
+        from diffusers.models.embeddings import get_3d_rotary_pos_embed
+        from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+
+        c, p = self.dit.config, self.dit.config.patch_size
+        gh, gw = self.height // (self.vae_spatial * p), self.width // (self.vae_spatial * p)
+        crops = get_resize_crop_region_for_grid((gh, gw), c.sample_width // p, c.sample_height // p)
+        return get_3d_rotary_pos_embed(embed_dim=c.attention_head_dim, crops_coords=crops, grid_size=(gh, gw),
+                                       temporal_size=latent_frames, device=self.device)
+
+    def predict(self, net: nn.Module, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        rope = self.rotary(z.shape[2]) if net.config.use_rotary_positional_embeddings else None
+        out = net(hidden_states=z.transpose(1, 2), encoder_hidden_states=y, timestep=t, image_rotary_emb=rope,
+                  return_dict=False)[0]
+        return out.transpose(1, 2)
+
+    def vae_decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(z / self.vae.config.scaling_factor).sample  # CogVideoXPipeline.decode_latents
+
+    # --- the Diffusion-DPO error (Alg. 1 line 7)
+    def training_timesteps(self, b: int, generator: torch.Generator) -> torch.Tensor:
+        """Uniform over the 1000 training steps, as CogVideoX is fine-tuned (diffusers' CogVideoX training example)."""
+        return torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), generator=generator).to(self.device)
+
+    def errors(self, net: nn.Module, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+               y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Per-sample MSE to the v-prediction target v = sqrt(abar_t) noise - sqrt(1 - abar_t) x0, mean over all
+        non-batch dims, fp32. CogVideoX's own fine-tuning loss (x0 error weighted by 1 / (1 - abar_t)) is exactly this
+        v error, so e is the model's training loss per sample."""
+        x_t = self.scheduler.add_noise(x0, noise, t)
+        target = self.scheduler.get_velocity(x0, noise, t)
+        with self.autocast():
+            v = self.predict(net, x_t, t, y)
+        return (v.float() - target.float()).pow(2).flatten(1).mean(1)
+
+
+def build_cogvideox(dit: str | None = None, vae: str | None = None, text_encoder: str | None = None,
+                    size: str | None = None, frames: int | None = None, **_) -> CogVideoX:
+    """CogVideoX with CogVideoXPipeline's defaults: 49 frames, 480x720 (the transformer's sample size), 50 steps,
+    guidance 6, negative prompt "", 226 text tokens; 8 fps as the pipeline's example exports."""
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    parts = locate(COGVIDEOX_ID, dit, vae, text_encoder)
+    tc, vc = read_json(parts["transformer"], "config.json"), read_json(parts["vae"], "config.json")
+    sc = read_json(parts["scheduler"], "scheduler_config.json")
+    if tc.get("patch_size_t"):
+        raise UserError("CogVideoX 1.5 transformers (patch_size_t) are not supported; use CogVideoX-2b or -5b")
+    if sc["_class_name"] != "CogVideoXDDIMScheduler" or sc.get("prediction_type") != "v_prediction":
+        raise UserError(f"cogvideox: scheduler {sc['_class_name']} ({sc.get('prediction_type')}) is not supported; "
+                        "the sampler steps CogVideoXDDIMScheduler with v_prediction, as CogVideoX-2b ships")
+    s, patch = 2 ** (len(vc["block_out_channels"]) - 1), tc.get("patch_size", 2)
+    default = (tc.get("sample_height", 60) * s, tc.get("sample_width", 90) * s)
+    height, width, frames = check_video("cogvideox", size, default, s * patch, frames, tc.get("sample_frames", 49),
+                                        vc.get("temporal_compression_ratio", 4))
+    return CogVideoX(load_model(CogVideoXTransformer3DModel, parts["transformer"]),
+                     load_model(AutoencoderKLCogVideoX, parts["vae"]),
+                     load(T5EncoderModel, parts["text_encoder"]).eval(), load(AutoTokenizer, parts["tokenizer"]),
+                     load(CogVideoXDDIMScheduler, parts["scheduler"]), height, width, frames, fps=8, sample_steps=50,
+                     cfg=6.0, max_length=tc.get("max_text_seq_length", 226))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Wan2.1: flow matching (x_t = (1 - sigma) x0 + sigma noise, velocity noise - x0), UMT5 text
+
+
+class Wan(DiffusersVideoModel):
+    """Wan-AI/Wan2.1-T2V-1.3B-Diffusers (or -14B) through diffusers; the transformer takes (B, C, T, H, W)."""
+    name = "wan"
+    vae_fp32 = True  # WanPipeline's example loads the VAE in fp32 next to a bf16 transformer
+
+    @property
+    def latent_shape(self) -> tuple:
+        st, s = self.vae.config.scale_factor_temporal, self.vae.config.scale_factor_spatial
+        return (self.dit.config.in_channels, (self.frames - 1) // st + 1, self.height // s, self.width // s)
+
+    def embed(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """WanPipeline._get_t5_prompt_embeds: cleaned text, UMT5 with the mask, zeros after each prompt's tokens."""
+        from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+        ids, mask = tokenize(self.tokenizer, [prompt_clean(t) for t in texts], self.max_length)
+        dev = next(self.text_encoder.parameters()).device
+        y = self.text_encoder(ids.to(dev), mask.to(dev)).last_hidden_state
+        return y * mask.to(dev)[..., None].to(y.dtype), mask
+
+    def predict(self, net: nn.Module, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return net(hidden_states=z, timestep=t, encoder_hidden_states=y, return_dict=False)[0]
+
+    def vae_decode(self, z: torch.Tensor) -> torch.Tensor:
+        c = self.vae.config  # WanPipeline: un-normalise with the VAE's per-channel latent mean and std
+        mean = torch.tensor(c.latents_mean).view(1, -1, 1, 1, 1).to(z)
+        std = torch.tensor(c.latents_std).view(1, -1, 1, 1, 1).to(z)
+        return self.vae.decode(z * std + mean, return_dict=False)[0]
+
+    # --- the Diffusion-DPO error (Alg. 1 line 7)
+    @property
+    def shift(self) -> float:
+        c = self.scheduler.config  # UniPC / DPM-Solver name it flow_shift, FlowMatchEuler shift
+        return float(c.get("flow_shift", c.get("shift", 1.0)))
+
+    def training_timesteps(self, b: int, generator: torch.Generator) -> torch.Tensor:
+        """sigma = shift * u / (1 + (shift - 1) u), u ~ U(0, 1), with the sampler's flow_shift: the DPO loss sees noise
+        levels spread as the sampling steps are. Returned in the transformer's units, 1000 sigma."""
+        u = torch.rand(b, generator=generator)
+        sigma = self.shift * u / (1 + (self.shift - 1) * u)
+        return (sigma * self.scheduler.config.num_train_timesteps).to(self.device)
+
+    def errors(self, net: nn.Module, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+               y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Per-sample MSE to the flow-matching velocity noise - x0 (what the transformer predicts:
+        flow_prediction), with x_t = (1 - sigma) x0 + sigma noise; mean over all non-batch dims, fp32."""
+        sigma = (t.float() / self.scheduler.config.num_train_timesteps).view(-1, 1, 1, 1, 1)
+        x_t = (1 - sigma) * x0 + sigma * noise
+        with self.autocast():
+            v = self.predict(net, x_t, t, y)
+        return (v.float() - (noise - x0).float()).pow(2).flatten(1).mean(1)
+
+
+def build_wan(dit: str | None = None, vae: str | None = None, text_encoder: str | None = None,
+              size: str | None = None, frames: int | None = None, **_) -> Wan:
+    """Wan2.1 with WanPipeline's defaults: 81 frames, 480x832, 50 steps, guidance 5, negative prompt "", 512 text
+    tokens, the scheduler (and its flow_shift) the model folder ships; 16 fps as the pipeline's example exports."""
+    import diffusers
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    parts = locate(WAN_ID, dit, vae, text_encoder)
+    tc, vc = read_json(parts["transformer"], "config.json"), read_json(parts["vae"], "config.json")
+    sc = read_json(parts["scheduler"], "scheduler_config.json")
+    if not (sc.get("use_flow_sigmas") or sc["_class_name"] == "FlowMatchEulerDiscreteScheduler"):
+        raise UserError(f"wan: scheduler {sc['_class_name']} in {parts['scheduler']} is not a flow-matching scheduler")
+    s, patch = vc.get("scale_factor_spatial", 8), tc.get("patch_size", [1, 2, 2])
+    height, width, frames = check_video("wan", size, (480, 832), s * max(patch[1:]), frames, 81,
+                                        vc.get("scale_factor_temporal", 4))
+    return Wan(load_model(WanTransformer3DModel, parts["transformer"]), load_model(AutoencoderKLWan, parts["vae"]),
+               load(UMT5EncoderModel, parts["text_encoder"]).eval(), load(AutoTokenizer, parts["tokenizer"]),
+               load(getattr(diffusers, sc["_class_name"]), parts["scheduler"]), height, width, frames, fps=16,
+               sample_steps=50, cfg=5.0, max_length=512)
+
+
+BUILDERS = {"cogvideox": build_cogvideox, "wan": build_wan}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tiny random components in the published layouts: for tests, the benchmark and smoke runs; nothing is downloaded
+
+
+def byte_tokenizer():
+    """A T5-like tokenizer with no files: one token per UTF-8 byte (byte-level BPE without merges), </s> appended."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "</s>", "<unk>"]
+    vocab = {t: i for i, t in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def save_tiny(name: str, folder: str, rope: bool = False, seed: int = 0) -> str:
+    """A complete `name` pipeline of small random components (the same on every machine), written by the diffusers
+    pipeline's own save_pretrained; `--dit folder` loads it. rope: a CogVideoX-5b-like transformer with RoPE."""
+    import diffusers
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
+
+    tok = byte_tokenizer()
+    text = dict(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+                feed_forward_proj="gated-gelu", relative_attention_num_buckets=8, dropout_rate=0.0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if name == "cogvideox":
+            pipe = diffusers.CogVideoXPipeline(
+                tokenizer=tok, text_encoder=T5EncoderModel(T5Config(**text)),
+                vae=diffusers.AutoencoderKLCogVideoX(
+                    block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1, norm_num_groups=2,
+                    down_block_types=("CogVideoXDownBlock3D",) * 4, up_block_types=("CogVideoXUpBlock3D",) * 4),
+                transformer=diffusers.CogVideoXTransformer3DModel(
+                    num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=16,
+                    text_embed_dim=32, num_layers=2, sample_width=4, sample_height=4, sample_frames=9, patch_size=2,
+                    max_text_seq_length=16, use_rotary_positional_embeddings=rope),
+                scheduler=diffusers.CogVideoXDDIMScheduler(  # the published CogVideoX-2b scheduler settings
+                    beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                    prediction_type="v_prediction", rescale_betas_zero_snr=True, set_alpha_to_one=True,
+                    snr_shift_scale=3.0, timestep_spacing="trailing"))
+        elif name == "wan":
+            pipe = diffusers.WanPipeline(
+                tokenizer=tok, text_encoder=UMT5EncoderModel(UMT5Config(**text)),
+                vae=diffusers.AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                               temperal_downsample=[False, True, True]),
+                transformer=diffusers.WanTransformer3DModel(
+                    patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16,
+                    out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, rope_max_seq_len=32),
+                scheduler=diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                            flow_shift=3.0))
+        else:
+            raise UserError(f"no tiny {name!r}; choose one of {', '.join(BUILDERS)}")
+    pipe.save_pretrained(folder)
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Benchmark: our batched sampling of N videos vs the diffusers pipeline called once per video
+
+
+PIPELINES = {"cogvideox": "CogVideoXPipeline", "wan": "WanPipeline"}
+
+
+def benchmark(name: str, dit: str, n: int = 4, steps: int = 10, size: str | None = None, frames: int | None = None,
+              device: str = "cpu", dtype: torch.dtype = torch.float32, repeats: int = 3) -> dict:
+    """Seconds to sample N videos of one prompt (latents only: same weights, steps, guidance, initial noise and
+    prompt embeddings on both sides), best of `repeats`, and the largest latent difference between the two."""
+    import diffusers
+
+    model = BUILDERS[name](dit=dit, size=size, frames=frames).to(device, dtype)
+    pipe = getattr(diffusers, PIPELINES[name])(tokenizer=model.tokenizer, text_encoder=model.text_encoder,
+                                               vae=model.vae, transformer=model.dit, scheduler=model.scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    prompt, seeds = "a red panda climbs a snowy tree", list(range(n))
+    y, neg = model.encode_prompts([prompt])[0], model.encode_prompts([model.negative_prompt])[0]
+    noise = torch.stack([torch.randn(model.latent_shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    layout = (lambda z: z.transpose(1, 2)) if name == "cogvideox" else (lambda z: z)  # pipeline latents <-> ours
+
+    def pipeline_one(j):
+        with model.autocast():
+            out = pipe(prompt_embeds=y, negative_prompt_embeds=neg, latents=layout(noise[j:j + 1]).to(device),
+                       height=model.height, width=model.width, num_frames=model.frames, num_inference_steps=steps,
+                       guidance_scale=model.cfg, output_type="latent", max_sequence_length=model.max_length)
+        return layout(out.frames).float()
+
+    def best(fn):
+        times = []
+        for _ in range(repeats):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            tic = time.perf_counter()
+            out = fn()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - tic)
+        return min(times), out
+
+    ours_s, ours = best(lambda: model.sample([prompt], n, seeds, steps=steps))
+    pipe_s, theirs = best(lambda: torch.cat([pipeline_one(j) for j in range(n)]))
+    return {"model": name, "n": n, "steps": steps, "latent_shape": list(model.latent_shape), "ours_s": round(ours_s, 3),
+            "pipeline_s": round(pipe_s, 3), "speedup": round(pipe_s / ours_s, 2),
+            "max_latent_diff": float((ours - theirs).abs().max())}
+
+
+def main(argv=None):
+    import tempfile
+
+    p = argparse.ArgumentParser(description="batched sampling of N videos vs N diffusers pipeline calls")
+    p.add_argument("--model", default="wan", choices=list(BUILDERS))
+    p.add_argument("--dit", default=None, help="pipeline Hub id or folder (default: tiny random components)")
+    p.add_argument("--n", type=int, default=4)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--size", default=None, help="HxW (default: 32x32 tiny, the model's own otherwise)")
+    p.add_argument("--frames", type=int, default=None, help="default: 9 tiny, the model's own otherwise")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16"])
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (1: stable timings on a shared machine)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    bf16 = (args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")) == "bf16"
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny = args.dit is None
+        dit = save_tiny(args.model, tmp) if tiny else args.dit
+        size, frames = (args.size or "32x32", args.frames or 9) if tiny else (args.size, args.frames)
+        print(json.dumps(benchmark(args.model, dit, args.n, args.steps, size, frames, args.device, dtype)))
+
+
+if __name__ == "__main__":
+    main()
