@@ -96,16 +96,20 @@ def add_model_args(p: argparse.ArgumentParser):
     """Flags shared by train.py and sample.py: which model, where its weights are, what size it generates."""
     p.add_argument("--model", default="toy", help=f"base model: {', '.join(MODELS)} (default: toy, shipped "
                    "weights; tiny = the same network family, random weights)")
-    p.add_argument("--dit", default=None, help="denoiser weights: Hugging Face id or folder "
-                   "(opensora default hpcai-tech/OpenSora-STDiT-v3)")
+    p.add_argument("--dit", default=None, help="denoiser weights: Hugging Face id or folder (opensora "
+                   "hpcai-tech/OpenSora-STDiT-v3; cogvideox/wan: the pipeline or a transformer folder; toy: toy/)")
     p.add_argument("--vae", default=None, help="VAE: Hub id or folder (opensora default hpcai-tech/OpenSora-VAE-v1.2)")
     p.add_argument("--text-encoder", default=None, help="T5: Hub id or folder (opensora default DeepFloyd/t5-v1_1-xxl)")
-    p.add_argument("--resolution", default="240p", help="Open-Sora resolution name: 240p, 360p, 480p, 720p")
+    p.add_argument("--resolution", default="240p", help="Open-Sora resolution name: 240p, 360p, 480p, 720p "
+                   "(opensora only; other models take --size)")
     p.add_argument("--aspect", default="9:16", help="Open-Sora aspect-ratio name (its 9:16 is 240x426 at 240p)")
     p.add_argument("--size", default=None, help="explicit HxW in pixels instead of --resolution/--aspect")
-    p.add_argument("--frames", type=int, default=None, help="frames per video (opensora 51, tiny 8)")
-    p.add_argument("--sample-steps", type=int, default=None, help="sampling steps (paper: 30)")
-    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (opensora 7.0)")
+    p.add_argument("--frames", type=int, default=None, help="frames per video (opensora 51, cogvideox 49, wan 81, "
+                   "toy/tiny 8)")
+    p.add_argument("--sample-steps", type=int, default=None, help="sampling steps (opensora 30 as in the paper, "
+                   "cogvideox/wan 50, toy/tiny 20)")
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (opensora 7.0, "
+                   "cogvideox 6.0, wan 5.0, toy/tiny 4.0)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="compute dtype (bf16 on GPU, fp32 on CPU)")
 
