@@ -13,6 +13,7 @@ as proxies; imaging quality comes only from --vbench.
 """
 import argparse
 import glob
+import importlib.util
 import json
 import math
 import os
@@ -253,6 +254,8 @@ def evaluate(video_dir: str, args) -> dict:
     paths = sorted(glob.glob(os.path.join(video_dir, "*.mp4")))
     if not paths:
         raise UserError(f"no .mp4 files in {video_dir!r}")
+    if args.vbench and importlib.util.find_spec("vbench") is None:
+        raise UserError("--vbench needs the official package: pip install vbench (see github.com/Vchitect/VBench)")
     only = load_full_info(args.full_info) if args.full_info else None
     metrics = build_metrics(args)
     unknown = [name for name in args.reward if name not in REWARDS]
@@ -281,21 +284,32 @@ def evaluate(video_dir: str, args) -> dict:
     if not videos:
         raise UserError(f"none of the {len(paths)} videos in {video_dir!r} could be read")
     summary = summarise(videos)
-    return {"name": args.name or os.path.basename(os.path.normpath(video_dir)), "video_dir": video_dir,
-            "summary": summary, "sources": dict.fromkeys(summary, "evaluate.py"), "videos": videos,
-            "skipped": skipped, "models": {"dino": args.dino, "clip": args.clip, "aesthetic_clip": args.aesthetic_clip,
-                                          "aesthetic_head": args.aesthetic_head}, "full_info": args.full_info}
+    result = {"name": args.name or os.path.basename(os.path.normpath(video_dir)), "video_dir": video_dir,
+              "summary": summary, "sources": dict.fromkeys(summary, "evaluate.py"), "videos": videos,
+              "skipped": skipped, "full_info": args.full_info,
+              "models": {"dino": args.dino, "clip": args.clip, "aesthetic_clip": args.aesthetic_clip,
+                         "aesthetic_head": args.aesthetic_head}}
+    if args.vbench:
+        out_dir = os.path.join(video_dir, "vbench_results")
+        try:
+            official = run_official_vbench(video_dir, args.vbench, args.vbench_dims, out_dir, args.device)
+            result["vbench"] = {"mode": args.vbench, "results": official, "output": out_dir}
+            for d, v in official.items():  # fill in what evaluate.py does not compute faithfully
+                if d not in summary:
+                    summary[d], result["sources"][d] = v, "vbench"
+        except Exception as e:  # its models, downloads and dependencies are its own: keep our results
+            print(f"skipping --vbench: the vbench package failed ({type(e).__name__}: {e})")
+    result["quality_score"], result["quality_dims"] = quality_score(summary)
+    return result
 
 
-def run_official_vbench(video_dir: str, mode: str, dims: list[str] | None, out_dir: str, device: str) -> dict:
+def run_official_vbench(video_dir: str, mode: str, dims: str | None, out_dir: str, device: str) -> dict:
     """Hand the folder to the official vbench package (pip install vbench; its weights in $VBENCH_CACHE_DIR):
     'standard' scores VBench's own prompt suite ({prompt}-{0..4}.mp4) on all its dimensions, 'custom' any prompts on
     the seven quality dimensions. Returns {dimension: score}."""
-    try:
-        import vbench
-    except ImportError:
-        raise UserError("--vbench needs the official package: pip install vbench (see github.com/Vchitect/VBench)")
-    dims = dims or (None if mode == "standard" else list(VBENCH_QUALITY))
+    import vbench
+
+    dims = dims.split(",") if dims else None if mode == "standard" else list(VBENCH_QUALITY)
     full_info = os.path.join(os.path.dirname(vbench.__file__), "VBench_full_info.json")
     vbench.VBench(device, full_info, out_dir).evaluate(videos_path=video_dir, name="vbench", dimension_list=dims,
                                                        local=True, mode="vbench_standard" if mode == "standard"
@@ -337,56 +351,64 @@ def table(results: list[dict]) -> str:
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]
 
 
-def svg_chart(title: str, xlabels: list[str] | None, series: dict, path: str, xs=None, vlines=(), bars=False):
-    """A small dependency-free SVG: lines (series name -> [(x, y)]) or grouped bars (series -> [y per label])."""
+def chart(path: str, title: str, series: dict, xlabels: list[str] | None = None, vlines=()):
+    """Lines (series name -> [(x, y)], dashed vertical lines at `vlines`) or, given `xlabels`, grouped bars (series
+    name -> [y or None per label]); SVG written by hand, or PNG through matplotlib when `path` ends with .png."""
+    (png_chart if path.lower().endswith(".png") else svg_chart)(path, title, series, xlabels, vlines)
+
+
+def svg_chart(path, title, series, xlabels, vlines):
     W, H, L, R, T, B = 760, 380, 60, 170, 40, 70
-    ys = [y for pts in series.values() for p in pts for y in ([p[1]] if isinstance(p, tuple) else [p])]
-    lo, hi = (0.0, max(ys + [1e-9])) if bars else (min(ys), max(ys))
-    lo, hi = (lo - 0.5, hi + 0.5) if hi == lo else (lo - 0.05 * (hi - lo) * (not bars), hi + 0.05 * (hi - lo))
-    x0, x1 = (0, len(xlabels)) if bars else (min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1)
+    bars = xlabels is not None
+    ys = [v for vals in series.values() for v in vals if v is not None] if bars else \
+         [y for pts in series.values() for _, y in pts]
+    lo, hi = (min(ys + [0.0]), max(ys + [0.0])) if bars else (min(ys), max(ys))
+    pad = 0.05 * (hi - lo) or 0.5
+    lo, hi = (lo if bars and lo == 0 else lo - pad), hi + pad
+    xs = [x for pts in series.values() for x, _ in pts] + list(vlines) if not bars else [0, len(xlabels)]
+    x0, x1 = min(xs), max(max(xs), min(xs) + 1)
     X = lambda x: L + (x - x0) / (x1 - x0) * (W - L - R)
     Y = lambda y: T + (hi - y) / (hi - lo) * (H - T - B)
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="11">',
-           f'<rect width="{W}" height="{H}" fill="white"/>', f'<text x="{L}" y="22" font-size="13">{esc(title)}</text>',
+           f'<rect width="{W}" height="{H}" fill="white"/><text x="{L}" y="22" font-size="13">{esc(title)}</text>',
            f'<line x1="{L}" y1="{H - B}" x2="{W - R}" y2="{H - B}" stroke="black"/>',
            f'<line x1="{L}" y1="{T}" x2="{L}" y2="{H - B}" stroke="black"/>']
-    for i in range(5):  # y ticks
+    for i in range(5):  # y grid
         y = lo + (hi - lo) * i / 4
-        out.append(f'<text x="{L - 6}" y="{Y(y) + 4:.1f}" text-anchor="end">{y:.3g}</text>'
-                   f'<line x1="{L}" y1="{Y(y):.1f}" x2="{W - R}" y2="{Y(y):.1f}" stroke="#eee"/>')
+        out.append(f'<line x1="{L}" y1="{Y(y):.1f}" x2="{W - R}" y2="{Y(y):.1f}" stroke="#eee"/>'
+                   f'<text x="{L - 6}" y="{Y(y) + 4:.1f}" text-anchor="end">{y:.3g}</text>')
     for v in vlines:  # reference updates
         out.append(f'<line class="ref-update" x1="{X(v):.1f}" y1="{T}" x2="{X(v):.1f}" y2="{H - B}" '
                    'stroke="gray" stroke-dasharray="4,3"/>')
-    if bars:
-        width = 0.8 / len(series)
-        for j, (name, vals) in enumerate(series.items()):
-            for i, v in enumerate(vals):
-                if v is not None:
-                    out.append(f'<rect x="{X(i + 0.1 + j * width):.1f}" y="{Y(v):.1f}" width="{X(width) - X(0):.1f}" '
-                               f'height="{Y(lo) - Y(v):.1f}" fill="{COLORS[j % 6]}"><title>{esc(name)}: {v:.4f}</title></rect>')
-        for i, lab in enumerate(xlabels):
-            out.append(f'<text x="{X(i + 0.5):.1f}" y="{H - B + 14}" text-anchor="end" '
-                       f'transform="rotate(-20 {X(i + 0.5):.1f} {H - B + 14})">{esc(lab)}</text>')
-    else:
-        for i in range(5):
-            x = x0 + (x1 - x0) * i / 4
-            out.append(f'<text x="{X(x):.1f}" y="{H - B + 16}" text-anchor="middle">{x:.0f}</text>')
+    for j, (name, vals) in enumerate(series.items()):
+        color = COLORS[j % len(COLORS)]
+        out.append(f'<rect x="{W - R + 12}" y="{T + 16 * j}" width="12" height="10" fill="{color}"/>'
+                   f'<text x="{W - R + 30}" y="{T + 16 * j + 9}">{esc(name)}</text>')  # legend
+        if not bars:
+            pts = " ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y in vals)
+            out.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{pts}"/>')
+            continue
+        w = 0.8 / len(series)
+        for i, v in enumerate(vals):
+            if v is not None:
+                out.append(f'<rect x="{X(i + 0.1 + j * w):.1f}" y="{Y(max(v, 0)):.1f}" width="{X(w) - X(0):.1f}" '
+                           f'height="{abs(Y(v) - Y(0)):.1f}" fill="{color}"><title>{esc(name)}: {v:.4f}</title></rect>')
+    for i, label in enumerate(xlabels or []):
+        out.append(f'<text x="{X(i + 0.5):.1f}" y="{H - B + 14}" text-anchor="end" '
+                   f'transform="rotate(-20 {X(i + 0.5):.1f} {H - B + 14})">{esc(label)}</text>')
+    if not bars:
+        out += [f'<text x="{X(x0 + (x1 - x0) * i / 4):.1f}" y="{H - B + 16}" text-anchor="middle">'
+                f'{x0 + (x1 - x0) * i / 4:.0f}</text>' for i in range(5)]
         out.append(f'<text x="{(L + W - R) / 2}" y="{H - B + 34}" text-anchor="middle">optimizer step</text>')
-        for j, (name, pts) in enumerate(series.items()):
-            pts_s = " ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y in pts)
-            out.append(f'<polyline fill="none" stroke="{COLORS[j % 6]}" stroke-width="1.5" points="{pts_s}"/>')
-    for j, name in enumerate(series):  # legend
-        out.append(f'<rect x="{W - R + 12}" y="{T + 16 * j}" width="12" height="10" fill="{COLORS[j % 6]}"/>'
-                   f'<text x="{W - R + 30}" y="{T + 16 * j + 9}">{esc(name)}</text>')
     with open(path, "w") as f:
         f.write("\n".join(out + ["</svg>"]) + "\n")
 
 
-def esc(s: str) -> str:
+def esc(s) -> str:
     return str(s).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def png_chart(title: str, xlabels, series: dict, path: str, xs=None, vlines=(), bars=False):
+def png_chart(path, title, series, xlabels, vlines):
     try:
         import matplotlib
 
@@ -396,26 +418,22 @@ def png_chart(title: str, xlabels, series: dict, path: str, xs=None, vlines=(), 
         raise UserError("a .png plot needs matplotlib (pip install matplotlib); or write .svg")
     fig, ax = plt.subplots(figsize=(8, 4))
     for j, (name, vals) in enumerate(series.items()):
-        if bars:
+        if xlabels is None:
+            ax.plot(*zip(*vals), label=name)
+        else:
             w = 0.8 / len(series)
             ax.bar([i + 0.1 + (j + 0.5) * w for i in range(len(vals))], [v or 0 for v in vals], w, label=name)
-        else:
-            ax.plot(*zip(*vals), label=name)
     for v in vlines:
         ax.axvline(v, color="gray", linestyle="--", linewidth=0.8)
-    if bars:
-        ax.set_xticks([i + 0.5 for i in range(len(xlabels))], xlabels, rotation=20, ha="right")
-    else:
+    if xlabels is None:
         ax.set_xlabel("optimizer step")
+    else:
+        ax.set_xticks([i + 0.5 for i in range(len(xlabels))], xlabels, rotation=20, ha="right")
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)
-
-
-def chart(path: str, *a, **kw):
-    (png_chart if path.lower().endswith(".png") else svg_chart)(*a, path=path, **kw)
 
 
 def plot_reward_curve(run_dir: str, path: str):
@@ -431,19 +449,32 @@ def plot_reward_curve(run_dir: str, path: str):
     series = {label: [(r["step"], r[key]) for r in rows if r.get(key) is not None]
               for key, label in (("reward_mean", "mean of N"), ("reward_w", "winner"), ("reward_l", "loser"))}
     series = {k: v for k, v in series.items() if v}
+    if not series:
+        raise UserError(f"{metrics} holds no reward values")
     updates = [r["step"] for prev, r in zip([{"ref_updates": 0}] + rows, rows) if r["ref_updates"] > prev["ref_updates"]]
     title = f"reward ({rows[-1].get('reward_dim', '?')}); dashed: reference update (K = {args.get('k', '?')})"
-    chart(path, title, None, series, xs=[r["step"] for r in rows], vlines=updates)
+    chart(path, title, series, vlines=updates)
     return updates
 
 
 def plot_comparison(results: list[dict], path: str):
     cols = [c for c in columns(results) if "." not in c]  # VBench dimensions and proxies share the 0..1 scale
     series = {r["name"]: [r["summary"].get(c) for c in cols] for r in results}
-    chart(path, "per-dimension comparison", [LABELS.get(c, c) for c in cols], series, bars=True)
+    chart(path, "per-dimension comparison", series, xlabels=[LABELS.get(c, c) for c in cols])
 
 
 # ----------------------------------------------------------------------------------------------------------
+
+
+def load_results(path: str) -> dict:
+    try:
+        with open(path) as f:
+            r = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read results file {path!r} ({type(e).__name__})")
+    if not isinstance(r, dict) or "summary" not in r:
+        raise UserError(f"{path!r} is not an evaluate.py results file")
+    return r
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -482,27 +513,14 @@ def main(argv=None):
             print(f"reward curve ({len(updates)} reference updates) -> {path}")
             return
         if args.compare:
-            results = []
-            for path in args.compare:
-                if not os.path.isfile(path):
-                    raise UserError(f"results file {path!r} not found")
-                results.append(json.load(open(path)))
+            results = [load_results(path) for path in args.compare]
         else:
-            results = [evaluate(args.video_dir, args)]
-            r = results[0]
-            if args.vbench:
-                out_dir = os.path.join(args.video_dir, "vbench_results")
-                dims = args.vbench_dims.split(",") if args.vbench_dims else None
-                official = run_official_vbench(args.video_dir, args.vbench, dims, out_dir, args.device)
-                r["vbench"] = {"mode": args.vbench, "results": official, "output": out_dir}
-                for d, v in official.items():  # fill what evaluate.py did not compute faithfully
-                    if d not in r["summary"]:
-                        r["summary"][d], r["sources"][d] = v, "vbench"
-            r["quality_score"], r["quality_dims"] = quality_score(r["summary"])
+            r = evaluate(args.video_dir, args)
             out = args.out or os.path.join(args.video_dir, "evaluation.json")
             with open(out, "w") as f:
                 json.dump(r, f, indent=1)
             print(f"{len(r['videos'])} videos scored, {len(r['skipped'])} skipped; results -> {out}")
+            results = [r]
         print(table(results))
         if any(k in PROXIES for r in results for k in r["summary"]):
             print("(proxy) columns are weight-free stand-ins, not VBench's motion smoothness / dynamic degree")

@@ -39,13 +39,14 @@ def tiny_models(tmp_path_factory):
 
 
 def synthetic_videos(folder):
-    """static: one smooth image repeated; moving: the image sliding 2 px a frame; noise: fresh noise every frame."""
+    """static: one smooth image repeated; moving: the image sliding 2 px a frame; noise: fresh noise every frame
+    (3 frames longer, so that frame-weighted and per-video means differ)."""
     g = torch.Generator().manual_seed(0)
     image = torch.nn.functional.interpolate(torch.rand(1, 3, 4, 6, generator=g), size=(H, W + 2 * T), mode="bilinear")
     image = (image[0].permute(1, 2, 0) * 255).to(torch.uint8)
     videos = {"a still lake-0.mp4": image[:, :W].expand(T, H, W, 3),
               "a car driving-0.mp4": torch.stack([image[:, 2 * t:2 * t + W] for t in range(T)]),
-              "tv static-0.mp4": torch.randint(0, 256, (T, H, W, 3), dtype=torch.uint8, generator=g)}
+              "tv static-0.mp4": torch.randint(0, 256, (T + 3, H, W, 3), dtype=torch.uint8, generator=g)}
     os.makedirs(folder, exist_ok=True)
     for name, v in videos.items():
         sample.write_video(os.path.join(folder, name), v, fps=8)
@@ -189,3 +190,44 @@ def test_bad_input_is_one_line_error(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             evaluate.main(argv)
         assert str(e.value).startswith("error: ") and msg in str(e.value)
+
+
+def test_full_info_scores_each_dimension_on_its_own_prompts(tmp_path):
+    synthetic_videos(tmp_path / "v")
+    info = [{"prompt_en": "a still lake", "dimension": ["temporal_flickering"]},
+            {"prompt_en": "tv static", "dimension": ["dynamic_degree", "temporal_flickering"]}]
+    json.dump(info, open(tmp_path / "full_info.json", "w"))
+    evaluate.main([str(tmp_path / "v"), "--metrics", "temporal_flickering,proxy_frame_motion",
+                   "--full-info", str(tmp_path / "full_info.json")])
+    res = json.loads((tmp_path / "v" / "evaluation.json").read_text())
+    v = res["videos"]
+    assert "temporal_flickering" in v["a still lake-0.mp4"] and "proxy_frame_motion" not in v["a still lake-0.mp4"]
+    assert "proxy_frame_motion" in v["tv static-0.mp4"]  # a proxy follows the prompts of the dimension it stands for
+    assert set(v["a car driving-0.mp4"]) == {"prompt", "frames", "fps"}  # in no dimension's prompt list
+    assert res["summary"]["temporal_flickering"] == pytest.approx(
+        (v["a still lake-0.mp4"]["temporal_flickering"] + v["tv static-0.mp4"]["temporal_flickering"]) / 2)
+
+
+def test_png_plot_needs_matplotlib_or_says_so(tmp_path):
+    path = tmp_path / "r.json"
+    json.dump({"name": "m", "summary": {"temporal_flickering": 0.9}}, open(path, "w"))
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        with pytest.raises(SystemExit, match="needs matplotlib"):
+            evaluate.main(["--compare", str(path), "--plot", str(tmp_path / "c.png")])
+    else:
+        evaluate.main(["--compare", str(path), "--plot", str(tmp_path / "c.png")])
+        assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_missing_vbench_package_and_bad_results_file_are_one_line_errors(tmp_path):
+    import importlib.util
+
+    synthetic_videos(tmp_path / "v")
+    if importlib.util.find_spec("vbench") is None:
+        with pytest.raises(SystemExit, match="error: --vbench needs the official package"):
+            evaluate.main([str(tmp_path / "v"), "--vbench", "custom"])
+    (tmp_path / "x.json").write_text("[1, 2]")
+    with pytest.raises(SystemExit, match="is not an evaluate.py results file"):
+        evaluate.main(["--compare", str(tmp_path / "x.json")])
