@@ -231,3 +231,19 @@ def test_missing_vbench_package_and_bad_results_file_are_one_line_errors(tmp_pat
     (tmp_path / "x.json").write_text("[1, 2]")
     with pytest.raises(SystemExit, match="is not an evaluate.py results file"):
         evaluate.main(["--compare", str(tmp_path / "x.json")])
+
+
+def test_dino_loads_with_dinos_eps_and_position_embedding_interpolation(tiny_models):
+    dino = evaluate.load_dino(tiny_models["dino"], "cpu")
+    assert dino.config.layer_norm_eps == 1e-6
+    emb = dino.embeddings
+    with torch.no_grad():  # a 14 x 14 grid whose value is its row index, resampled to 20 x 14 patches
+        emb.position_embeddings[0, 1:] = torch.arange(14.0).repeat_interleave(14)[:, None]
+        grid = emb.interpolate_pos_encoding(torch.zeros(1, 1 + 20 * 14, 32), 320, 224)[0, 1:, 0].view(20, 14)
+
+    def bicubic_row(src, a=-0.75):  # PyTorch's cubic convolution at source row `src` of the row-index grid
+        w = lambda x: ((a + 2) * x - (a + 3)) * x * x + 1 if x <= 1 else ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+        return sum(w(abs(src - k)) * k for k in range(int(src) - 1, int(src) + 3))
+    # DINO samples output row r at (r + 0.5) * 14 / 20.1 - 0.5 (scale_factor (20 + 0.1) / 14); transformers at / 20
+    assert grid[10, 7].item() == pytest.approx(bicubic_row(10.5 * 14 / 20.1 - 0.5), abs=1e-5)
+    assert abs(grid[10, 7].item() - bicubic_row(10.5 * 14 / 20 - 0.5)) > 1e-2
