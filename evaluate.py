@@ -46,7 +46,7 @@ FRAME_WEIGHTED = ("subject_consistency", "background_consistency")  # VBench: su
 
 def read_video(path: str) -> tuple[torch.Tensor, float]:
     """Every frame of an mp4 as uint8 (T, H, W, 3) RGB through PyAV, and its frame rate. VBench decodes all frames
-    too (decord for the feature metrics, OpenCV for the pixel ones); see the README for the decoders' differences."""
+    too, with decord (feature metrics) and OpenCV (pixel metrics): identical frames on sample.py's H.264 files."""
     import av
     import numpy as np
 
@@ -121,19 +121,19 @@ def consistency(feats: torch.Tensor) -> float:
 def subject_consistency(frames: torch.Tensor, dino) -> float:
     """vbench/subject_consistency.py: DINO ViT-B/16 [CLS] of every frame, bilinear short side 224 (no crop,
     antialias off), ImageNet normalisation; then consistency()."""
-    device = next(dino.parameters()).device
-    fn = lambda x: dino(pixel_values=vbench_preprocess(x, 224, "bilinear", False, IMAGENET_MEAN, IMAGENET_STD)
-                        .to(device), interpolate_pos_encoding=True).last_hidden_state[:, 0]
-    return consistency(features(frames, fn))
+    def cls(x):
+        x = vbench_preprocess(x.to(dino.device), 224, "bilinear", False, IMAGENET_MEAN, IMAGENET_STD)
+        return dino(pixel_values=x, interpolate_pos_encoding=True).last_hidden_state[:, 0]
+    return consistency(features(frames, cls))
 
 
 def background_consistency(frames: torch.Tensor, clip) -> float:
     """vbench/background_consistency.py: CLIP ViT-B/32 image embedding (projected) of every frame, bicubic short side
     224 + center crop 224, CLIP normalisation; then consistency()."""
-    device = next(clip.parameters()).device
-    fn = lambda x: clip(pixel_values=vbench_preprocess(x, 224, "bicubic", True, CLIP_MEAN, CLIP_STD)
-                        .to(device)).image_embeds
-    return consistency(features(frames, fn))
+    def embed(x):
+        x = vbench_preprocess(x.to(clip.device), 224, "bicubic", True, CLIP_MEAN, CLIP_STD)
+        return clip(pixel_values=x).image_embeds
+    return consistency(features(frames, embed))
 
 
 def temporal_flickering(frames: torch.Tensor) -> float:
@@ -445,14 +445,17 @@ def plot_reward_curve(run_dir: str, path: str):
     rows = [json.loads(line) for line in open(metrics) if line.strip()]
     if not rows:
         raise UserError(f"{metrics} is empty")
-    args = json.load(open(os.path.join(run_dir, "args.json"))) if os.path.isfile(os.path.join(run_dir, "args.json")) else {}
+    args_path = os.path.join(run_dir, "args.json")
+    k = json.load(open(args_path)).get("k", "?") if os.path.isfile(args_path) else "?"
     series = {label: [(r["step"], r[key]) for r in rows if r.get(key) is not None]
               for key, label in (("reward_mean", "mean of N"), ("reward_w", "winner"), ("reward_l", "loser"))}
     series = {k: v for k, v in series.items() if v}
     if not series:
         raise UserError(f"{metrics} holds no reward values")
-    updates = [r["step"] for prev, r in zip([{"ref_updates": 0}] + rows, rows) if r["ref_updates"] > prev["ref_updates"]]
-    title = f"reward ({rows[-1].get('reward_dim', '?')}); dashed: reference update (K = {args.get('k', '?')})"
+    # train.py logs the cumulative count of reference updates (G_ref <- G_theta every K steps): mark where it grows
+    counts = [0] + [r["ref_updates"] for r in rows]
+    updates = [r["step"] for r, before in zip(rows, counts) if r["ref_updates"] > before]
+    title = f"reward ({rows[-1].get('reward_dim', '?')}); dashed: reference update (K = {k})"
     chart(path, title, series, vlines=updates)
     return updates
 
@@ -482,7 +485,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("video_dir", nargs="?", help="folder of {prompt}-{i}.mp4 videos (sample.py's output)")
     p.add_argument("--out", default=None, help="results JSON (default VIDEO_DIR/evaluation.json)")
     p.add_argument("--name", default=None, help="model name in tables (default: the folder's name)")
-    p.add_argument("--metrics", default=None, help=f"comma list (default all): {', '.join([*VBENCH_QUALITY, *PROXIES])}")
+    p.add_argument("--metrics", default=None, help=f"comma list, default all: {', '.join([*VBENCH_QUALITY, *PROXIES])}")
     p.add_argument("--reward", action="append", default=[], help=f"also score each video with a reward.py reward "
                    f"({', '.join(REWARDS)}); repeatable")
     p.add_argument("--dino", default="facebook/dino-vitb16", help="DINO ViT-B/16: Hub id or folder")

@@ -92,8 +92,8 @@ def test_corrupt_and_empty_videos_are_reported_and_skipped(results):
 def test_summary_aggregates_as_vbench(results):
     v, s = results["videos"].values(), results["summary"]
     assert s["temporal_flickering"] == pytest.approx(sum(r["temporal_flickering"] for r in v) / 3)
-    frames = sum(r["frames"] - 1 for r in v)  # consistency: frame-weighted over all videos
-    assert s["subject_consistency"] == pytest.approx(sum(r["subject_consistency"] * (r["frames"] - 1) for r in v) / frames)
+    weighted = sum(r["subject_consistency"] * (r["frames"] - 1) for r in v)  # consistency: over all frames
+    assert s["subject_consistency"] == pytest.approx(weighted / sum(r["frames"] - 1 for r in v))
     assert "dynamic_degree" not in s and "motion_smoothness" not in s and "imaging_quality" not in s
     q = ((s["subject_consistency"] - 0.1462) / 0.8538 + (s["background_consistency"] - 0.2615) / 0.7385 +
          (s["temporal_flickering"] - 0.6293) / 0.3707 + s["aesthetic_quality"]) / 4
@@ -115,8 +115,8 @@ def test_consistency_formula_on_known_features():
 
 
 def test_preprocessing_matches_torchvision_sizes_and_crop_offsets():
-    frames = torch.arange(240 * 426, dtype=torch.float32).view(1, 240, 426, 1).expand(1, 240, 426, 3)
-    assert vbench_preprocess(frames.to(torch.uint8), 224, "bilinear", False, (0,) * 3, (1,) * 3).shape == (1, 3, 224, 397)
+    wide = torch.zeros(1, 240, 426, 3, dtype=torch.uint8)  # short side 224, long side int(224 * 426 / 240) = 397
+    assert vbench_preprocess(wide, 224, "bilinear", False, (0,) * 3, (1,) * 3).shape == (1, 3, 224, 397)
     tall = torch.zeros(2, 426, 240, 3, dtype=torch.uint8)
     assert vbench_preprocess(tall, 224, "bicubic", True, (0,) * 3, (1,) * 3).shape == (2, 3, 224, 224)
     # already 224 high: no resize; crop left offset int(round((397 - 224) / 2)) = 86 (Python rounds half to even)
