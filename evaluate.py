@@ -332,14 +332,16 @@ def columns(results: list[dict]) -> list[str]:
 
 
 def table(results: list[dict]) -> str:
-    """Markdown table; VBench dimensions and the quality score in percent as VBench reports them."""
+    """Markdown table; VBench dimensions and the quality score in percent as VBench reports them; * marks a number
+    that came from the official vbench package (--vbench)."""
     cols = columns(results)
     head = ["model"] + [LABELS.get(c, c) for c in cols if c in VBENCH_QUALITY] + ["Quality Score"] + \
            [LABELS.get(c, c) for c in cols if c not in VBENCH_QUALITY]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
-        s = r["summary"]
-        cell = lambda c, pct: "-" if s.get(c) is None else f"{100 * s[c]:.2f}" if pct else f"{s[c]:.4f}"
+        s, official = r["summary"], [c for c, src in r.get("sources", {}).items() if src == "vbench"]
+        cell = lambda c, pct: "-" if s.get(c) is None else f"{100 * s[c]:.2f}{'*' * (c in official)}" if pct \
+            else f"{s[c]:.4f}"
         q, n = quality_score(s)
         row = [r["name"]] + [cell(c, True) for c in cols if c in VBENCH_QUALITY]
         row += ["-" if q is None else f"{100 * q:.2f} ({n}/7 dims)"]

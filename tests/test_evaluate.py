@@ -152,7 +152,8 @@ def test_missing_model_skips_its_metric_with_one_line(tmp_path, capsys):
 def test_compare_table_and_plots(tmp_path, capsys):
     def fake(name, tf):
         return {"name": name, "summary": {"subject_consistency": 0.95, "temporal_flickering": tf,
-                                          "proxy_frame_motion": 0.1, "pixel.colorfulness": 0.2}}
+                                          "proxy_frame_motion": 0.1, "pixel.colorfulness": 0.2},
+                "sources": {"subject_consistency": "evaluate.py", "temporal_flickering": "vbench"}}
     paths = []
     for name, tf in (("base", 0.97), ("vpo", 0.99)):
         paths.append(str(tmp_path / f"{name}.json"))
@@ -161,7 +162,7 @@ def test_compare_table_and_plots(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == ("| model | Subject Consistency | Temporal Flickering | Quality Score | frame motion (proxy) "
                         "| pixel.colorfulness |")
-    assert lines[3].startswith("| vpo | 95.00 | 99.00 | ") and "(2/7 dims)" in lines[3]
+    assert lines[3].startswith("| vpo | 95.00 | 99.00* | ") and "(2/7 dims)" in lines[3]  # * from --vbench
     svg = ET.parse(tmp_path / "cmp.svg").getroot()
     assert len([e for e in svg.iter() if e.tag.endswith("rect") and e.find("{*}title") is not None]) == 6
 
