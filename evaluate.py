@@ -360,7 +360,7 @@ def chart(path: str, title: str, series: dict, xlabels: list[str] | None = None,
 
 
 def svg_chart(path, title, series, xlabels, vlines):
-    W, H, L, R, T, B = 760, 380, 60, 170, 40, 70
+    W, H, L, R, T, B = 840, 380, 60, 250, 40, 70
     bars = xlabels is not None
     ys = [v for vals in series.values() for v in vals if v is not None] if bars else \
          [y for pts in series.values() for _, y in pts]
@@ -399,8 +399,8 @@ def svg_chart(path, title, series, xlabels, vlines):
         out.append(f'<text x="{X(i + 0.5):.1f}" y="{H - B + 14}" text-anchor="end" '
                    f'transform="rotate(-20 {X(i + 0.5):.1f} {H - B + 14})">{esc(label)}</text>')
     if not bars:
-        out += [f'<text x="{X(x0 + (x1 - x0) * i / 4):.1f}" y="{H - B + 16}" text-anchor="middle">'
-                f'{x0 + (x1 - x0) * i / 4:.0f}</text>' for i in range(5)]
+        ticks = sorted({round(x0 + (x1 - x0) * i / 4) for i in range(5)})  # steps are integers
+        out += [f'<text x="{X(x):.1f}" y="{H - B + 16}" text-anchor="middle">{x}</text>' for x in ticks]
         out.append(f'<text x="{(L + W - R) / 2}" y="{H - B + 34}" text-anchor="middle">optimizer step</text>')
     with open(path, "w") as f:
         f.write("\n".join(out + ["</svg>"]) + "\n")
