@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from model import UserError
-from reward import CLIP_MEAN, CLIP_STD, REWARDS, AestheticReward, PixelReward, build_reward, vbench_preprocess
+from reward import (CLIP_MEAN, CLIP_STD, REWARDS, AestheticReward, PixelReward, build_reward, read_video,
+                    vbench_preprocess)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -44,22 +45,13 @@ FRAME_WEIGHTED = ("subject_consistency", "background_consistency")  # VBench: su
 # Videos
 
 
-def read_video(path: str) -> tuple[torch.Tensor, float]:
-    """Every frame of an mp4 as uint8 (T, H, W, 3) RGB through PyAV, and its frame rate. VBench decodes all frames
-    too, with decord (feature metrics) and OpenCV (pixel metrics): identical frames on sample.py's H.264 files."""
+def video_fps(path: str) -> float:
+    """The frame rate in the file's header (8 if it names none). Frames come from reward.read_video (PyAV, all of
+    them); VBench decodes with decord and OpenCV, which give identical frames on sample.py's H.264 files."""
     import av
-    import numpy as np
 
-    try:
-        with av.open(path) as container:
-            stream = container.streams.video[0]
-            fps = float(stream.average_rate or 0) or 8.0
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
-    except (av.error.FFmpegError, IndexError, ValueError) as e:
-        raise UserError(f"unreadable video ({type(e).__name__}: {getattr(e, 'strerror', None) or e})")
-    if not frames:
-        raise UserError("no frames")
-    return torch.from_numpy(np.stack(frames)), fps
+    with av.open(path) as f:
+        return float(f.streams.video[0].average_rate or 8)
 
 
 def prompt_of(file_name: str) -> str:
@@ -142,6 +134,7 @@ def temporal_flickering(frames: torch.Tensor) -> float:
     return PixelReward().score(frames[None], [""])["temporal_consistency"].item()
 
 
+@torch.no_grad()
 def aesthetic_quality(frames: torch.Tensor, aesthetic: AestheticReward) -> float:
     """vbench/aesthetic_quality.py: LAION aesthetic predictor / 10 on CLIP ViT-L/14, mean over frames (reward.py)."""
     return aesthetic.frame_scores(frames).mean().item()
@@ -267,17 +260,17 @@ def evaluate(video_dir: str, args) -> dict:
     for path in tqdm(paths, desc="evaluate", dynamic_ncols=True):
         name = os.path.basename(path)
         try:
-            frames, fps = read_video(path)
+            frames = read_video(path)
             if len(frames) < 2:
                 raise UserError("a single frame: the temporal metrics need two")
         except UserError as e:
             tqdm.write(f"skipping {name}: {e}")
             skipped[name] = str(e)
             continue
-        row = {"prompt": prompt_of(name), "frames": len(frames), "fps": fps}
+        row = {"prompt": prompt_of(name), "frames": len(frames), "fps": video_fps(path)}
         for m, fn in metrics.items():
             if only is None or row["prompt"] in only.get(PROXIES.get(m, m), ()):
-                row[m] = fn(frames, fps)
+                row[m] = fn(frames, row["fps"])
         for r_name, r in rewards.items():
             row.update({f"{r_name}.{d}": s.item() for d, s in r.score(frames[None], [row["prompt"]]).items()})
         videos[name] = row

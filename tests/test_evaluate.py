@@ -125,16 +125,19 @@ def test_preprocessing_matches_torchvision_sizes_and_crop_offsets():
     assert x[0, 0, 0, 0].item() == pytest.approx(86.0) and x[0, 0, 0, -1].item() == pytest.approx(86.0 + 223)
 
 
-def test_aesthetic_reward_is_the_frame_mean_and_loads_both_head_formats(tiny_models):
+def test_aesthetic_reward_is_the_frame_mean_differentiable_and_loads_both_head_formats(tiny_models):
     g = torch.Generator().manual_seed(1)
     video = torch.randint(0, 256, (1, 4, 40, 30, 3), dtype=torch.uint8, generator=g)
     kw = dict(clip=tiny_models["clip_l"], batch=3)
-    r = build_reward("aesthetic", head=tiny_models["head.pth"], **kw)
+    r = build_reward("aesthetic", path=tiny_models["head.pth"], **kw)  # train.py's --reward-path
     per_frame = torch.cat([r.score(video[:, t:t + 1], ["x"])["aesthetic"] for t in range(4)])
     assert r.score(video, ["x"])["aesthetic"].item() == pytest.approx(per_frame.mean().item(), abs=1e-5)
     assert per_frame.std() > 1e-3  # the frames do score differently: the mean is a real test
     r2 = AestheticReward(head=tiny_models["head.safetensors"], **kw)
     assert r2.score(video, ["x"])["aesthetic"].item() == pytest.approx(r.score(video, ["x"])["aesthetic"].item())
+    x = video.float().requires_grad_()  # ReFL: differentiable in the pixels, the reward itself frozen
+    r.score_float(x, ["x"])["aesthetic"].sum().backward()
+    assert x.grad.abs().sum() > 0 and not any(p.requires_grad for p in r.clip.parameters())
     with pytest.raises(UserError, match="sa_0_4_vit_l_14_linear.pth"):
         AestheticReward(head="/nonexistent/sa_0_4_vit_l_14_linear.pth", **kw)
 
