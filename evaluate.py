@@ -190,15 +190,16 @@ def build_metrics(args) -> dict:
         if m in not_ported:
             print(f"skipping {m}: needs {not_ported[m]}, not ported here (use --vbench)")
         elif m == "subject_consistency":
-            dino = try_load(m, lambda: load_dino(args.dino, args.device))
+            dino = try_load(m, lambda: load_dino(args.dino, args.device), "--dino")
             if dino:
                 metrics[m] = lambda f, fps: subject_consistency(f, dino)
         elif m == "background_consistency":
-            clip = try_load(m, lambda: load_clip(args.clip, args.device))
+            clip = try_load(m, lambda: load_clip(args.clip, args.device), "--clip")
             if clip:
                 metrics[m] = lambda f, fps: background_consistency(f, clip)
         elif m == "aesthetic_quality":
-            aes = try_load(m, lambda: AestheticReward(args.device, clip=args.aesthetic_clip, head=args.aesthetic_head))
+            aes = try_load(m, lambda: AestheticReward(args.device, clip=args.aesthetic_clip, head=args.aesthetic_head),
+                           "--aesthetic-clip / --aesthetic-head")
             if aes:
                 metrics[m] = lambda f, fps: aesthetic_quality(f, aes)
         elif m == "temporal_flickering":
@@ -210,12 +211,14 @@ def build_metrics(args) -> dict:
     return metrics
 
 
-def try_load(what: str, loader):
+def try_load(what: str, loader, flags: str = ""):
     """A model id or path that does not load (not downloaded, offline, wrong file) skips `what` with one line."""
     try:
         return loader()
     except (OSError, ValueError, RuntimeError, UserError) as e:
-        print(f"skipping {what}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"skipping {what}: {type(e).__name__}: {reason}" + (f" (a local copy can be given with {flags})"
+                                                                   if flags else ""))
 
 
 def load_full_info(path: str) -> dict[str, set]:
