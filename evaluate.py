@@ -254,10 +254,12 @@ def evaluate(video_dir: str, args) -> dict:
         raise UserError("--vbench needs the official package: pip install vbench (see github.com/Vchitect/VBench)")
     only = load_full_info(args.full_info) if args.full_info else None
     metrics = build_metrics(args)
-    unknown = [name for name in args.reward if name not in REWARDS]
+    specs = dict(spec.partition("=")[::2] for spec in args.reward)  # NAME or NAME=PATH (train.py's --reward-path)
+    unknown = [name for name in specs if name not in REWARDS]
     if unknown:
         raise UserError(f"unknown reward {unknown[0]!r}; choose one of {', '.join(REWARDS)}")
-    rewards = {name: try_load(f"reward {name}", lambda: build_reward(name, device=args.device)) for name in args.reward}
+    rewards = {name: try_load(f"reward {name}", lambda: build_reward(name, device=args.device, path=path or None))
+               for name, path in specs.items()}
     rewards = {name: r for name, r in rewards.items() if r is not None}
     videos, skipped = {}, {}
     for path in tqdm(paths, desc="evaluate", dynamic_ncols=True):
@@ -484,8 +486,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="results JSON (default VIDEO_DIR/evaluation.json)")
     p.add_argument("--name", default=None, help="model name in tables (default: the folder's name)")
     p.add_argument("--metrics", default=None, help=f"comma list, default all: {', '.join([*VBENCH_QUALITY, *PROXIES])}")
-    p.add_argument("--reward", action="append", default=[], help=f"also score each video with a reward.py reward "
-                   f"({', '.join(REWARDS)}); repeatable")
+    p.add_argument("--reward", action="append", default=[], metavar="NAME[=PATH]", help="also score each video "
+                   f"with a reward.py reward ({', '.join(REWARDS)}), its weights at PATH if given; repeatable")
     p.add_argument("--dino", default="facebook/dino-vitb16", help="DINO ViT-B/16: Hub id or folder")
     p.add_argument("--clip", default="openai/clip-vit-base-patch32", help="CLIP ViT-B/32 (background consistency)")
     p.add_argument("--aesthetic-clip", default="openai/clip-vit-large-patch14", help="CLIP ViT-L/14 (aesthetic)")

@@ -145,9 +145,10 @@ def test_aesthetic_reward_is_the_frame_mean_differentiable_and_loads_both_head_f
 def test_missing_model_skips_its_metric_with_one_line(tmp_path, capsys):
     synthetic_videos(tmp_path / "v")
     evaluate.main([str(tmp_path / "v"), "--dino", str(tmp_path / "no-dino"), "--metrics",
-                   "subject_consistency,temporal_flickering,dynamic_degree"])
+                   "subject_consistency,temporal_flickering,dynamic_degree", "--reward", "aesthetic=/no/head.pth"])
     out = capsys.readouterr().out
     assert out.count("skipping subject_consistency:") == 1 and "skipping dynamic_degree: needs RAFT" in out
+    assert "skipping reward aesthetic: UserError: LAION aesthetic head /no/head.pth not found" in out
     res = json.loads((tmp_path / "v" / "evaluation.json").read_text())
     assert list(res["summary"]) == ["temporal_flickering"]
 
