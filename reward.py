@@ -363,6 +363,87 @@ REWARDS["videoscore-v1.1"] = functools.partial(VideoScore, hub_id="TIGER-Lab/Vid
 
 
 # ----------------------------------------------------------------------------------------------------------
+# LAION aesthetic predictor V1 on CLIP ViT-L/14, as VBench's aesthetic quality; VBench's frame preprocessing in
+# torch (evaluate.py uses it for its DINO / CLIP metrics too).
+
+
+def vbench_preprocess(frames: torch.Tensor, size: int, mode: str, crop: bool, mean, std) -> torch.Tensor:
+    """Frames (T, H, W, 3) on 0..255 -> normalised float (T, 3, h, w) as VBench's torchvision transforms do it on
+    float frames (vbench/utils.py clip_transform / dino_transform): Resize(size, antialias=False) sets the short side
+    to `size` and the long side to int(size * long / short); CenterCrop(size) cuts at int(round((H - size) / 2));
+    then /255 and Normalize. Tensor Resize is F.interpolate(align_corners=False) without clamping on floats."""
+    x = frames.permute(0, 3, 1, 2).float()
+    h, w = x.shape[-2:]
+    long = int(size * max(h, w) / min(h, w))
+    new = (size, long) if h <= w else (long, size)
+    if new != (h, w):  # torchvision returns the frames untouched when they already have the size
+        x = F.interpolate(x, size=new, mode=mode, align_corners=False, antialias=False)
+    if crop:
+        top, left = int(round((new[0] - size) / 2.0)), int(round((new[1] - size) / 2.0))
+        x = x[:, :, top:top + size, left:left + size]
+    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (mean, std))
+    return (x / 255.0 - mean) / std
+
+
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+class AestheticReward:
+    """`--reward aesthetic`: the LAION aesthetic predictor V1 on CLIP ViT-L/14, VBench's aesthetic quality
+    (vbench/aesthetic_quality.py): each frame -> bicubic short side 224 + center crop -> CLIP image embedding
+    (projected, 768-d) -> L2 normalised -> nn.Linear(768, 1) -> / 10 (LAION's 1..10 scale); a video scores the
+    mean over its frames. `head` (or `path`, train.py's --reward-path) is the published sa_0_4_vit_l_14_linear.pth
+    or a safetensors copy, by default VBench's cached one; `clip` a Hub id or folder."""
+
+    dims = ["aesthetic"]
+    default_dim = "aesthetic"
+    HEAD_URL = "https://github.com/LAION-AI/aesthetic-predictor/raw/main/sa_0_4_vit_l_14_linear.pth"
+
+    def __init__(self, device="cpu", clip: str = "openai/clip-vit-large-patch14", head: str | None = None,
+                 path: str | None = None, batch: int = 32, **_):
+        from transformers import CLIPVisionModelWithProjection
+
+        cache = os.environ.get("VBENCH_CACHE_DIR", os.path.expanduser("~/.cache/vbench"))
+        head = head or path or os.path.join(cache, "aesthetic_model", "emb_reader", "sa_0_4_vit_l_14_linear.pth")
+        if not os.path.isfile(head):
+            raise UserError(f"LAION aesthetic head {head} not found; download it: wget -O {head} {self.HEAD_URL}")
+        if head.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(head)
+        else:
+            state = torch.load(head, map_location="cpu", weights_only=True)
+        self.head = nn.Linear(768, 1)
+        self.head.load_state_dict(state)
+        self.clip = CLIPVisionModelWithProjection.from_pretrained(clip).eval()
+        for m in (self.clip, self.head):  # frozen: ReFL's gradients reach the policy only
+            m.requires_grad_(False).to(device)
+        self.device, self.batch = device, batch
+
+    def frame_scores(self, frames: torch.Tensor) -> torch.Tensor:
+        """Frames (T, H, W, 3) on 0..255 -> (T,) aesthetic score / 10 on the device, `batch` frames per forward as
+        VBench (32); differentiable in float frames."""
+        out = []
+        for i in range(0, len(frames), self.batch):
+            x = vbench_preprocess(frames[i:i + self.batch].to(self.device), 224, "bicubic", True, CLIP_MEAN, CLIP_STD)
+            emb = self.clip(pixel_values=x).image_embeds.float()
+            out.append(self.head(F.normalize(emb, dim=-1)).squeeze(-1) / 10)
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def score(self, videos: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+        check_videos(videos, prompts)
+        return {k: v.cpu() for k, v in self.score_float(videos, prompts).items()}
+
+    def score_float(self, x: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Differentiable (ReFL): float videos (B, T, H, W, 3) on 0..255."""
+        return {"aesthetic": torch.stack([self.frame_scores(v).mean() for v in x])}
+
+
+REWARDS["aesthetic"] = AestheticReward
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Reward agreement with human choices (paper Table 2): for groups of candidate videos of one prompt with a
 # human-chosen best, where does the reward rank that best one? MRR and Recall@k over groups.
 

@@ -1,0 +1,538 @@
+"""VBench-style metrics and reward scores over a folder of videos written by sample.py; before/after tables; plots.
+
+    python evaluate.py samples/base                          # -> samples/base/evaluation.json
+    python evaluate.py samples/vpo --reward videoscore        # plus any reward.py reward, per video
+    python evaluate.py --compare samples/base/evaluation.json samples/vpo/evaluation.json --plot compare.svg
+    python evaluate.py --run runs/vpo                         # reward curve of a training run (paper Fig. 5)
+    python evaluate.py samples/vpo --vbench custom            # also hand the folder to the official vbench package
+
+Faithful to Vchitect/VBench (its models, preprocessing, formulas and aggregation): subject consistency, background
+consistency, temporal flickering, aesthetic quality. VBench's dynamic degree, motion smoothness and imaging quality
+need RAFT, AMT and MUSIQ, which are not ported: two weight-free proxies stand in for the first two and are named
+as proxies; imaging quality comes only from --vbench.
+"""
+import argparse
+import glob
+import importlib.util
+import json
+import math
+import os
+import re
+import sys
+import types
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from model import UserError
+from reward import (CLIP_MEAN, CLIP_STD, REWARDS, AestheticReward, PixelReward, build_reward, read_video,
+                    vbench_preprocess)
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+# VBench's quality dimensions in its order; (Min, Max, weight) from scripts/constant.py (NORMALIZE_DIC, DIM_WEIGHT)
+VBENCH_QUALITY = {"subject_consistency": (0.1462, 1.0, 1.0), "background_consistency": (0.2615, 1.0, 1.0),
+                  "temporal_flickering": (0.6293, 1.0, 1.0), "motion_smoothness": (0.706, 0.9975, 1.0),
+                  "dynamic_degree": (0.0, 1.0, 0.5), "aesthetic_quality": (0.0, 1.0, 1.0),
+                  "imaging_quality": (0.0, 1.0, 1.0)}
+# Weight-free stand-ins, never reported under VBench's names; the VBench dimension whose prompts they use.
+PROXIES = {"proxy_interp_smoothness": "motion_smoothness", "proxy_frame_motion": "dynamic_degree"}
+FRAME_WEIGHTED = ("subject_consistency", "background_consistency")  # VBench: sum over all frames / frame count
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Videos
+
+
+def video_fps(path: str) -> float:
+    """The frame rate in the file's header (8 if it names none). Frames come from reward.read_video (PyAV, all of
+    them); VBench decodes with decord and OpenCV, which give identical frames on sample.py's H.264 files."""
+    import av
+
+    with av.open(path) as f:
+        return float(f.streams.video[0].average_rate or 8)
+
+
+def prompt_of(file_name: str) -> str:
+    """vbench/utils.py get_prompt_from_filename: '{prompt}-{i}.mp4' -> prompt."""
+    return re.sub(r"-\d+$", "", os.path.splitext(file_name)[0])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Feature models through transformers
+
+
+def dino_pos_embed(self, embeddings: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """DINO's own position-embedding interpolation (facebookresearch/dino vision_transformer.py): bicubic with
+    scale_factor (n + 0.1) / sqrt(N). transformers' ViT asks for size=(n, m) instead, which samples other points."""
+    N = self.position_embeddings.shape[1] - 1
+    n_h, n_w = height // self.patch_size, width // self.patch_size
+    if n_h * n_w == N and height == width:
+        return self.position_embeddings
+    side, dim = int(math.sqrt(N)), self.position_embeddings.shape[-1]
+    grid = self.position_embeddings[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, scale_factor=((n_h + 0.1) / side, (n_w + 0.1) / side), mode="bicubic")
+    return torch.cat([self.position_embeddings[:, :1], grid.permute(0, 2, 3, 1).reshape(1, -1, dim)], dim=1)
+
+
+def load_dino(path: str, device: str):
+    """DINO ViT-B/16 as torch.hub's dino_vitb16: [CLS] after the final LayerNorm, whose eps is 1e-6 in DINO."""
+    from transformers import ViTModel
+
+    model = ViTModel.from_pretrained(path, add_pooling_layer=False, layer_norm_eps=1e-6).eval().to(device)
+    model.embeddings.interpolate_pos_encoding = types.MethodType(dino_pos_embed, model.embeddings)
+    return model
+
+
+def load_clip(path: str, device: str):
+    from transformers import CLIPVisionModelWithProjection
+
+    return CLIPVisionModelWithProjection.from_pretrained(path).eval().to(device)
+
+
+@torch.no_grad()
+def features(frames: torch.Tensor, fn, batch: int = 16) -> torch.Tensor:
+    return torch.cat([fn(frames[i:i + batch]).float().cpu() for i in range(0, len(frames), batch)])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Metrics: one function each, uint8 (T, H, W, 3) frames in, one number per video out
+
+
+def consistency(feats: torch.Tensor) -> float:
+    """VBench's frame-feature consistency (vbench/subject_consistency.py, background_consistency.py): frame i >= 1
+    scores the mean of its cosine similarities to the previous and to the first frame, each clipped at 0; the video
+    scores the mean over its T - 1 frames."""
+    f = F.normalize(feats.float(), dim=-1)
+    to_prev = (f[1:] * f[:-1]).sum(-1).clamp(min=0)
+    to_first = (f[1:] * f[:1]).sum(-1).clamp(min=0)
+    return ((to_prev + to_first) / 2).mean().item()
+
+
+def subject_consistency(frames: torch.Tensor, dino) -> float:
+    """vbench/subject_consistency.py: DINO ViT-B/16 [CLS] of every frame, bilinear short side 224 (no crop,
+    antialias off), ImageNet normalisation; then consistency()."""
+    def cls(x):
+        x = vbench_preprocess(x.to(dino.device), 224, "bilinear", False, IMAGENET_MEAN, IMAGENET_STD)
+        return dino(pixel_values=x, interpolate_pos_encoding=True).last_hidden_state[:, 0]
+    return consistency(features(frames, cls))
+
+
+def background_consistency(frames: torch.Tensor, clip) -> float:
+    """vbench/background_consistency.py: CLIP ViT-B/32 image embedding (projected) of every frame, bicubic short side
+    224 + center crop 224, CLIP normalisation; then consistency()."""
+    def embed(x):
+        x = vbench_preprocess(x.to(clip.device), 224, "bicubic", True, CLIP_MEAN, CLIP_STD)
+        return clip(pixel_values=x).image_embeds
+    return consistency(features(frames, embed))
+
+
+def temporal_flickering(frames: torch.Tensor) -> float:
+    """vbench/temporal_flickering.py: (255 - mean_i mean|F_{i+1} - F_i|) / 255 on the raw frames; the formula of
+    PixelReward's temporal_consistency. VBench applies it to videos its RAFT static filter kept; not done here."""
+    return PixelReward().score(frames[None], [""])["temporal_consistency"].item()
+
+
+@torch.no_grad()
+def aesthetic_quality(frames: torch.Tensor, aesthetic: AestheticReward) -> float:
+    """vbench/aesthetic_quality.py: LAION aesthetic predictor / 10 on CLIP ViT-L/14, mean over frames (reward.py)."""
+    return aesthetic.frame_scores(frames).mean().item()
+
+
+def proxy_interp_smoothness(frames: torch.Tensor) -> float | None:
+    """PROXY for motion smoothness (vbench/motion_smoothness.py), which predicts every odd frame from its two even
+    neighbours with the AMT-S interpolation network and scores (255 - mean|odd - predicted|) / 255. Here the
+    prediction is the linear blend of the neighbours: no network, so it measures how close to linear the change is."""
+    even, odd = frames[0::2].float(), frames[1::2].float()
+    if len(even) < 2:
+        return None
+    diff = (odd[:len(even) - 1] - (even[:-1] + even[1:]) / 2).abs().mean()
+    return ((255 - diff) / 255).item()
+
+
+def proxy_frame_motion(frames: torch.Tensor, fps: float) -> float | None:
+    """PROXY for dynamic degree (vbench/dynamic_degree.py), which takes frames every round(fps / 8), runs RAFT on
+    each pair, averages the top 5% flow magnitudes and calls a video dynamic if enough pairs pass a threshold. Here:
+    the same frames and top 5%, of the absolute pixel change / 255 instead of the flow, averaged over pairs; 0 for a
+    still video. A magnitude, not VBench's fraction of dynamic videos."""
+    x = frames[::max(1, round(fps / 8))].float().mean(-1).flatten(1)
+    if len(x) < 2:
+        return None
+    d = (x[1:] - x[:-1]).abs()
+    return (d.topk(max(1, int(d.shape[1] * 0.05)), dim=1).values.mean() / 255).item()
+
+
+def quality_score(summary: dict) -> tuple[float | None, int]:
+    """scripts/cal_final_score.py: (x - Min) / (Max - Min) * weight summed over the quality dimensions, divided by
+    the summed weights (6.5 for all seven); here over the dimensions present. Returns (score, dimensions used)."""
+    dims = [d for d in VBENCH_QUALITY if summary.get(d) is not None]
+    if not dims:
+        return None, 0
+    norm = lambda d: (summary[d] - VBENCH_QUALITY[d][0]) / (VBENCH_QUALITY[d][1] - VBENCH_QUALITY[d][0])
+    return sum(norm(d) * VBENCH_QUALITY[d][2] for d in dims) / sum(VBENCH_QUALITY[d][2] for d in dims), len(dims)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A folder of videos -> one results dict
+
+
+def build_metrics(args) -> dict:
+    """metric name -> fn(frames, fps); a model that cannot be loaded skips its metric with one line."""
+    wanted = args.metrics.split(",") if args.metrics else [*VBENCH_QUALITY, *PROXIES]
+    unknown = set(wanted) - set(VBENCH_QUALITY) - set(PROXIES)
+    if unknown:
+        raise UserError(f"unknown metric(s) {', '.join(sorted(unknown))}; choose from "
+                        f"{', '.join([*VBENCH_QUALITY, *PROXIES])}")
+    not_ported = {"motion_smoothness": "AMT-S", "dynamic_degree": "RAFT", "imaging_quality": "MUSIQ"}
+    metrics = {}
+    for m in wanted:
+        if m in not_ported:
+            print(f"skipping {m}: needs {not_ported[m]}, not ported here (use --vbench)")
+        elif m == "subject_consistency":
+            dino = try_load(m, lambda: load_dino(args.dino, args.device), "--dino")
+            if dino:
+                metrics[m] = lambda f, fps: subject_consistency(f, dino)
+        elif m == "background_consistency":
+            clip = try_load(m, lambda: load_clip(args.clip, args.device), "--clip")
+            if clip:
+                metrics[m] = lambda f, fps: background_consistency(f, clip)
+        elif m == "aesthetic_quality":
+            aes = try_load(m, lambda: AestheticReward(args.device, clip=args.aesthetic_clip, head=args.aesthetic_head),
+                           "--aesthetic-clip / --aesthetic-head")
+            if aes:
+                metrics[m] = lambda f, fps: aesthetic_quality(f, aes)
+        elif m == "temporal_flickering":
+            metrics[m] = lambda f, fps: temporal_flickering(f)
+        elif m == "proxy_interp_smoothness":
+            metrics[m] = lambda f, fps: proxy_interp_smoothness(f)
+        else:
+            metrics[m] = proxy_frame_motion
+    return metrics
+
+
+def try_load(what: str, loader, flags: str = ""):
+    """A model id or path that does not load (not downloaded, offline, wrong file) skips `what` with one line."""
+    try:
+        return loader()
+    except (OSError, ValueError, RuntimeError, UserError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"skipping {what}: {type(e).__name__}: {reason}" + (f" (a local copy can be given with {flags})"
+                                                                   if flags else ""))
+
+
+def load_full_info(path: str) -> dict[str, set]:
+    """VBench_full_info.json -> dimension -> its prompts (VBench's standard mode scores each dimension on its own
+    prompt list; without this file every video counts for every dimension, as VBench's custom_input mode)."""
+    if not os.path.isfile(path):
+        raise UserError(f"--full-info {path!r} not found (it is vbench/VBench_full_info.json in the VBench repo)")
+    dims = {}
+    for item in json.load(open(path, encoding="utf-8")):
+        for d in item["dimension"]:
+            dims.setdefault(d, set()).add(item["prompt_en"])
+    return dims
+
+
+def summarise(videos: dict) -> dict:
+    """Per-dimension aggregate as VBench: frame-weighted for the two consistency metrics, else mean over videos."""
+    keys = dict.fromkeys(k for row in videos.values() for k in row if k not in ("prompt", "frames", "fps"))
+    summary = {}
+    for k in keys:
+        rows = [r for r in videos.values() if r.get(k) is not None]
+        w = [r["frames"] - 1 if k in FRAME_WEIGHTED else 1 for r in rows]
+        summary[k] = sum(r[k] * wi for r, wi in zip(rows, w)) / sum(w)
+    return summary
+
+
+def evaluate(video_dir: str, args) -> dict:
+    if not os.path.isdir(video_dir):
+        raise UserError(f"{video_dir!r} is not a folder")
+    paths = sorted(glob.glob(os.path.join(video_dir, "*.mp4")))
+    if not paths:
+        raise UserError(f"no .mp4 files in {video_dir!r}")
+    if args.vbench and importlib.util.find_spec("vbench") is None:
+        raise UserError("--vbench needs the official package: pip install vbench (see github.com/Vchitect/VBench)")
+    only = load_full_info(args.full_info) if args.full_info else None
+    metrics = build_metrics(args)
+    specs = dict(spec.partition("=")[::2] for spec in args.reward)  # NAME or NAME=PATH (train.py's --reward-path)
+    unknown = [name for name in specs if name not in REWARDS]
+    if unknown:
+        raise UserError(f"unknown reward {unknown[0]!r}; choose one of {', '.join(REWARDS)}")
+    rewards = {name: try_load(f"reward {name}", lambda: build_reward(name, device=args.device, path=path or None))
+               for name, path in specs.items()}
+    rewards = {name: r for name, r in rewards.items() if r is not None}
+    videos, skipped = {}, {}
+    for path in tqdm(paths, desc="evaluate", dynamic_ncols=True):
+        name = os.path.basename(path)
+        try:
+            frames = read_video(path)
+            if len(frames) < 2:
+                raise UserError("a single frame: the temporal metrics need two")
+        except UserError as e:
+            tqdm.write(f"skipping {name}: {e}")
+            skipped[name] = str(e)
+            continue
+        row = {"prompt": prompt_of(name), "frames": len(frames), "fps": video_fps(path)}
+        for m, fn in metrics.items():
+            if only is None or row["prompt"] in only.get(PROXIES.get(m, m), ()):
+                row[m] = fn(frames, row["fps"])
+        for r_name, r in rewards.items():
+            row.update({f"{r_name}.{d}": s.item() for d, s in r.score(frames[None], [row["prompt"]]).items()})
+        videos[name] = row
+    if not videos:
+        raise UserError(f"none of the {len(paths)} videos in {video_dir!r} could be read")
+    summary = summarise(videos)
+    result = {"name": args.name or os.path.basename(os.path.normpath(video_dir)), "video_dir": video_dir,
+              "summary": summary, "sources": dict.fromkeys(summary, "evaluate.py"), "videos": videos,
+              "skipped": skipped, "full_info": args.full_info,
+              "models": {"dino": args.dino, "clip": args.clip, "aesthetic_clip": args.aesthetic_clip,
+                         "aesthetic_head": args.aesthetic_head}}
+    if args.vbench:
+        out_dir = os.path.join(video_dir, "vbench_results")
+        try:
+            official = run_official_vbench(video_dir, args.vbench, args.vbench_dims, out_dir, args.device)
+            result["vbench"] = {"mode": args.vbench, "results": official, "output": out_dir}
+            for d, v in official.items():  # fill in what evaluate.py does not compute faithfully
+                if d not in summary:
+                    summary[d], result["sources"][d] = v, "vbench"
+        except Exception as e:  # its models, downloads and dependencies are its own: keep our results
+            print(f"skipping --vbench: the vbench package failed ({type(e).__name__}: {e})")
+    result["quality_score"], result["quality_dims"] = quality_score(summary)
+    return result
+
+
+def run_official_vbench(video_dir: str, mode: str, dims: str | None, out_dir: str, device: str) -> dict:
+    """Hand the folder to the official vbench package (pip install vbench; its weights in $VBENCH_CACHE_DIR):
+    'standard' scores VBench's own prompt suite ({prompt}-{0..4}.mp4) on all its dimensions, 'custom' any prompts on
+    the seven quality dimensions. Returns {dimension: score}."""
+    import vbench
+
+    dims = dims.split(",") if dims else None if mode == "standard" else list(VBENCH_QUALITY)
+    full_info = os.path.join(os.path.dirname(vbench.__file__), "VBench_full_info.json")
+    vbench.VBench(device, full_info, out_dir).evaluate(videos_path=video_dir, name="vbench", dimension_list=dims,
+                                                       local=True, mode="vbench_standard" if mode == "standard"
+                                                       else "custom_input")
+    with open(os.path.join(out_dir, "vbench_eval_results.json")) as f:
+        return {d: v[0] for d, v in json.load(f).items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tables (the paper's Table 3 layout: a row per model, a column per dimension) and plots
+
+LABELS = {d: d.replace("_", " ").title() for d in VBENCH_QUALITY}
+LABELS.update(proxy_interp_smoothness="interp. smoothness (proxy)", proxy_frame_motion="frame motion (proxy)")
+
+
+def columns(results: list[dict]) -> list[str]:
+    present = dict.fromkeys(k for r in results for k in r["summary"])
+    return ([d for d in VBENCH_QUALITY if d in present] + [p for p in PROXIES if p in present] +
+            [k for k in present if k not in VBENCH_QUALITY and k not in PROXIES])
+
+
+def table(results: list[dict]) -> str:
+    """Markdown table; VBench dimensions and the quality score in percent as VBench reports them; * marks a number
+    that came from the official vbench package (--vbench)."""
+    cols = columns(results)
+    head = ["model"] + [LABELS.get(c, c) for c in cols if c in VBENCH_QUALITY] + ["Quality Score"] + \
+           [LABELS.get(c, c) for c in cols if c not in VBENCH_QUALITY]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        s, official = r["summary"], [c for c, src in r.get("sources", {}).items() if src == "vbench"]
+        cell = lambda c, pct: "-" if s.get(c) is None else f"{100 * s[c]:.2f}{'*' * (c in official)}" if pct \
+            else f"{s[c]:.4f}"
+        q, n = quality_score(s)
+        row = [r["name"]] + [cell(c, True) for c in cols if c in VBENCH_QUALITY]
+        row += ["-" if q is None else f"{100 * q:.2f} ({n}/7 dims)"]
+        row += [cell(c, False) for c in cols if c not in VBENCH_QUALITY]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]
+
+
+def chart(path: str, title: str, series: dict, xlabels: list[str] | None = None, vlines=()):
+    """Lines (series name -> [(x, y)], dashed vertical lines at `vlines`) or, given `xlabels`, grouped bars (series
+    name -> [y or None per label]); SVG written by hand, or PNG through matplotlib when `path` ends with .png."""
+    (png_chart if path.lower().endswith(".png") else svg_chart)(path, title, series, xlabels, vlines)
+
+
+def svg_chart(path, title, series, xlabels, vlines):
+    W, H, L, R, T, B = 840, 380, 60, 250, 40, 70
+    bars = xlabels is not None
+    ys = [v for vals in series.values() for v in vals if v is not None] if bars else \
+         [y for pts in series.values() for _, y in pts]
+    lo, hi = (min(ys + [0.0]), max(ys + [0.0])) if bars else (min(ys), max(ys))
+    pad = 0.05 * (hi - lo) or 0.5
+    lo, hi = (lo if bars and lo == 0 else lo - pad), hi + pad
+    xs = [x for pts in series.values() for x, _ in pts] + list(vlines) if not bars else [0, len(xlabels)]
+    x0, x1 = min(xs), max(max(xs), min(xs) + 1)
+    X = lambda x: L + (x - x0) / (x1 - x0) * (W - L - R)
+    Y = lambda y: T + (hi - y) / (hi - lo) * (H - T - B)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="11">',
+           f'<rect width="{W}" height="{H}" fill="white"/><text x="{L}" y="22" font-size="13">{esc(title)}</text>',
+           f'<line x1="{L}" y1="{H - B}" x2="{W - R}" y2="{H - B}" stroke="black"/>',
+           f'<line x1="{L}" y1="{T}" x2="{L}" y2="{H - B}" stroke="black"/>']
+    for i in range(5):  # y grid
+        y = lo + (hi - lo) * i / 4
+        out.append(f'<line x1="{L}" y1="{Y(y):.1f}" x2="{W - R}" y2="{Y(y):.1f}" stroke="#eee"/>'
+                   f'<text x="{L - 6}" y="{Y(y) + 4:.1f}" text-anchor="end">{y:.3g}</text>')
+    for v in vlines:  # reference updates
+        out.append(f'<line class="ref-update" x1="{X(v):.1f}" y1="{T}" x2="{X(v):.1f}" y2="{H - B}" '
+                   'stroke="gray" stroke-dasharray="4,3"/>')
+    for j, (name, vals) in enumerate(series.items()):
+        color = COLORS[j % len(COLORS)]
+        out.append(f'<rect x="{W - R + 12}" y="{T + 16 * j}" width="12" height="10" fill="{color}"/>'
+                   f'<text x="{W - R + 30}" y="{T + 16 * j + 9}">{esc(name)}</text>')  # legend
+        if not bars:
+            pts = " ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y in vals)
+            out.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{pts}"/>')
+            continue
+        w = 0.8 / len(series)
+        for i, v in enumerate(vals):
+            if v is not None:
+                out.append(f'<rect x="{X(i + 0.1 + j * w):.1f}" y="{Y(max(v, 0)):.1f}" width="{X(w) - X(0):.1f}" '
+                           f'height="{abs(Y(v) - Y(0)):.1f}" fill="{color}"><title>{esc(name)}: {v:.4f}</title></rect>')
+    for i, label in enumerate(xlabels or []):
+        out.append(f'<text x="{X(i + 0.5):.1f}" y="{H - B + 14}" text-anchor="end" '
+                   f'transform="rotate(-20 {X(i + 0.5):.1f} {H - B + 14})">{esc(label)}</text>')
+    if not bars:
+        ticks = sorted({round(x0 + (x1 - x0) * i / 4) for i in range(5)})  # steps are integers
+        out += [f'<text x="{X(x):.1f}" y="{H - B + 16}" text-anchor="middle">{x}</text>' for x in ticks]
+        out.append(f'<text x="{(L + W - R) / 2}" y="{H - B + 34}" text-anchor="middle">optimizer step</text>')
+    with open(path, "w") as f:
+        f.write("\n".join(out + ["</svg>"]) + "\n")
+
+
+def esc(s) -> str:
+    return str(s).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def png_chart(path, title, series, xlabels, vlines):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("a .png plot needs matplotlib (pip install matplotlib); or write .svg")
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for j, (name, vals) in enumerate(series.items()):
+        if xlabels is None:
+            ax.plot(*zip(*vals), label=name)
+        else:
+            w = 0.8 / len(series)
+            ax.bar([i + 0.1 + (j + 0.5) * w for i in range(len(vals))], [v or 0 for v in vals], w, label=name)
+    for v in vlines:
+        ax.axvline(v, color="gray", linestyle="--", linewidth=0.8)
+    if xlabels is None:
+        ax.set_xlabel("optimizer step")
+    else:
+        ax.set_xticks([i + 0.5 for i in range(len(xlabels))], xlabels, rotation=20, ha="right")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def plot_reward_curve(run_dir: str, path: str):
+    """Paper Fig. 5: mean / winner / loser reward of each optimizer step from train.py's metrics.jsonl; dashed lines
+    where the reference model was updated (every K steps)."""
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(metrics):
+        raise UserError(f"{metrics} not found: --run takes a train.py output folder")
+    rows = [json.loads(line) for line in open(metrics) if line.strip()]
+    if not rows:
+        raise UserError(f"{metrics} is empty")
+    args_path = os.path.join(run_dir, "args.json")
+    k = json.load(open(args_path)).get("k", "?") if os.path.isfile(args_path) else "?"
+    series = {label: [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+              for key, label in (("reward_mean", "mean of N"), ("reward_w", "winner"), ("reward_l", "loser"))}
+    series = {k: v for k, v in series.items() if v}
+    if not series:
+        raise UserError(f"{metrics} holds no reward values")
+    # train.py logs the cumulative count of reference updates (G_ref <- G_theta every K steps): mark where it grows
+    counts = [0] + [r["ref_updates"] for r in rows]
+    updates = [r["step"] for r, before in zip(rows, counts) if r["ref_updates"] > before]
+    title = f"reward ({rows[-1].get('reward_dim', '?')}); dashed: reference update (K = {k})"
+    chart(path, title, series, vlines=updates)
+    return updates
+
+
+def plot_comparison(results: list[dict], path: str):
+    cols = [c for c in columns(results) if "." not in c]  # VBench dimensions and proxies share the 0..1 scale
+    series = {r["name"]: [r["summary"].get(c) for c in cols] for r in results}
+    chart(path, "per-dimension comparison", series, xlabels=[LABELS.get(c, c) for c in cols])
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def load_results(path: str) -> dict:
+    try:
+        with open(path) as f:
+            r = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read results file {path!r} ({type(e).__name__})")
+    if not isinstance(r, dict) or "summary" not in r:
+        raise UserError(f"{path!r} is not an evaluate.py results file")
+    return r
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("video_dir", nargs="?", help="folder of {prompt}-{i}.mp4 videos (sample.py's output)")
+    p.add_argument("--out", default=None, help="results JSON (default VIDEO_DIR/evaluation.json)")
+    p.add_argument("--name", default=None, help="model name in tables (default: the folder's name)")
+    p.add_argument("--metrics", default=None, help=f"comma list, default all: {', '.join([*VBENCH_QUALITY, *PROXIES])}")
+    p.add_argument("--reward", action="append", default=[], metavar="NAME[=PATH]", help="also score each video "
+                   f"with a reward.py reward ({', '.join(REWARDS)}), its weights at PATH if given; repeatable")
+    p.add_argument("--dino", default="facebook/dino-vitb16", help="DINO ViT-B/16: Hub id or folder")
+    p.add_argument("--clip", default="openai/clip-vit-base-patch32", help="CLIP ViT-B/32 (background consistency)")
+    p.add_argument("--aesthetic-clip", default="openai/clip-vit-large-patch14", help="CLIP ViT-L/14 (aesthetic)")
+    p.add_argument("--aesthetic-head", default=None, help="sa_0_4_vit_l_14_linear.pth or .safetensors (default: "
+                   "VBench's cache, ~/.cache/vbench/aesthetic_model/emb_reader/)")
+    p.add_argument("--full-info", default=None, help="VBench_full_info.json: score each dimension only on its own "
+                   "VBench prompts (VBench's standard mode)")
+    p.add_argument("--vbench", choices=["standard", "custom"], default=None, help="also run the official vbench "
+                   "package: 'standard' (its prompt suite, all dimensions) or 'custom' (any prompts, quality dims)")
+    p.add_argument("--vbench-dims", default=None, help="comma list of dimensions for --vbench")
+    p.add_argument("--compare", nargs="+", default=None, metavar="RESULTS", help="print a table of results JSONs")
+    p.add_argument("--run", default=None, help="a train.py output folder: plot its reward curve")
+    p.add_argument("--plot", default=None, help="plot file (.svg, or .png with matplotlib)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        if sum(x is not None for x in (args.video_dir, args.compare, args.run)) != 1:
+            raise UserError("give exactly one of VIDEO_DIR, --compare RESULTS..., --run RUN_DIR")
+        if args.run:
+            path = args.plot or os.path.join(args.run, "reward_curve.svg")
+            updates = plot_reward_curve(args.run, path)
+            print(f"reward curve ({len(updates)} reference updates) -> {path}")
+            return
+        if args.compare:
+            results = [load_results(path) for path in args.compare]
+        else:
+            r = evaluate(args.video_dir, args)
+            out = args.out or os.path.join(args.video_dir, "evaluation.json")
+            with open(out, "w") as f:
+                json.dump(r, f, indent=1)
+            print(f"{len(r['videos'])} videos scored, {len(r['skipped'])} skipped; results -> {out}")
+            results = [r]
+        print(table(results))
+        if any(k in PROXIES for r in results for k in r["summary"]):
+            print("(proxy) columns are weight-free stand-ins, not VBench's motion smoothness / dynamic degree")
+        if args.plot:
+            plot_comparison(results, args.plot)
+            print(f"plot -> {args.plot}")
+    except UserError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
