@@ -398,7 +398,7 @@ def build_toy(size: str | None = None, frames: int | None = None, dit: str | Non
             raise UserError(f"toy weights: {folder}/model.safetensors not found; run `python toy.py` to make them")
         net = load_dit(folder)
     return VideoModel("toy", net, PixelSpace(), tiny_t5(toy.TOY_DIT["caption_channels"]), ByteTokenizer(),
-                      height, width, frames or toy.FRAMES, fps=toy.FPS, sample_steps=20, cfg=4.0, beta=500.0,
+                      height, width, frames or toy.FRAMES, fps=toy.FPS, sample_steps=10, cfg=4.0, beta=500.0,
                       max_length=toy.TOY_DIT["model_max_length"], aes=None, use_timestep_transform=False)
 
 

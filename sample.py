@@ -1,6 +1,6 @@
 """Generate videos from a base model or a fine-tuned checkpoint, written as mp4 with VBench's naming.
 
-    python sample.py --model tiny --prompts prompts/eval.txt --n 2 --out samples/
+    python sample.py --n 2 --strip strip.png --strip-scale 4     # the toy model: mp4s and a PNG of their frames
     python sample.py --model opensora --checkpoint runs/vpo/checkpoint-200 --prompts prompts/eval.txt --n 5
 Each prompt gives `{prompt}-{i}.mp4`, i = 0..n-1, the layout VBench's evaluation expects.
 """
@@ -107,7 +107,7 @@ def add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--frames", type=int, default=None, help="frames per video (opensora 51, cogvideox 49, wan 81, "
                    "toy/tiny 8)")
     p.add_argument("--sample-steps", type=int, default=None, help="sampling steps (opensora 30 as in the paper, "
-                   "cogvideox/wan 50, toy/tiny 20)")
+                   "cogvideox/wan 50, toy 10, tiny 20)")
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (opensora 7.0, "
                    "cogvideox 6.0, wan 5.0, toy/tiny 4.0)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

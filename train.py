@@ -1,7 +1,9 @@
-"""OnlineVPO training: Algorithm 1 of the paper as one loop.
+"""OnlineVPO training: Algorithm 1 of the paper as one loop, plus the paper's baselines.
 
     python train.py --model opensora --reward videoscore --n 4 --k 200     # the paper's setting
-    python train.py --steps 40 --batch-size 4 --k 20 --lr 1e-4             # the embedded tiny model, CPU
+    python train.py --steps 40 --batch-size 4 --k 20 --lr 1e-4             # the shipped toy model, CPU, minutes
+    python train.py --method offline                                        # Table 4d: offline DPO
+    python train.py --method refl                                           # Table 4c: ReFL
 
 For each prompt: sample N videos from the current policy, score them, take best vs worst, apply the
 Diffusion-DPO loss against the reference model; every K optimizer steps the reference becomes the policy.

@@ -84,3 +84,11 @@ def test_pretraining_smoke_run_writes_loadable_weights(tmp_path):
 def test_missing_toy_weights_name_the_command(tmp_path):
     with pytest.raises(UserError, match="python toy.py"):
         build_model("toy", dit=str(tmp_path / "nowhere"))
+
+
+def test_ablation_table_reports_mean_and_spread_over_seeds():
+    import ablate
+
+    table = ablate.summarise({"online-K5": [{"temporal_consistency": 0.9}, {"temporal_consistency": 0.8}]},
+                             ["temporal_consistency"])
+    assert table.splitlines()[-1] == "| online-K5 | 2 | 0.850 ± 0.071 |"
