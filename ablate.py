@@ -1,8 +1,8 @@
 """The paper's comparisons, replayed in the toy world (toy.py) on a CPU: online vs offline DPO (Table 4d),
 ReFL (Table 4c), the reference-update period K and the candidate count N (Table 5), over several seeds.
 
-    python ablate.py                                  # all runs below, 2 seeds: about an hour on 2 CPU cores
-    python ablate.py --runs online-K5 offline --seeds 0 1 2
+    python ablate.py                                  # all runs below, 2 seeds: about 35 min of 2 CPU cores
+    python ablate.py --runs online-K5 offline --seeds 2   # sweeps in parallel processes share --out
 
 Every run starts from the shipped toy weights and trains with the toy reward's temporal consistency (the
 paper's best dimension, Table 4b). Each final policy then samples every toy prompt with fixed seeds, and the

@@ -5,7 +5,7 @@ colour, the shape and the direction: "a red circle moving left". Everything a vi
 this world is computable from pixels (see reward.ToyReward), so the paper's comparisons (online vs offline,
 N, K, reward dimension) can be re-run in minutes before spending GPU-days.
 
-    python toy.py                  # pretrain the toy model (about 20 minutes on 2 CPU cores) -> toy/
+    python toy.py                  # pretrain the toy model (about 13 minutes on 2 CPU cores) -> toy/
     python toy.py --steps 5        # a smoke run
 
 The weights it writes ship in the repository (toy/model.safetensors), so `python train.py` starts from a
