@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 import dpo
-from model import UserError
+from model import MODELS, UserError
 from reward import REWARDS, build_reward, pick
 from sample import add_model_args, default_prompts, load_prompts, model_from_args, video_name, write_video
 
@@ -78,6 +78,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def check_args(args):
+    if args.model not in MODELS:  # names first: loading a reward or a model takes minutes
+        raise UserError(f"unknown model {args.model!r}; choose one of {', '.join(MODELS)}")
+    if args.reward not in REWARDS:
+        raise UserError(f"unknown reward {args.reward!r}; choose one of {', '.join(REWARDS)}")
     if args.n < 2 and args.method != "refl":
         raise UserError("--n must be at least 2: a preference pair needs two candidates")
     for name in ("batch_size", "sample_batch", "steps"):

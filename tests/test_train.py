@@ -107,3 +107,9 @@ def test_nan_losses_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path):
     assert "in a row had a NaN/inf loss" in r.stderr
     assert sorted(os.listdir(tmp_path)) == ["args.json", "checkpoint-1", "metrics.jsonl"]
     assert same(weights(tmp_path, 1), before)
+
+
+def test_an_unknown_model_is_named_before_the_default_reward_loads(tmp_path):
+    with pytest.raises(SystemExit) as e:  # --model sora9 would default to --reward videoscore, a 16 GB download
+        train.main(["--model", "sora9", "--out", str(tmp_path)])
+    assert str(e.value.code) == "error: unknown model 'sora9'; choose one of toy, opensora, cogvideox, wan, tiny"
