@@ -22,14 +22,9 @@ from transformers.models.idefics2.modeling_idefics2 import Idefics2PreTrainedMod
 from model import UserError, resolve
 
 
-class PixelReward:
-    """Weights-free, so the default run downloads nothing. Two dimensions computed from pixels alone:
-    - temporal_consistency: VBench's temporal flickering, (255 - mean_i mean|F_{i+1} - F_i|) / 255, in [0, 1];
-    - colorfulness: Hasler & Suesstrunk (2003), sigma_rgyb + 0.3 mu_rgyb, divided by 255, mean over frames.
-    Neither reads the prompt; they are a stand-in for a learned video reward on the tiny model."""
-
-    dims = ["temporal_consistency", "colorfulness"]
-    default_dim = "temporal_consistency"
+class FormulaReward:
+    """A weights-free reward written as a differentiable formula of the pixels: `score` is `score_float`
+    without gradients, on uint8 videos."""
 
     def __init__(self, device="cpu", **_):
         self.device = device
@@ -38,6 +33,16 @@ class PixelReward:
     def score(self, videos: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
         check_videos(videos, prompts)
         return {k: v.cpu() for k, v in self.score_float(videos.to(self.device).float(), prompts).items()}
+
+
+class PixelReward(FormulaReward):
+    """Weights-free, so the default run downloads nothing. Two dimensions computed from pixels alone:
+    - temporal_consistency: VBench's temporal flickering, (255 - mean_i mean|F_{i+1} - F_i|) / 255, in [0, 1];
+    - colorfulness: Hasler & Suesstrunk (2003), sigma_rgyb + 0.3 mu_rgyb, divided by 255, mean over frames.
+    Neither reads the prompt; they are a stand-in for a learned video reward on the tiny model."""
+
+    dims = ["temporal_consistency", "colorfulness"]
+    default_dim = "temporal_consistency"
 
     def score_float(self, x: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Differentiable: float videos (B, T, H, W, 3) on 0..255, scores on x's device (ReFL, Table 4c)."""
@@ -54,7 +59,7 @@ class PixelReward:
         return {"temporal_consistency": flicker, "colorfulness": colorfulness}
 
 
-class ToyReward:
+class ToyReward(FormulaReward):
     """What the toy world (toy.py) can judge, with dimensions named after VideoScore's so the paper's Table 4b
     has a toy analogue. All five are in [0, 1] and differentiable in the pixels (ReFL uses them).
 
@@ -73,14 +78,6 @@ class ToyReward:
 
     dims = ["visual_quality", "temporal_consistency", "dynamic_degree", "color_alignment", "direction_alignment"]
     default_dim = "temporal_consistency"
-
-    def __init__(self, device="cpu", **_):
-        self.device = device
-
-    @torch.no_grad()
-    def score(self, videos: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
-        check_videos(videos, prompts)
-        return {k: v.cpu() for k, v in self.score_float(videos.to(self.device).float(), prompts).items()}
 
     def score_float(self, x: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Differentiable: float videos (B, T, H, W, 3) on 0..255."""
