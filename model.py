@@ -248,11 +248,9 @@ class VideoModel:
         was_training = net.training
         net.eval()
         ts = osr.sampling_timesteps(steps or self.sample_steps, self.transform)
-        cfg = self.cfg if cfg is None else cfg
-        if until is None:
-            z = osr.euler_cfg_sample(self._cfg_velocity(net, y_all, mask, kw), z, ts, cfg)
-        else:
-            z = osr.euler_cfg_sample(self._cfg_velocity(net, y_all, mask, kw), z, ts[:until], cfg, end=ts[until])
+        end = 0.0 if until is None else ts[until]  # ts[:None] is every step
+        z = osr.euler_cfg_sample(self._cfg_velocity(net, y_all, mask, kw), z, ts[:until],
+                                 self.cfg if cfg is None else cfg, end=end)
         net.train(was_training)
         return z if until is None else (z, ts[until])
 

@@ -1,7 +1,7 @@
 """OnlineVPO training: Algorithm 1 of the paper as one loop, plus the paper's baselines.
 
     python train.py --model opensora --reward videoscore --n 4 --k 200     # the paper's setting
-    python train.py --steps 40 --batch-size 4 --k 20 --lr 1e-4             # the shipped toy model, CPU, minutes
+    python train.py --steps 40 --batch-size 4 --k 20                        # the shipped toy model, CPU, minutes
     python train.py --method offline                                        # Table 4d: offline DPO
     python train.py --method refl                                           # Table 4c: ReFL
 
@@ -159,14 +159,11 @@ def write_eval_samples(model, prompts: list[str], out: str, step: int, seed: int
 
 
 # ----------------------------------------------------------------------------------------------------------
-
-
-# ----------------------------------------------------------------------------------------------------------
 # One prompt batch of each method: online and offline DPO share dpo_backward; ReFL is its own loss.
 
 def online_pairs(model, reward, dim, prompts, counters, args, log, times) -> list | None:
     """Alg. 1 lines 4-6: sample N videos per prompt from the current policy, score them, pick best vs worst.
-    One (prompt, winner latents, loser latents, reward gap) per prompt, None for a tie; None if a sample is
+    One (prompt, winner latents, loser latents) per prompt, None for a tie; None if a sample is
     NaN/inf (a broken policy: NaN videos would all tie, silently)."""
     batch = [prompt_at(prompts, args.seed, c) for c in counters]
     seeds = [s for c in counters for s in candidate_seeds(args.seed, c, args.n)]
@@ -193,7 +190,7 @@ def online_pairs(model, reward, dim, prompts, counters, args, log, times) -> lis
         log["reward_l"].append(scores[i, l].item())
         log["gap"].append((scores[i, w] - scores[i, l]).item())
         # the sampled latents themselves: no VAE re-encode
-        found.append((prompt, latents[i * args.n + w].cpu(), latents[i * args.n + l].cpu()))
+        found.append((prompt, latents[i * args.n + w], latents[i * args.n + l]))
     return found
 
 
@@ -219,7 +216,7 @@ def dpo_backward(model, ref, beta, found, args, log) -> tuple[int, bool]:
     return P, finite
 
 
-def collect_offline_pairs(model, reward, dim, prompts, args) -> list:
+def collect_offline_pairs(model, reward, dim, prompts, args, state_step: int = 0) -> list:
     """Table 4d, Diffusion-DPO style: --offline-pairs prompts sampled ONCE with the initial policy and scored
     by the same reward, best vs worst kept (ties as None); cached to OUT/offline_pairs.pt so a resumed run
     trains on the same pairs. Training then cycles through them with a fixed reference."""
@@ -228,14 +225,17 @@ def collect_offline_pairs(model, reward, dim, prompts, args) -> list:
         cached = torch.load(path, weights_only=True)
         if cached["prompts_file"] == args.prompts and len(cached["pairs"]) == args.offline_pairs:
             return cached["pairs"]
-    pairs, log, times = [], {k: [] for k in ("reward_mean", "reward_w", "reward_l", "gap")}, {}
-    times.update(sample=0.0, decode=0.0, reward=0.0)
+    if state_step:  # the pairs must come from the initial policy, which a resumed run no longer has
+        raise UserError(f"--method offline: {path} is missing or was made with other --prompts/--offline-pairs; "
+                        "resume with the flags the run started with")
+    pairs, times = [], dict.fromkeys(("sample", "decode", "reward"), 0.0)
+    log = {key: [] for key in ("reward_mean", "reward_w", "reward_l", "gap")}
     for first in tqdm(range(0, args.offline_pairs, args.sample_batch), desc="collecting offline pairs"):
         counters = list(range(first, min(first + args.sample_batch, args.offline_pairs)))
         found = online_pairs(model, reward, dim, prompts, counters, args, log, times)
         if found is None:
             raise UserError("the initial policy sampled NaN/inf latents: cannot collect offline pairs")
-        pairs += found
+        pairs += [None if p is None else (p[0], p[1].cpu(), p[2].cpu()) for p in found]  # cached on disk
     if all(pair is None for pair in pairs):
         raise UserError(f"all {len(pairs)} offline prompts gave ties (equal rewards): no pairs to train on")
     tmp = path + ".tmp"
@@ -322,12 +322,14 @@ def train(args) -> dict:
         with open(os.path.join(args.out, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=1)
 
-    offline = collect_offline_pairs(model, reward, dim, prompts, args) if args.method == "offline" else None
+    offline = None
+    if args.method == "offline":
+        offline = collect_offline_pairs(model, reward, dim, prompts, args, state["step"])
     bar = tqdm(total=args.steps, initial=state["step"], desc=METHOD_NAMES[args.method], dynamic_ncols=True)
     model.dit.train()
     while state["step"] < args.steps:
         times = dict.fromkeys(("sample", "decode", "reward", "train"), 0.0)
-        log = {k: [] for k in ("loss", "accuracy", "margin", "kl", "reward_mean", "reward_w", "reward_l", "gap")}
+        log = {key: [] for key in ("loss", "accuracy", "margin", "kl", "reward_mean", "reward_w", "reward_l", "gap")}
         pairs, finite = 0, True
         opt.zero_grad(set_to_none=True)
         for first in range(0, args.batch_size, args.sample_batch):

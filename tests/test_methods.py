@@ -41,6 +41,10 @@ def test_offline_samples_only_while_collecting_then_never_again(tmp_path, monkey
     train.main(FAST + ["--reward", "pixel", "--method", "offline", "--offline-pairs", "3", "--steps", "6",
                        "--out", str(tmp_path), "--resume"])
     assert calls == []
+    with pytest.raises(SystemExit) as e:  # other pairs would have to come from a trained policy: refused
+        train.main(FAST + ["--reward", "pixel", "--method", "offline", "--offline-pairs", "5", "--steps", "8",
+                           "--out", str(tmp_path), "--resume"])
+    assert "resume with the flags the run started with" in str(e.value.code) and calls == []
 
 
 class LinearReward:

@@ -52,3 +52,18 @@ def test_sample_cli_writes_n_videos_per_prompt(tmp_path):
                  "--sample-steps", "2", "--out", str(tmp_path / "out")])
     assert sorted(os.listdir(tmp_path / "out")) == ["a blue cube-0.mp4", "a blue cube-1.mp4", "a red ball-0.mp4",
                                                    "a red ball-1.mp4"]
+
+
+def test_frame_strip_png_holds_every_frame(tmp_path):
+    import struct
+    import zlib
+
+    videos = torch.randint(0, 256, (2, 3, 4, 5, 3), dtype=torch.uint8)
+    strip = sample.frame_strip(videos, scale=2, gap=1)
+    assert strip.shape == (2 * 9, 3 * 11, 3)  # rows: 2 videos of 2*4+1; columns: 3 frames of 2*5+1
+    assert torch.equal(strip[:8, 11:21], videos[0, 1].repeat_interleave(2, 0).repeat_interleave(2, 1))
+    sample.write_png(str(tmp_path / "s.png"), strip)
+    data = (tmp_path / "s.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", data[16:24]) == (33, 18)
+    rows = zlib.decompress(data[data.index(b"IDAT") + 4:-16])
+    assert rows == b"".join(b"\x00" + row.numpy().tobytes() for row in strip)
