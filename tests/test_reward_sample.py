@@ -48,8 +48,8 @@ def test_mp4_round_trip_and_vbench_names(tmp_path):
 
 def test_sample_cli_writes_n_videos_per_prompt(tmp_path):
     (tmp_path / "p.txt").write_text("a red ball\na blue cube\n")
-    sample.main(["--model", "tiny", "--prompts", str(tmp_path / "p.txt"), "--n", "2", "--size", "16x16", "--frames", "4",
-                 "--sample-steps", "2", "--out", str(tmp_path / "out")])
+    sample.main(["--model", "tiny", "--prompts", str(tmp_path / "p.txt"), "--n", "2", "--size", "16x16",
+                 "--frames", "4", "--sample-steps", "2", "--out", str(tmp_path / "out")])
     assert sorted(os.listdir(tmp_path / "out")) == ["a blue cube-0.mp4", "a blue cube-1.mp4", "a red ball-0.mp4",
                                                    "a red ball-1.mp4"]
 
