@@ -178,10 +178,13 @@ class DiffusersVideoModel:
         encoder can be moved off the accelerator once the prompts are known."""
         todo = [p for p in dict.fromkeys(prompts) if p not in self._cache]
         if todo:
+            if self.text_encoder is None:
+                raise UserError(f"prompt {todo[0]!r} was not encoded before the text encoder was freed "
+                                "(--text-encoder-offload free); use --text-encoder-offload cpu")
             y, mask = self.embed(todo)
-            for p, yi, mi in zip(todo, y.float().cpu(), mask.cpu()):
+            for p, yi, mi in zip(todo, y.cpu(), mask.cpu()):  # kept in the encoder's dtype (bf16 on GPUs)
                 self._cache[p] = (yi, mi)
-        y = torch.stack([self._cache[p][0] for p in prompts]).to(self.device)
+        y = torch.stack([self._cache[p][0] for p in prompts]).float().to(self.device)
         mask = torch.stack([self._cache[p][1] for p in prompts]).to(self.device)
         return y, mask
 
@@ -237,9 +240,9 @@ class DiffusersVideoModel:
         else:
             self.dit.disable_gradient_checkpointing()
 
-    def frozen_copy(self) -> nn.Module:
-        """The reference network G_ref: a frozen copy of the policy."""
-        return copy.deepcopy(self.dit).requires_grad_(False).eval()
+    def frozen_copy(self, dtype: torch.dtype | None = None) -> nn.Module:
+        """The reference network G_ref: a frozen copy of the policy, optionally stored in `dtype` (bf16 halves it)."""
+        return copy.deepcopy(self.dit).requires_grad_(False).eval().to(dtype)
 
     def save_weights(self, folder: str, net: nn.Module | None = None, file: str = "model.safetensors"):
         """The transformer in diffusers format (save_pretrained: config.json + diffusion_pytorch_model.safetensors)
@@ -301,7 +304,7 @@ class CogVideoX(DiffusersVideoModel):
                                        temporal_size=latent_frames, device=self.device)
 
     def predict(self, net: nn.Module, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        rope = self.rotary(z.shape[2]) if net.config.use_rotary_positional_embeddings else None
+        rope = self.rotary(z.shape[2]) if self.dit.config.use_rotary_positional_embeddings else None
         out = net(hidden_states=z.transpose(1, 2), encoder_hidden_states=y, timestep=t, image_rotary_emb=rope,
                   return_dict=False)[0]
         return out.transpose(1, 2)

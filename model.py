@@ -201,15 +201,23 @@ class VideoModel:
         """T5 features (B, 1, L, C) and mask (B, L); each prompt is encoded once and cached on the CPU."""
         todo = [p for p in dict.fromkeys(prompts) if p not in self._cache]
         if todo:
+            if self.text_encoder is None:
+                raise UserError(f"prompt {todo[0]!r} was not encoded before the text encoder was freed "
+                                "(--text-encoder-offload free); use --text-encoder-offload cpu")
             texts = [opensora_prompt(p, self.aes) if self.aes is not None else p.lower() for p in todo]
             ids, mask = self.tokenizer(texts, self.max_length)
             dev = next(self.text_encoder.parameters()).device
             y = self.text_encoder(input_ids=ids.to(dev), attention_mask=mask.to(dev)).last_hidden_state
-            for p, yi, mi in zip(todo, y.float().cpu(), mask):
-                self._cache[p] = (yi, mi)
-        y = torch.stack([self._cache[p][0] for p in prompts])[:, None].to(self.device)
-        mask = torch.stack([self._cache[p][1] for p in prompts]).to(self.device)
-        return y, mask
+            # cached without the padding: STDiT3 masks padded tokens out of cross-attention, so zeros read back
+            # in their place give the same output, and a 300-token T5-XXL row shrinks to the prompt's length
+            for p, yi, mi in zip(todo, y.cpu(), mask):
+                self._cache[p] = (yi[: int(mi.sum())].clone(), int(mi.sum()))
+        y = torch.zeros(len(prompts), self.max_length, self._cache[prompts[0]][0].shape[-1])
+        mask = torch.zeros(len(prompts), self.max_length, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            y[i, : self._cache[p][1]] = self._cache[p][0].float()
+            mask[i, : self._cache[p][1]] = 1
+        return y[:, None].to(self.device), mask.to(self.device)
 
     def model_kwargs(self, b: int) -> dict:
         full = lambda v: torch.full((b,), float(v), device=self.device)
@@ -225,13 +233,14 @@ class VideoModel:
         """[cond; null] text features for both CFG halves, the shared mask, and the size kwargs."""
         y, mask = self.encode_prompts(prompts)
         y, mask = y.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
-        y_all = torch.cat([y, net.y_embedder.y_embedding[None, None].to(y).expand_as(y)])  # [cond; null]
+        null = getattr(net, "module", net).y_embedder.y_embedding  # (a DDP wrapper holds the net as .module)
+        y_all = torch.cat([y, null[None, None].to(y).expand_as(y)])  # [cond; null]
         return y_all, mask, self.model_kwargs(2 * y.shape[0])
 
     def _cfg_velocity(self, net, y_all, mask, kw):
         def velocity(z_in, t_in):
             with self.autocast():
-                return net(z_in, t_in, y_all, mask=mask, **kw)[:, : net.in_channels].float()
+                return net(z_in, t_in, y_all, mask=mask, **kw)[:, : self.dit.in_channels].float()
         return velocity
 
     @torch.no_grad()
@@ -294,16 +303,16 @@ class VideoModel:
         non-batch dims, fp32. Captions are never dropped here (Open-Sora would drop them in train mode)."""
         x_t = osr.add_noise(x0, noise, t)
         with self.autocast():
-            v = net(x_t, t, y, mask=mask, **self.model_kwargs(x0.shape[0]))[:, : net.in_channels]
+            v = net(x_t, t, y, mask=mask, **self.model_kwargs(x0.shape[0]))[:, : self.dit.in_channels]
         return (v.float() - osr.velocity_target(x0, noise).float()).pow(2).flatten(1).mean(1)
 
     # --- memory and weights
     def set_grad_checkpointing(self, on: bool):
         self.dit.grad_checkpointing = on
 
-    def frozen_copy(self) -> nn.Module:
-        """The reference network G_ref: a frozen copy of the policy."""
-        return copy.deepcopy(self.dit).requires_grad_(False).eval()
+    def frozen_copy(self, dtype: torch.dtype | None = None) -> nn.Module:
+        """The reference network G_ref: a frozen copy of the policy, optionally stored in `dtype` (bf16 halves it)."""
+        return copy.deepcopy(self.dit).requires_grad_(False).eval().to(dtype)
 
     def save_weights(self, folder: str, net: nn.Module | None = None, file: str = "model.safetensors"):
         """DiT weights as safetensors plus config.json: the layout of hpcai-tech/OpenSora-STDiT-v3, so a

@@ -329,7 +329,9 @@ class STDiT3(nn.Module):
         # unpatchify: (B, T*H*W, pt*ph*pw*C) -> (B, C, T*pt, H*ph, W*pw), then crop the padding
         x = x.view(B, T, H, W, pt, ph, pw, self.out_channels)
         x = x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(B, self.out_channels, T * pt, H * ph, W * pw)
-        return x[:, :, :Tx, :Hx, :Wx].float()
+        if (T * pt, H * ph, W * pw) != (Tx, Hx, Wx):  # crop only when padded: FSDP2 warns about returned views
+            x = x[:, :, :Tx, :Hx, :Wx]
+        return x.float()
 
     def _run(self, block, *args):
         if self.grad_checkpointing and torch.is_grad_enabled():

@@ -1,0 +1,162 @@
+"""Many GPUs (or CPU processes) with torchrun: data parallel OnlineVPO.
+
+    torchrun --nproc_per_node 8 train.py --model opensora --reward videoscore --n 4 --k 200           # DDP
+    torchrun --nproc_per_node 8 train.py --model wan --fsdp ...                                       # FSDP2
+
+Each rank owns an equal share of every optimizer step's prompts, samples and scores its own N candidates and
+computes the DPO loss on its own pairs; only gradients are reduced (DDP all-reduce, or FSDP2 reduce-scatter).
+Policy and reference start identical on every rank and the reference is updated at the same step everywhere,
+so they stay identical. The one rule that keeps the collectives matched: every rank makes the SAME number of
+network calls per step (train.py runs a zero-weight placeholder pair where a rank has only ties).
+On CPU the gloo backend runs the same code (CI runs two processes).
+"""
+import contextlib
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+
+WORLD = int(os.environ.get("WORLD_SIZE", "1"))
+RANK = int(os.environ.get("RANK", "0"))
+LOCAL_RANK = int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def setup(device: str) -> str:
+    """Join the process group torchrun made (nccl on GPUs, gloo on CPU); returns this rank's device."""
+    if WORLD == 1:
+        return device
+    cuda = str(device).startswith("cuda")
+    if cuda:
+        device = f"cuda:{LOCAL_RANK}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return device
+
+
+def shutdown():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_main() -> bool:
+    return RANK == 0
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_true(flag: bool, device) -> bool:
+    """True on every rank iff True on all: a NaN anywhere skips the step everywhere."""
+    if WORLD == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def total(value: int, device) -> int:
+    if WORLD == 1:
+        return value
+    t = torch.tensor([value], device=device)
+    dist.all_reduce(t)
+    return int(t.item())
+
+
+def gather(obj) -> list:
+    """Every rank's Python object, in rank order (metrics, offline pairs)."""
+    if WORLD == 1:
+        return [obj]
+    out = [None] * WORLD
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Wrapping: DDP for models that fit on one GPU, FSDP2 (fully_shard) for those that do not
+
+
+def block_lists(net: nn.Module) -> list[nn.Module]:
+    """The transformer blocks: every entry of the network's top-level ModuleLists (STDiT3's spatial_blocks and
+    temporal_blocks, CogVideoX's transformer_blocks, Wan's blocks). Each becomes one FSDP2 unit."""
+    return [block for child in net.children() if isinstance(child, nn.ModuleList) for block in child]
+
+
+def shard(net: nn.Module, dtype: torch.dtype):
+    """FSDP2: parameters sharded across ranks and all-gathered one block at a time. With bf16 compute the gathered
+    weights are bf16 (half the traffic) and gradients are reduced in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32)
+    for block in block_lists(net):
+        fully_shard(block, mp_policy=mp)
+    fully_shard(net, mp_policy=mp)
+
+
+def wrap(model, fsdp: bool) -> nn.Module:
+    """The module the DPO / ReFL loss calls with gradients. DDP wraps model.dit (sampling keeps calling the bare
+    network: no gradients, nothing to sync); FSDP2 shards model.dit in place, so every call goes through it."""
+    if fsdp:
+        shard(model.dit, model.dtype)
+        return model.dit
+    if WORLD == 1:
+        return model.dit
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [model.device.index] if model.device.type == "cuda" else None
+    return DistributedDataParallel(model.dit, device_ids=ids)  # broadcasts rank 0's weights
+
+
+def plain_class(net: nn.Module) -> type:
+    """The network's own class (fully_shard swaps in a subclass FSDP<class>)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(net).__mro__ if not issubclass(c, FSDPModule))
+
+
+@contextlib.contextmanager
+def gradient_sync(net: nn.Module, on: bool):
+    """Accumulate over a step's micro-batches locally; reduce once, on the last backward."""
+    if isinstance(net, nn.parallel.DistributedDataParallel) and not on:
+        with net.no_sync():
+            yield
+        return
+    if hasattr(net, "set_requires_gradient_sync"):  # FSDP2
+        net.set_requires_gradient_sync(on)
+    yield
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints: full (unsharded) state dicts, so a checkpoint made with 8 GPUs resumes on 1 and vice versa
+
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def savable(net: nn.Module) -> nn.Module | None:
+    """A module whose state_dict is the whole network, for save_weights: the network itself, or for an FSDP2-sharded
+    one a plain CPU twin built on rank 0 from the gathered weights (collective: every rank calls it; others get
+    None)."""
+    if not hasattr(net, "reshard"):
+        return net
+    state = get_model_state_dict(net, options=FULL)
+    if not is_main():
+        return None
+    cls = plain_class(net)
+    with torch.device("meta"):
+        twin = cls.from_config(net.config) if hasattr(cls, "from_config") else cls(**net.config)
+    twin.load_state_dict(state, assign=True)
+    return twin
+
+
+def optimizer_state(net: nn.Module, opt: torch.optim.Optimizer) -> dict:
+    """Optimizer state keyed by parameter names, unsharded (the same file whatever the number of ranks)."""
+    return get_optimizer_state_dict(net, opt, options=FULL)
+
+
+def load_optimizer_state(net: nn.Module, opt: torch.optim.Optimizer, state: dict):
+    set_optimizer_state_dict(net, opt, state, options=StateDictOptions(full_state_dict=True))

@@ -1,0 +1,141 @@
+"""torchrun with two CPU processes (gloo): DDP and FSDP2 keep every rank's policy and reference identical, compute
+the gradients one process would, and resume from a checkpoint exactly."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN = ["--model", "tiny", "--reward", "pixel", "--steps", "4", "--batch-size", "4", "--k", "3", "--save-every", "2"]
+
+# train.py as torchrun runs it, plus a dump of every rank's own (gathered) policy and reference at each checkpoint:
+# only rank 0 writes checkpoints, and the point is to compare the ranks
+DRIVER = """
+import os, sys, torch
+sys.path.insert(0, {repo!r})
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+import parallel, train
+
+save = train.save_checkpoint
+
+def save_and_dump(out, model, ref, opt, state, args):
+    path = save(out, model, ref, opt, state, args)
+    full = lambda net: {{k: v.detach().cpu().clone()
+                        for k, v in get_model_state_dict(net, options=StateDictOptions(full_state_dict=True)).items()}}
+    dump = {{"policy": full(model.dit), "ref": full(ref)}}
+    torch.save(dump, os.path.join(out, f"rank{{parallel.RANK}}-step{{state['step']}}.pt"))
+    return path
+
+train.save_checkpoint = save_and_dump
+train.main()
+"""
+
+
+def torchrun(tmp_path, *args):
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER.format(repo=REPO))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver), *args]
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def metrics(folder) -> list[dict]:
+    with open(os.path.join(folder, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def same_ranks(folder, step: int):
+    a, b = (torch.load(os.path.join(folder, f"rank{r}-step{step}.pt")) for r in (0, 1))
+    for net in ("policy", "ref"):
+        assert a[net].keys() == b[net].keys()
+        for key in a[net]:
+            assert torch.equal(a[net][key], b[net][key]), (net, key)
+
+
+def same_weights(a, b, atol: float = 0.0):
+    for file in ("model.safetensors", "ref.safetensors"):
+        wa, wb = load_file(os.path.join(a, file)), load_file(os.path.join(b, file))
+        assert wa.keys() == wb.keys()
+        for key in wa:
+            torch.testing.assert_close(wa[key], wb[key], atol=atol, rtol=0, msg=f"{file} {key}")
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    torchrun(tmp, *RUN, "--out", str(tmp / "run"))
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    import train
+
+    out = tmp_path_factory.mktemp("one") / "run"
+    train.train(train.parse_args([*RUN, "--out", str(out)]))
+    return out
+
+
+def test_ddp_ranks_hold_identical_policy_and_reference(ddp_run):
+    for step in (2, 4):
+        same_ranks(ddp_run / "run", step)
+    state = json.loads((ddp_run / "run" / "checkpoint-4" / "state.json").read_text())
+    assert state["ref_updates"] == 1 and state["prompts_seen"] == 16  # 4 steps x a global batch of 4 prompts
+
+
+def test_ddp_gradients_equal_one_process(ddp_run, one_process):
+    """The two ranks' prompts together are the one process's batch: same losses, same gradient norms."""
+    two, one = metrics(ddp_run / "run"), metrics(one_process)
+    assert [r["pairs"] for r in two] == [r["pairs"] for r in one] == [4] * 4
+    for a, b in zip(two, one):
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+        assert a["reward_mean"] == pytest.approx(b["reward_mean"], rel=1e-5)
+    same_weights(ddp_run / "run" / "checkpoint-4", one_process / "checkpoint-4", atol=2e-5)
+
+
+def test_ddp_resume_equals_uninterrupted(ddp_run, tmp_path):
+    shutil.copytree(ddp_run / "run", tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / "checkpoint-4")
+    torchrun(tmp_path, *RUN, "--out", str(tmp_path / "run"), "--resume")
+    same_weights(tmp_path / "run" / "checkpoint-4", ddp_run / "run" / "checkpoint-4")
+    assert [r["step"] for r in metrics(tmp_path / "run")] == [1, 2, 3, 4]
+    assert [r["grad_norm"] for r in metrics(tmp_path / "run")] == [r["grad_norm"] for r in metrics(ddp_run / "run")]
+
+
+def test_fsdp_resumes_a_ddp_checkpoint_and_itself(ddp_run, tmp_path):
+    """FSDP2 shards policy and reference; its checkpoints are the same full files: it resumes DDP's checkpoint-2,
+    its ranks stay identical, it follows DDP's run, and its own checkpoint resumes exactly."""
+    shutil.copytree(ddp_run / "run", tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / "checkpoint-4")
+    fsdp = [*RUN[:-1], "1", "--fsdp", "--out", str(tmp_path / "run")]  # a checkpoint every step
+    torchrun(tmp_path, *fsdp, "--resume")
+    same_ranks(tmp_path / "run", 4)
+    for a, b in zip(metrics(tmp_path / "run"), metrics(ddp_run / "run")):
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    same_weights(tmp_path / "run" / "checkpoint-4", ddp_run / "run" / "checkpoint-4", atol=2e-5)
+
+    shutil.copytree(tmp_path / "run", tmp_path / "again")
+    shutil.rmtree(tmp_path / "again" / "checkpoint-4")
+    torchrun(tmp_path, *fsdp[:-1], str(tmp_path / "again"), "--resume")
+    same_weights(tmp_path / "again" / "checkpoint-4", tmp_path / "run" / "checkpoint-4")
+
+
+def test_batch_must_split_evenly_across_ranks(tmp_path):
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER.format(repo=REPO))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver),
+           *RUN[:6], "--batch-size", "3", "--out", str(tmp_path / "run")]
+    out = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode != 0
+    assert "error: --batch-size 3 must be a multiple of the 2 processes" in out.stderr
+    assert not re.search(r"\[rank\d\]:.*Traceback", out.stderr)  # torchrun reports the exit; no worker traceback
