@@ -50,7 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reward-batch", type=int, default=4, help="videos per reward forward")
     p.add_argument("--reward-offload", action="store_true", help="keep the reward model on the CPU except while "
                    "it scores (frees its memory for sampling and training)")
-    p.add_argument("--n", type=int, default=4, help="candidates sampled per prompt (paper: 4)")
+    p.add_argument("-n", "--n", type=int, default=4, help="candidates sampled per prompt (paper: 4); under torchrun "
+                   "write -n: torchrun's own parser takes --n for an abbreviation of its --nnodes/--nproc-per-node")
     p.add_argument("--k", type=int, default=200, help="reference update every K optimizer steps; 0 = never "
                    "(paper: 200)")
     p.add_argument("--beta", type=float, default=None, help="DPO beta (default: the model's, see README)")

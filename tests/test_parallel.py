@@ -13,8 +13,9 @@ from safetensors.torch import load_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # --min-gap makes about half the prompts ties: a rank whose prompt tied must still join the step's collectives
-RUN = ["--model", "tiny", "--reward", "pixel", "--steps", "4", "--batch-size", "4", "--k", "3", "--min-gap", "0.004",
-       "--save-every", "2"]
+# (-n, not --n: torchrun's parser would read --n as an ambiguous abbreviation of its own options)
+RUN = ["--model", "tiny", "--reward", "pixel", "--steps", "4", "--batch-size", "4", "-n", "4", "--k", "3",
+       "--min-gap", "0.004", "--save-every", "2"]
 
 # train.py as torchrun runs it, plus a dump of every rank's own (gathered) policy and reference at each checkpoint:
 # only rank 0 writes checkpoints, and the point is to compare the ranks
