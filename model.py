@@ -362,8 +362,9 @@ def build_opensora(dit: str = DIT_ID, vae: str = VAE_ID, text_encoder: str = T5_
     """Open-Sora v1.2 as the paper fine-tunes it: 240p 9:16, 51 frames, 24 fps, 30 steps, cfg 7.0, aes 6.5."""
     height, width = size_for(resolution, aspect, size, 16)
     frames = frames or 51
-    if frames < 1:
-        raise UserError("--frames must be at least 1")
+    if frames < 1 or 1 < frames < 17:  # Open-Sora's timestep shift counts whole 17-frame chunks: 0 chunks -> 0/0
+        raise UserError(f"--frames {frames}: Open-Sora v1.2 takes 1 frame (an image) or at least 17 (it trained on "
+                        "51 / 102 ...)")
     net = load_dit(dit)
     ae = load_vae(vae)
     t5, tok = load_t5(text_encoder)

@@ -83,6 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "DPO forward")
     p.add_argument("--vae-micro-batch", type=int, default=None, help="frames per VAE spatial-decoder call "
                    "(opensora; Open-Sora's 4): lower decodes in more, smaller chunks")
+    p.add_argument("--split-pair", action="store_true", help="DPO forward/backward of winners and losers one after "
+                   "the other: half the activation memory for one extra no-grad forward (same gradient)")
     p.add_argument("--fsdp", action="store_true", help="shard policy and reference with FSDP2 (fully_shard) "
                    "instead of replicating them with DDP (models that do not fit on one GPU)")
     p.add_argument("--max-bad-steps", type=int, default=3, help="stop after this many NaN/inf steps in a row")
@@ -262,11 +264,12 @@ def online_pairs(model, reward, dim, prompts, counters, args, log, times) -> lis
     return found
 
 
-def dpo_backward(model, net, ref, beta, found, args, log, weight: float = 1.0) -> tuple[int, bool]:
+def dpo_backward(model, net, ref, beta, found, args, log, weight: float = 1.0, sync: bool = True) -> tuple[int, bool]:
     """Alg. 1 lines 7-8: the Diffusion-DPO loss on (counter, (prompt, winner, loser)) pairs; winner and loser
     share one noise and one t, drawn from (seed, counter). `net` is the policy as the gradients see it (DDP or
-    FSDP2). Gradients sum to the mean over the optimizer step's global batch: DDP and FSDP2 average over ranks,
-    hence the factor WORLD. weight=0 runs a placeholder that only keeps the ranks' collectives in step."""
+    FSDP2); `sync`: reduce gradients across ranks in this backward (the optimizer step's last one). Gradients sum
+    to the mean over the step's global batch: DDP and FSDP2 average over ranks, hence the factor WORLD.
+    weight=0 runs a placeholder that only keeps the ranks' collectives in step."""
     P = len(found)
     gens = [torch.Generator().manual_seed(args.seed * 104729 + c) for c, _ in found]
     chosen = [pair[0] for _, pair in found]
@@ -274,12 +277,25 @@ def dpo_backward(model, net, ref, beta, found, args, log, weight: float = 1.0) -
     noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(x0.device).repeat(2, 1, 1, 1, 1)
     t = torch.cat([model.training_timesteps(1, g) for g in gens]).repeat(2)
     y, mask = model.encode_prompts(chosen + chosen)
-    policy_err = model.errors(net, x0, noise, t, y, mask)
+    scale = weight * P * parallel.WORLD / args.batch_size
     with torch.no_grad(), borrowed(ref, model.device, args.ref_offload):
         ref_err = model.errors(ref, x0, noise, t, y, mask)
-    loss, m = dpo.diffusion_dpo_loss(policy_err[:P], policy_err[P:], ref_err[:P], ref_err[P:], beta)
-    # backward even for a NaN loss: the ranks stay in step, and the NaN gradient makes every rank skip the step
-    (loss * weight * P * parallel.WORLD / args.batch_size).backward()
+    # a NaN loss still runs backward: the ranks stay in step, and its NaN gradient skips the step on every rank
+    if not args.split_pair:
+        with parallel.gradient_sync(net, sync):
+            policy_err = model.errors(net, x0, noise, t, y, mask)
+            loss, m = dpo.diffusion_dpo_loss(policy_err[:P], policy_err[P:], ref_err[:P], ref_err[P:], beta)
+            (loss * scale).backward()
+    else:  # --split-pair: dL/de from a no-grad pass, then sum_i dL/de_i * de_i/dtheta, winners then losers
+        with torch.no_grad():
+            policy_err = model.errors(net, x0, noise, t, y, mask)
+        policy_err.requires_grad_(True)
+        loss, m = dpo.diffusion_dpo_loss(policy_err[:P], policy_err[P:], ref_err[:P], ref_err[P:], beta)
+        (coef,) = torch.autograd.grad(loss * scale, policy_err)
+        for half, last in ((slice(0, P), False), (slice(P, 2 * P), True)):
+            with parallel.gradient_sync(net, sync and last):
+                e = model.errors(net, x0[half], noise[half], t[half], y[half], mask[half])
+                (e * coef[half]).sum().backward()
     if weight == 0:
         return 0, True
     for key in ("loss", "accuracy", "margin", "kl"):
@@ -333,7 +349,7 @@ def collect_offline_pairs(model, reward, dim, prompts, args, state_step: int = 0
     return pairs
 
 
-def refl_backward(model, net, reward, dim, prompts, counters, args, log, times) -> bool:
+def refl_backward(model, net, reward, dim, prompts, counters, args, log, times, sync: bool = True) -> bool:
     """Table 4c, ReFL (ImageReward's reward feedback learning, applied to video): denoise without gradients
     to a random step among the last quarter of the sampling steps, take ONE guided step with gradients,
     jump to the predicted x0, decode (only --refl-latent-frames latent frames) and maximise the reward.
@@ -347,13 +363,14 @@ def refl_backward(model, net, reward, dim, prompts, counters, args, log, times) 
     z, t = model.sample(batch, 1, seeds, until=stop)
     times["sample"] += time.perf_counter() - tic
     tic = time.perf_counter()
-    x0 = model.predict_x0(net, z, t, batch)
-    videos = model.decode_float(x0, args.refl_latent_frames)
-    times["decode"] += time.perf_counter() - tic
-    tic = time.perf_counter()
-    r = pick(reward.score_float(videos, batch), dim).float()
-    loss = -r.mean()
-    (loss * len(batch) * parallel.WORLD / args.batch_size).backward()  # a NaN skips the step on every rank
+    with parallel.gradient_sync(net, sync):  # DDP: the forward and the backward inside
+        x0 = model.predict_x0(net, z, t, batch)
+        videos = model.decode_float(x0, args.refl_latent_frames)
+        times["decode"] += time.perf_counter() - tic
+        tic = time.perf_counter()
+        r = pick(reward.score_float(videos, batch), dim).float()
+        loss = -r.mean()
+        (loss * len(batch) * parallel.WORLD / args.batch_size).backward()  # a NaN skips the step on every rank
     times["reward"] += time.perf_counter() - tic
     log["loss"] += [loss.item()] * len(batch)
     log["reward_mean"] += r.tolist()
@@ -449,28 +466,27 @@ def train(args) -> dict:
         state["prompts_seen"] += args.batch_size
         for first in range(0, len(mine), args.sample_batch):
             counters = mine[first: first + args.sample_batch]
-            last = first + args.sample_batch >= len(mine)
-            with parallel.gradient_sync(net, last):  # reduce once, on the step's last backward
-                if args.method == "refl":
-                    finite = refl_backward(model, net, reward, dim, prompts, counters, args, log, times) and finite
-                    pairs += len(counters)
-                    continue
-                if args.method == "online":
-                    found = online_pairs(model, reward, dim, prompts, counters, args, log, times)
-                else:  # offline: the pairs collected once from the initial policy, never re-sampled
-                    found = [offline[c % len(offline)] for c in counters]
-                if found is None:  # NaN/inf samples from a broken policy
-                    finite, found = False, []
-                else:
-                    found = [(c, pair) for c, pair in zip(counters, found) if pair is not None]
-                    ties += len(counters) - len(found)
-                tic = time.perf_counter()
-                if found:
-                    P, ok = dpo_backward(model, net, ref, beta, found, args, log)
-                    pairs, finite = pairs + P, finite and ok
-                elif parallel.WORLD > 1:  # nothing to learn here, but the other ranks' collectives need us
-                    dpo_backward(model, net, ref, beta, placeholder(model, counters[0], prompts, args), args, log, 0.0)
-                times["train"] += time.perf_counter() - tic
+            last = first + args.sample_batch >= len(mine)  # gradients are reduced in the step's last backward
+            if args.method == "refl":
+                finite = refl_backward(model, net, reward, dim, prompts, counters, args, log, times, last) and finite
+                pairs += len(counters)
+                continue
+            if args.method == "online":
+                found = online_pairs(model, reward, dim, prompts, counters, args, log, times)
+            else:  # offline: the pairs collected once from the initial policy, never re-sampled
+                found = [offline[c % len(offline)] for c in counters]
+            if found is None:  # NaN/inf samples from a broken policy
+                finite, found = False, []
+            else:
+                found = [(c, pair) for c, pair in zip(counters, found) if pair is not None]
+                ties += len(counters) - len(found)
+            tic = time.perf_counter()
+            if found:
+                P, ok = dpo_backward(model, net, ref, beta, found, args, log, sync=last)
+                pairs, finite = pairs + P, finite and ok
+            elif parallel.WORLD > 1:  # nothing to learn here, but the other ranks' collectives need us
+                dpo_backward(model, net, ref, beta, placeholder(model, counters[0], prompts, args), args, log, 0.0, last)
+            times["train"] += time.perf_counter() - tic
 
         tic = time.perf_counter()
         finite = parallel.all_true(finite, model.device)

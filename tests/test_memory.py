@@ -80,3 +80,30 @@ def test_vae_micro_batch_needs_a_chunked_vae(tmp_path):
     with pytest.raises(SystemExit) as e:
         train.main(FAST + ["--vae-micro-batch", "2", "--out", str(tmp_path)])
     assert str(e.value.code) == "error: --vae-micro-batch applies to Open-Sora's VAE, not to model 'tiny'"
+
+
+def test_split_pair_gives_the_joint_gradient():
+    """--split-pair: winners then losers, each with its own backward, weighted by dL/de from a no-grad pass."""
+    import argparse
+
+    from model import build_model
+
+    model = build_model("tiny", size="16x16", frames=4).to("cpu")
+    ref = model.frozen_copy()
+    with torch.no_grad():  # a reference that differs from the policy, so the loss is not at its symmetric point
+        for p in ref.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(0)
+    found = [(c, (p, torch.randn(3, 4, 16, 16, generator=g), torch.randn(3, 4, 16, 16, generator=g)))
+             for c, p in enumerate(["a red ball", "a dog runs", "a cat"])]
+    grads = []
+    for split in (False, True):
+        args = argparse.Namespace(seed=0, batch_size=3, ref_offload=False, split_pair=split)
+        model.dit.zero_grad()
+        P, ok = train.dpo_backward(model, model.dit, ref, 500.0, found, args, {k: [] for k in
+                                   ("loss", "accuracy", "margin", "kl")})
+        assert P == 3 and ok
+        grads.append(torch.cat([p.grad.flatten() for p in model.dit.parameters() if p.grad is not None]))
+    top = grads[0].abs().max()
+    assert top > 0  # batch 3 vs batch 6 forwards: float rounding only
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-5 * top)

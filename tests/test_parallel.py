@@ -120,7 +120,8 @@ def test_fsdp_resumes_a_ddp_checkpoint_and_itself(ddp_run, tmp_path):
     its ranks stay identical, it follows DDP's run, and its own checkpoint resumes exactly."""
     shutil.copytree(ddp_run / "run", tmp_path / "run")
     shutil.rmtree(tmp_path / "run" / "checkpoint-4")
-    fsdp = [*RUN[:-1], "1", "--fsdp", "--out", str(tmp_path / "run")]  # a checkpoint every step
+    # a checkpoint every step; --split-pair: two backward passes per pair, the gradients reduced in the second
+    fsdp = [*RUN[:-1], "1", "--fsdp", "--split-pair", "--out", str(tmp_path / "run")]
     torchrun(tmp_path, *fsdp, "--resume")
     same_ranks(tmp_path / "run", 4)
     for a, b in zip(metrics(tmp_path / "run"), metrics(ddp_run / "run")):
