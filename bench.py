@@ -1,6 +1,6 @@
 """Scale and speed of one OnlineVPO step, with random weights (nothing is downloaded).
 
-    python bench.py                                   # CPU: tiny models, parts a-c, a few minutes
+    python bench.py                                   # CPU: tiny models, parts a-c, under a minute
     python bench.py --size full                       # GPU: Open-Sora v1.2 at its published size, all parts
     python bench.py --size full --parts d --steps 10  # GPU: only the MFU table, 10 sampling steps per point
 
@@ -22,7 +22,6 @@ import os
 import platform
 import re
 import resource
-import subprocess
 import sys
 import time
 
@@ -35,7 +34,7 @@ import opensora as osr
 import reward as rw
 from model import ByteTokenizer, UserError, VideoModel, tiny_t5
 
-PARTS = "abcd"
+PARTS = ("a", "b", "c", "d")
 PROMPTS = ["a red fox trotting through fresh snow in a pine forest at dawn",
            "waves crashing against black volcanic rocks under a stormy sky"]  # step, warm-up
 
@@ -102,14 +101,14 @@ class RandomVideoScore(rw.VideoScore):
         with building(device, dtype):
             self.net = rw.Idefics2ForSequenceClassification(cfg).eval().requires_grad_(False)
         self.n_latents, self.proc = cfg.perceiver_config.resampler_n_latents, proc
-        special = {rw.FAKE: cfg.image_token_id - 1, rw.IMAGE: cfg.image_token_id}
+        special = {rw.FAKE: cfg.image_token_id - 1, rw.IMAGE: cfg.image_token_id}  # text ids stay below both
         split = re.compile(f"({re.escape(rw.FAKE)}|{re.escape(rw.IMAGE)})")
 
         def tokenize(text: str) -> list[int]:
             ids = [1]  # BOS
             for piece in split.split(text):
                 ids += [special[piece]] if piece in special else \
-                    [3 + sum(piece[i:i + 4].encode()) % 31000 for i in range(0, len(piece), 4)]
+                    [3 + sum(piece[i:i + 4].encode()) % (special[rw.FAKE] - 3) for i in range(0, len(piece), 4)]
             return ids
 
         self.tokenize = tokenize
@@ -323,34 +322,27 @@ def mfu(model, ref, reward, opt, n: int, steps: int, peak_tflops: float) -> dict
 MEMORY_STEPS = 2  # peak memory does not depend on the number of sampling steps (no gradients while sampling)
 
 
-def gpu_peak_gb(run) -> float | str:
-    """Peak allocated memory of run() after a warm-up run (optimizer state, kernel workspaces); 'OOM' if either
-    runs out of memory, as Fig. 7 reports ReFL."""
+def gpu_peak(step) -> dict | str:
+    """Peak allocated GB (10^9 bytes) of step() after a warm-up step (optimizer state, kernel workspaces), and
+    what was allocated before it (weights, optimizer state, the reward); 'OOM' as Fig. 7 reports ReFL."""
     try:
-        run()
+        step()
         sync(torch.device("cuda"))
         torch.cuda.reset_peak_memory_stats()
-        run()
-        return torch.cuda.max_memory_allocated() / 1e9
+        before = torch.cuda.memory_allocated()
+        step()
+        return dict(peak=torch.cuda.max_memory_allocated() / 1e9, before=before / 1e9)
     except torch.cuda.OutOfMemoryError:
         return "OOM"
 
 
-def gpu_memory(model, ref, reward, opt, n: int, points: list) -> dict:
-    """b on a GPU, in this process: OnlineVPO at every point, then ReFL (the reference freed first)."""
-    out = {"OnlineVPO": {}, "ReFL": {}}
+def gpu_memory(model, opt, points: list, step) -> dict:
+    """b on a GPU, in this process: step() at every point."""
+    out = {}
     for point in points:
         set_point(model, point)
-        out["OnlineVPO"][point[0]] = gpu_peak_gb(
-            lambda: online_step(model, ref, reward, opt, n, MEMORY_STEPS, Clock(model.device)))
-        opt.zero_grad(set_to_none=True)
-        free_memory(model.device)
-    del ref  # ReFL keeps no reference copy
-    free_memory(model.device)
-    for point in points:
-        set_point(model, point)
-        out["ReFL"][point[0]] = gpu_peak_gb(lambda: refl_step(model, reward, opt, MEMORY_STEPS, Clock(model.device)))
-        opt.zero_grad(set_to_none=True)
+        out[point[0]] = gpu_peak(step)
+        opt.zero_grad(set_to_none=True)  # after an OOM too
         free_memory(model.device)
     return out
 
@@ -360,38 +352,59 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def child_memory(spec: dict) -> dict:
-    """b on a CPU, in a fresh process per (method, point): the step's peak resident memory over the process's
-    resident memory just before it (there is no allocator peak on a CPU)."""
-    model, reward, _ = build(spec["size"], "cpu", spec["reward"], spec["seed"])
-    set_point(model, parse_point(spec["point"]))
-    drop_text_encoder(model)
-    ref = make_reference(model) if spec["method"] == "OnlineVPO" else None
-    opt = adamw(model)
-    gc.collect()
-    before = rss_bytes()
-    tic = time.perf_counter()
-    if spec["method"] == "OnlineVPO":
-        online_step(model, ref, reward, opt, spec["n"], MEMORY_STEPS, Clock(model.device))
-    else:
-        refl_step(model, reward, opt, MEMORY_STEPS, Clock(model.device))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    return dict(mb=max(0, peak - before) / 1e6, seconds=time.perf_counter() - tic)
+WARM_POINT = "8x8:17"  # the smallest step: it faults in the code of every kernel and creates the AdamW state
+
+
+def child_memory(spec: dict, conn):
+    """b on a CPU, in a fresh process per (method, point): after a warm-up step at WARM_POINT, the step's peak
+    resident memory over the process's resident memory just before it (a CPU has no allocator peak)."""
+    try:
+        model, reward, _ = build(spec["size"], "cpu", spec["reward"], spec["seed"])
+        drop_text_encoder(model)
+        ref = make_reference(model) if spec["method"] == "OnlineVPO" else None
+        opt = adamw(model)
+        if spec["method"] == "OnlineVPO":
+            step = lambda: online_step(model, ref, reward, opt, spec["n"], MEMORY_STEPS, Clock(model.device))
+        else:
+            step = lambda: refl_step(model, reward, opt, MEMORY_STEPS, Clock(model.device))
+        set_point(model, parse_point(WARM_POINT))
+        step()
+        set_point(model, parse_point(spec["point"]))
+        gc.collect()
+        before = rss_bytes()
+        step()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        conn.send(max(0, peak - before) / 1e6)
+    except Exception as e:  # noqa: BLE001 - reported in the table's cell
+        conn.send(f"failed: {type(e).__name__}: {e}")
 
 
 def cpu_memory(args, points: list) -> dict:
-    """One child process per (method, point), as many at a time as the cores allow (memory is per process)."""
+    """One fresh process per (method, point), forked from a server that has imported this file once (a fresh
+    interpreter would spend seconds importing torch and diffusers per measurement); as many at a time as the
+    cores allow, since each measures only itself."""
+    import multiprocessing
     from concurrent.futures import ThreadPoolExecutor
+
+    import bench as this  # by name, so the server can preload it whether this file runs as a script or not
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["bench"])
 
     def measure(method: str, point: tuple):
         spec = dict(method=method, point=point[0], size=args.size, reward=args.reward, seed=args.seed, n=args.n)
-        r = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)],
-                           capture_output=True, text=True)
-        if r.returncode in (-9, 137):  # killed by the kernel's OOM killer
-            return "OOM"
-        if r.returncode != 0:
-            return "failed: " + (r.stderr.strip().splitlines() or ["?"])[-1]
-        return json.loads(r.stdout.strip().splitlines()[-1])["mb"]
+        receive, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=this.child_memory, args=(spec, send))
+        proc.start()
+        send.close()
+        try:
+            value = receive.recv()
+        except EOFError:  # the process died without a word
+            value = None
+        proc.join()
+        if value is None:  # SIGKILL: the kernel's OOM killer
+            value = "OOM" if proc.exitcode == -9 else f"failed: exit code {proc.exitcode}"
+        return value
 
     jobs = [(method, point) for method in ("OnlineVPO", "ReFL") for point in points]
     with ThreadPoolExecutor(max(1, (os.cpu_count() or 1) // torch.get_num_threads())) as pool:
@@ -420,11 +433,13 @@ def parse_point(text: str) -> tuple:
                         f"(resolutions: {', '.join(osr.RESOLUTIONS)})") from None
     if frames < 1 or h <= 0 or w <= 0 or ("x" in res and (h % 8 or w % 8)):
         raise UserError(f"bad point {text!r}: frames must be >= 1, pixel sizes positive multiples of 8")
+    if 1 < frames < 17:  # opensora.timestep_transform: frames // 17 * 5 = 0 latent frames, t = 1000 -> NaN
+        raise UserError(f"bad point {text!r}: Open-Sora's timestep shift needs 1 or at least 17 frames")
     return (text.strip(), h, w, frames)
 
 
 DEFAULTS = {  # (a/c point, b points, d points)
-    "tiny": ("32x64:17", "32x64:9,32x64:17,32x64:34,64x128:34", "32x64:17"),
+    "tiny": ("64x128:51", "32x64:17,32x64:34,32x64:51,64x128:51", "32x64:17"),
     "full": ("240p:51", "240p:51,360p:51,480p:51,720p:51,720p:68", "240p:51,720p:68"),
 }
 PEAK_TFLOPS = [("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0)]  # dense bf16
@@ -434,11 +449,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="tiny", choices=["tiny", "full"], help="tiny: small random models (CPU); "
                    "full: Open-Sora v1.2's published sizes, random weights (GPU)")
-    p.add_argument("--parts", default=PARTS, help="which tables: any of a,b,c,d (default: all)")
+    p.add_argument("--parts", default=",".join(PARTS), help="which tables: any of a,b,c,d (default: all)")
     p.add_argument("--n", type=int, default=4, help="candidates per prompt (paper: 4)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps in a, c, d (default: the model's; "
                    "full 30 as the paper, tiny 10). b always uses 2: sampling has no gradients, memory is flat")
-    p.add_argument("--point", default=None, help="RESOLUTION:FRAMES of parts a and c (full 240p:51, tiny 32x64:17)")
+    p.add_argument("--point", default=None, help="RESOLUTION:FRAMES of parts a and c (full 240p:51, tiny 64x128:51)")
     p.add_argument("--points", default=None, help="comma-separated points of part b (full 240p:51,...,720p:68)")
     p.add_argument("--mfu-points", default=None, help="comma-separated points of part d (full 240p:51,720p:68)")
     p.add_argument("--reward", default=None, choices=["pixel", "videoscore"], help="videoscore: its architecture "
@@ -450,7 +465,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the results to this file")
-    p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # one CPU memory measurement (part b)
     args = p.parse_args(argv)
     args.reward = args.reward or ("videoscore" if args.size == "full" else "pixel")
     point, points, mfu_points = DEFAULTS[args.size]
@@ -463,12 +477,15 @@ def check_args(args) -> dict:
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     bad = [p for p in parts if p not in PARTS]
     if bad or not parts:
-        raise UserError(f"unknown part {', '.join(bad) or args.parts!r}; choose from {', '.join(PARTS)}")
+        raise UserError(f"unknown part {', '.join(bad) if bad else repr(args.parts)}; choose from {', '.join(PARTS)}")
     if args.n < 2:
         raise UserError("--n must be at least 2: a preference pair needs two candidates")
     if args.steps is not None and args.steps < 1:
         raise UserError("--steps must be at least 1")
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UserError(f"unknown device {args.device!r}") from None
     if args.size == "full" and device.type != "cuda":
         raise UserError("--size full needs a GPU (tens of GB, hours on a CPU); on a CPU use --size tiny")
     if args.reward == "videoscore" and args.size != "full":
@@ -495,7 +512,12 @@ def machine(device: torch.device) -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    return f"{cpu}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+
+
+def log(message: str):
+    """Progress on stderr, so that stdout holds only the tables."""
+    print(message, file=sys.stderr, flush=True)
 
 
 def table(header: list[str], rows: list[list]) -> str:
@@ -510,12 +532,14 @@ def run(args) -> dict:
     where = machine(dev)
     print(f"Machine: {where}. Sizes: {args.size}; N = {args.n}; random weights.\n")
     results = {"machine": where, "size": args.size, "n": args.n, "reward": args.reward}
+    log(f"building {args.size} models with random weights on {dev}")
     model, reward, reward_label = build(args.size, dev, args.reward, args.seed, args.reward_offload)
     steps = args.steps or model.sample_steps
     ref, opt = make_reference(model), adamw(model)
     set_point(model, cfg["point"])
     point = cfg["point"][0]
     if "a" in parts:  # first: T5 is still there, so the encode phase is real
+        log(f"a: one OnlineVPO step at {point}")
         sec = phase_breakdown(model, ref, reward, opt, args.n, steps)
         total = sum(sec.values())
         print(f"### a. One OnlineVPO step, {point}, N = {args.n}, {steps} sampling steps\nReward: {reward_label}. "
@@ -525,6 +549,7 @@ def run(args) -> dict:
         results["a"] = dict(point=point, steps=steps, seconds=sec)
     drop_text_encoder(model)
     if "c" in parts:
+        log(f"c: batched vs sequential sampling at {point}")
         r = batched_vs_sequential(model, args.n, steps)
         print(f"### c. Sampling N = {args.n} candidates, {point}, {steps} steps: one batched call vs {args.n} calls\n")
         print(table(["batched (s)", "sequential (s)", "batched / sequential", "max abs latent diff"],
@@ -536,6 +561,7 @@ def run(args) -> dict:
         else:
             rows, results["d"] = [], {"peak_tflops": cfg["peak"], "steps": steps}
             for p in cfg["mfu_points"]:
+                log(f"d: FLOPs and time at {p[0]}")
                 set_point(model, p)
                 r = mfu(model, ref, reward, opt, args.n, steps, cfg["peak"])
                 results["d"][p[0]] = r
@@ -547,18 +573,26 @@ def run(args) -> dict:
             print(table(["point", "sampling TFLOP", "sampling s", "sampling MFU", "DPO TFLOP", "DPO s",
                          "DPO MFU"], rows) + "\n")
     if "b" in parts:
+        log(f"b: memory at {args.points}")
         if dev.type == "cuda":
-            mem = gpu_memory(model, ref, reward, opt, args.n, cfg["points"])
-            unit = "peak allocated GB (10^9 bytes), torch.cuda.max_memory_allocated"
+            mem = {"OnlineVPO": gpu_memory(model, opt, cfg["points"], lambda: online_step(
+                model, ref, reward, opt, args.n, MEMORY_STEPS, Clock(dev)))}
+            ref = None  # ReFL keeps no reference copy
+            free_memory(dev)
+            mem["ReFL"] = gpu_memory(model, opt, cfg["points"], lambda: refl_step(
+                model, reward, opt, MEMORY_STEPS, Clock(dev)))
+            unit = "peak allocated GB (10^9 bytes; in brackets: allocated before the step, i.e. weights, " \
+                   "AdamW state, reward)"
         else:
             del ref, opt, model, reward
             mem = cpu_memory(args, cfg["points"])
-            unit = "peak resident MB over the process before the step (one fresh process each; AdamW state " \
-                   "is created in the step)"
+            unit = f"peak resident MB over the process just before the step (a fresh process each, after a " \
+                   f"warm-up step at {WARM_POINT})"
         print(f"### b. Memory of one step (Fig. 7): OnlineVPO (N = {args.n}) vs ReFL; {unit}\n"
               f"Reward: {reward_label}. {MEMORY_STEPS} sampling steps.\n")
+        cell = lambda v: f"{v['peak']:.1f} ({v['before']:.1f})" if isinstance(v, dict) else v
         print(table(["point (resolution:frames)", "OnlineVPO", "ReFL"],
-                    [[p[0], mem["OnlineVPO"][p[0]], mem["ReFL"][p[0]]] for p in cfg["points"]]) + "\n")
+                    [[p[0], cell(mem["OnlineVPO"][p[0]]), cell(mem["ReFL"][p[0]])] for p in cfg["points"]]) + "\n")
         results["b"] = dict(unit=unit, **mem)
     return results
 
@@ -566,9 +600,6 @@ def run(args) -> dict:
 def main(argv=None):
     args = parse_args(argv)
     try:
-        if args.child:
-            print(json.dumps(child_memory(json.loads(args.child))))
-            return
         results = run(args)
     except UserError as e:
         sys.exit(f"error: {e}")
