@@ -8,6 +8,7 @@ import torch
 import bench
 import opensora as osr
 
+
 def stdit3_forward_flops(cfg: dict, B: int, T: int, H: int, W: int) -> int:
     """Multiply-adds x 2 of one STDiT3 forward, by hand from the architecture (opensora.py): every linear,
     the patch conv, spatial attention over the H*W tokens of a frame, temporal attention over the T frames,
