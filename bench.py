@@ -1,0 +1,612 @@
+"""Scale and speed of one OnlineVPO step, with random weights (nothing is downloaded).
+
+    python bench.py                                   # CPU: tiny models, parts a-c, under a minute
+    python bench.py --size full                       # GPU: Open-Sora v1.2 at its published size, all parts
+    python bench.py --size full --parts d --steps 10  # GPU: only the MFU table, 10 sampling steps per point
+
+Parts (--parts a,b,c,d):
+  a  seconds per phase of one OnlineVPO step: encode, sample (N candidates, one batched call), decode, reward,
+     DPO forward (policy + reference), DPO backward, optimizer;
+  b  peak memory of an OnlineVPO step vs a ReFL step across (resolution, frames) points, as the paper's Fig. 7;
+  c  N candidates sampled in one batched call vs N calls of one;
+  d  GPU only: model FLOPs utilisation (MFU) of sampling and of the DPO step.
+The step is train.py's (online_pairs + dpo_backward, refl_backward), written here with the same model / reward /
+dpo calls and the memory levers the paper's single-GPU setting needs: gradient checkpointing, the reference in
+bf16, the text encoder dropped once the prompts are encoded. Tables print as markdown with the machine named.
+"""
+import argparse
+import contextlib
+import gc
+import json
+import os
+import platform
+import re
+import resource
+import sys
+import time
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+import dpo
+import opensora as osr
+import reward as rw
+from model import ByteTokenizer, UserError, VideoModel, tiny_t5
+
+PARTS = ("a", "b", "c", "d")
+PROMPTS = ["a red fox trotting through fresh snow in a pine forest at dawn",
+           "waves crashing against black volcanic rocks under a stormy sky"]  # step, warm-up
+
+# ----------------------------------------------------------------------------------------------------------
+# Models with random weights. "full" is Open-Sora v1.2 as published (hpcai-tech/OpenSora-STDiT-v3 config.json,
+# the v1.2 VAE, DeepFloyd/t5-v1_1-xxl's shape); "tiny" is the same classes, small, for a CPU.
+
+FULL_DIT = dict(in_channels=4, patch_size=(1, 2, 2), hidden_size=1152, depth=28, num_heads=16, mlp_ratio=4.0,
+                pred_sigma=True, caption_channels=4096, model_max_length=300, input_sq_size=512, qk_norm=True)
+T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+              feed_forward_proj="gated-gelu", dropout_rate=0.0)
+TINY_DIT = dict(in_channels=4, patch_size=(1, 2, 2), hidden_size=64, depth=2, num_heads=4, pred_sigma=True,
+                caption_channels=32, model_max_length=48, input_sq_size=32, qk_norm=True)
+# The VAE's decoder is what ReFL backpropagates through; it is big enough here that its activations show in b.
+TINY_VAE = dict(micro_frame_size=17, micro_batch_size=4,
+                spatial_config=dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+                                    norm_num_groups=8, block_out_channels=[16, 16, 16],
+                                    down_block_types=["DownEncoderBlock2D"] * 3,
+                                    up_block_types=["UpDecoderBlock2D"] * 3),
+                temporal_config=dict(in_out_channels=4, latent_embed_dim=4, embed_dim=4, filters=8, num_res_blocks=1,
+                                     channel_multipliers=[1, 2, 2, 4], temporal_downsample=[False, True, True],
+                                     num_groups=4))
+# VideoScore's network: Mantis-8B-Idefics2 = SigLIP-so400m at 980 px, a perceiver to 64 tokens per frame,
+# Mistral-7B, and a 5-way regression head (reward.py). Image token ids as Idefics2's tokenizer adds them.
+VIDEOSCORE_CONFIG = dict(
+    model_type="idefics2", image_token_id=32001, num_labels=5,
+    vision_config=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                       image_size=980, patch_size=14),
+    perceiver_config=dict(resampler_n_latents=64, resampler_depth=3, resampler_n_heads=16, resampler_head_dim=96,
+                          num_key_value_heads=4),
+    text_config=dict(model_type="mistral", vocab_size=32003, hidden_size=4096, intermediate_size=14336,
+                     num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5,
+                     max_position_embeddings=32768, pad_token_id=0))
+VIDEOSCORE_PROC = {"size": {"shortest_edge": 378, "longest_edge": 980}, "image_mean": [0.5] * 3,
+                   "image_std": [0.5] * 3, "rescale_factor": 1 / 255}
+
+
+@contextlib.contextmanager
+def building(device, dtype: torch.dtype = torch.float32):
+    """Create modules directly on `device` in `dtype`: an 8B model initialises in seconds on a GPU, and on the
+    meta device it takes no memory at all (parameter counts)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+class RandomVideoScore(rw.VideoScore):
+    """reward.VideoScore (its frame selection, resize, prompt and forward) over a network of VideoScore's
+    architecture with random bf16 weights: the real reward's cost, not its scores. No tokenizer file either:
+    the image tokens are exact, the prompt text gets one id per 4 characters (about a Llama tokenizer's count)."""
+
+    def __init__(self, device, config: dict = VIDEOSCORE_CONFIG, proc: dict = VIDEOSCORE_PROC, offload: bool = False,
+                 dtype: torch.dtype = torch.bfloat16):
+        from transformers import Idefics2Config
+
+        self.device, self.max_frames, self.batch_size, self.offload = torch.device(device), 16, 4, offload
+        cfg = Idefics2Config.from_dict(config)
+        cfg.perceiver_config.rms_norm_eps = cfg.text_config.rms_norm_eps  # as reward.load_videoscore
+        cfg.perceiver_config.hidden_size = cfg.text_config.hidden_size
+        with building(device, dtype):
+            self.net = rw.Idefics2ForSequenceClassification(cfg).eval().requires_grad_(False)
+        self.n_latents, self.proc = cfg.perceiver_config.resampler_n_latents, proc
+        special = {rw.FAKE: cfg.image_token_id - 1, rw.IMAGE: cfg.image_token_id}  # text ids stay below both
+        split = re.compile(f"({re.escape(rw.FAKE)}|{re.escape(rw.IMAGE)})")
+
+        def tokenize(text: str) -> list[int]:
+            ids = [1]  # BOS
+            for piece in split.split(text):
+                ids += [special[piece]] if piece in special else \
+                    [3 + sum(piece[i:i + 4].encode()) % (special[rw.FAKE] - 3) for i in range(0, len(piece), 4)]
+            return ids
+
+        self.tokenize = tokenize
+        if offload:
+            self.net.to("cpu")
+
+
+def build(size: str, device: str, reward_name: str, seed: int = 0, reward_offload: bool = False):
+    """(model, reward, reward label) with random weights; the model's size is set per point later."""
+    dev = torch.device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    torch.manual_seed(seed)
+    if size == "full":
+        from transformers import T5Config, T5EncoderModel
+
+        with building(dev):
+            dit = osr.STDiT3(**FULL_DIT)  # the policy stays fp32 (autocast computes in bf16)
+        with building(dev, dtype):
+            vae = osr.OpenSoraVAE()
+            t5 = T5EncoderModel(T5Config(**T5_XXL)).eval()
+        # a byte-level tokenizer stands in for T5's sentencepiece (no files); the encoder always sees 300 tokens
+        model = VideoModel("opensora", dit, vae, t5, ByteTokenizer(), 240, 426, 51, max_length=300)
+    else:
+        dit = osr.STDiT3(**TINY_DIT)
+        vae = osr.OpenSoraVAE(**TINY_VAE)
+        model = VideoModel("bench-tiny", dit, vae, tiny_t5(TINY_DIT["caption_channels"]), ByteTokenizer(),
+                           32, 64, 17, sample_steps=10, max_length=TINY_DIT["model_max_length"])
+    model.to(dev, dtype)
+    model.set_grad_checkpointing(True)  # lever 1 (train.py's default)
+    if reward_name == "videoscore":
+        return model, RandomVideoScore(dev, offload=reward_offload), "VideoScore architecture, random weights"
+    return model, rw.PixelReward(device=dev), "PixelReward (pixel formula, no network)"
+
+
+def make_reference(model: VideoModel) -> nn.Module:
+    """Lever 2: G_ref in bf16 on a GPU (it is never trained; DPO only needs its errors)."""
+    ref = model.frozen_copy()
+    return ref.to(torch.bfloat16) if model.device.type == "cuda" else ref
+
+
+def drop_text_encoder(model: VideoModel):
+    """Lever 3: T5 is needed only until every prompt is encoded; encode_prompts keeps the features cached."""
+    model.encode_prompts(PROMPTS)
+    model.text_encoder = None
+    free_memory(model.device)
+
+
+def set_point(model: VideoModel, point: tuple):
+    _, model.height, model.width, model.frames = point
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Clock and FLOP counter
+
+# FlopCounterMode knows the CUDA attention kernels but not the CPU one: count it with the same formulas.
+aten = torch.ops.aten
+CPU_SDPA = {aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *a, **kw: sdpa_flop_count(q, k, v),
+            aten._scaled_dot_product_flash_attention_for_cpu_backward:
+                lambda g, q, k, v, *a, **kw: sdpa_backward_flop_count(g, q, k, v)}
+
+
+def flop_counter() -> FlopCounterMode:
+    """Matmul, convolution and attention FLOPs of everything run inside (forward and backward)."""
+    return FlopCounterMode(display=False, custom_mapping=CPU_SDPA)
+
+
+def sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory(device: torch.device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+class Clock:
+    """Seconds per phase of a step, and with count=True its FLOPs too (FlopCounterMode on the real call).
+    On a GPU both ends of a phase synchronize, so each phase is charged for its own kernels."""
+
+    def __init__(self, device: torch.device, count: bool = False):
+        self.device, self.count = device, count
+        self.seconds, self.flops = {}, {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        counter = flop_counter() if self.count else contextlib.nullcontext()
+        sync(self.device)
+        tic = time.perf_counter()
+        with counter:
+            yield
+        sync(self.device)
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - tic
+        if self.count:
+            self.flops[phase] = self.flops.get(phase, 0) + counter.get_total_flops()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The two steps, phase by phase
+
+
+def online_step(model: VideoModel, ref: nn.Module, reward, opt, n: int, steps: int, clock: Clock,
+                prompts: list[str] = PROMPTS[:1], seed: int = 0):
+    """One OnlineVPO step (Alg. 1 lines 4-8) on len(prompts) prompts, as train.py's online_pairs + dpo_backward."""
+    P = len(prompts)
+    with clock("encode"):
+        model.encode_prompts(prompts)
+    with clock("sample"):  # N candidates per prompt, both CFG halves, one batch per sampling step
+        latents = model.sample(prompts, n, [seed * 1000 + j for j in range(P * n)], steps=steps)
+    with clock("decode"):
+        videos = model.decode(latents)
+    with clock("reward"):
+        scores = rw.pick(reward.score(videos, [p for p in prompts for _ in range(n)]), reward.default_dim)
+        # a tie would skip the prompt in train.py; the benchmark times the work, so it pairs first vs last
+        pairs = [dpo.select_pair(s) or (0, n - 1) for s in scores.view(P, n)]
+    with clock("DPO forward"):  # policy (grad) and reference (no grad) on [winners; losers], shared noise and t
+        x0 = torch.stack([latents[i * n + w] for i, (w, _) in enumerate(pairs)] +
+                         [latents[i * n + l] for i, (_, l) in enumerate(pairs)])
+        g = torch.Generator().manual_seed(seed)
+        noise = torch.randn(x0[:P].shape, generator=g).to(x0.device).repeat(2, 1, 1, 1, 1)
+        t = model.training_timesteps(P, g).repeat(2)
+        y, mask = model.encode_prompts(prompts + prompts)
+        policy_err = model.errors(model.dit, x0, noise, t, y, mask)
+        with torch.no_grad():
+            ref_err = model.errors(ref, x0, noise, t, y, mask)
+        loss, _ = dpo.diffusion_dpo_loss(policy_err[:P], policy_err[P:], ref_err[:P], ref_err[P:], model.beta)
+    with clock("DPO backward"):
+        loss.backward()
+    with clock("optimizer"):
+        torch.nn.utils.clip_grad_norm_(model.dit.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def refl_step(model: VideoModel, reward, opt, steps: int, clock: Clock, prompts: list[str] = PROMPTS[:1],
+              seed: int = 0):
+    """One ReFL step as train.py's refl_backward: denoise without gradients to the first step of the last
+    quarter, one guided step with gradients, differentiable decode of every latent frame, loss = -reward.
+    No reference network."""
+    stop = steps - max(1, steps // 4)
+    with clock("encode"):
+        model.encode_prompts(prompts)
+    with clock("sample"):
+        z, t = model.sample(prompts, 1, [seed * 1000 + j for j in range(len(prompts))], steps=steps, until=stop)
+    with clock("policy forward"):
+        x0 = model.predict_x0(model.dit, z, t, prompts)
+    with clock("decode"):
+        videos = model.decode_float(x0)
+    with clock("reward"):
+        loss = -rw.pick(reward.score_float(videos, prompts), reward.default_dim).float().mean()
+    with clock("backward"):
+        loss.backward()
+    with clock("optimizer"):
+        torch.nn.utils.clip_grad_norm_(model.dit.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def adamw(model: VideoModel):
+    return torch.optim.AdamW(model.dit.parameters(), lr=1e-5)  # the paper's optimizer and lr
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The parts
+
+
+def phase_breakdown(model, ref, reward, opt, n: int, steps: int) -> dict:
+    """a: seconds per phase of one OnlineVPO step, after one warm-up step (1 sampling step, another prompt)."""
+    online_step(model, ref, reward, opt, n, 1, Clock(model.device), prompts=PROMPTS[1:])
+    model._cache.clear()  # the timed step encodes its prompt for real
+    clock = Clock(model.device)
+    online_step(model, ref, reward, opt, n, steps, clock)
+    return clock.seconds
+
+
+def batched_vs_sequential(model, n: int, steps: int) -> dict:
+    """c: one call sampling N candidates (one batch of 2N per step) vs N calls of one; same seeds, same latents."""
+    prompt, seeds = PROMPTS[:1], list(range(n))
+    model.sample(prompt, n, seeds, steps=1)  # warm-up
+    model.sample(prompt, 1, seeds[:1], steps=1)
+    sync(model.device)
+    tic = time.perf_counter()
+    batched = model.sample(prompt, n, seeds, steps=steps)
+    sync(model.device)
+    mid = time.perf_counter()
+    sequential = torch.cat([model.sample(prompt, 1, [s], steps=steps) for s in seeds])
+    sync(model.device)
+    end = time.perf_counter()
+    return dict(batched_s=mid - tic, sequential_s=end - mid, ratio=(mid - tic) / (end - mid),
+                max_abs_diff=float((batched.float() - sequential.float()).abs().max()))
+
+
+def mfu(model, ref, reward, opt, n: int, steps: int, peak_tflops: float) -> dict:
+    """d: FLOPs counted on a warm-up step (1 sampling step: one forward of the 2N batch), then a timed step.
+    Model FLOPs of the DPO step exclude the gradient-checkpointing recompute (PaLM's MFU): one policy forward,
+    i.e. half of the counted DPO forward (policy + reference on the same batch)."""
+    count = Clock(model.device, count=True)
+    online_step(model, ref, reward, opt, n, 1, count)
+    clock = Clock(model.device)
+    online_step(model, ref, reward, opt, n, steps, clock)
+    f, s = count.flops, clock.seconds
+    sample_flops = f["sample"] * steps
+    dpo_flops = f["DPO forward"] + f["DPO backward"] - (f["DPO forward"] / 2 if model.dit.grad_checkpointing else 0)
+    dpo_s = s["DPO forward"] + s["DPO backward"]
+    return dict(sample_tflop=sample_flops / 1e12, sample_s=s["sample"],
+                sample_mfu=sample_flops / s["sample"] / (peak_tflops * 1e12),
+                dpo_tflop=dpo_flops / 1e12, dpo_s=dpo_s, dpo_mfu=dpo_flops / dpo_s / (peak_tflops * 1e12))
+
+
+MEMORY_STEPS = 2  # peak memory does not depend on the number of sampling steps (no gradients while sampling)
+
+
+def gpu_peak(step) -> dict | str:
+    """Peak allocated GB (10^9 bytes) of step() after a warm-up step (optimizer state, kernel workspaces), and
+    what was allocated before it (weights, optimizer state, the reward); 'OOM' as Fig. 7 reports ReFL."""
+    try:
+        step()
+        sync(torch.device("cuda"))
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        return dict(peak=torch.cuda.max_memory_allocated() / 1e9, before=before / 1e9)
+    except torch.cuda.OutOfMemoryError:
+        return "OOM"
+
+
+def gpu_memory(model, opt, points: list, step) -> dict:
+    """b on a GPU, in this process: step() at every point."""
+    out = {}
+    for point in points:
+        set_point(model, point)
+        out[point[0]] = gpu_peak(step)
+        opt.zero_grad(set_to_none=True)  # after an OOM too
+        free_memory(model.device)
+    return out
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+WARM_POINT = "8x8:17"  # the smallest step: it faults in the code of every kernel and creates the AdamW state
+
+
+def child_memory(spec: dict, conn):
+    """b on a CPU, in a fresh process per (method, point): after a warm-up step at WARM_POINT, the step's peak
+    resident memory over the process's resident memory just before it (a CPU has no allocator peak)."""
+    try:
+        model, reward, _ = build(spec["size"], "cpu", spec["reward"], spec["seed"])
+        drop_text_encoder(model)
+        ref = make_reference(model) if spec["method"] == "OnlineVPO" else None
+        opt = adamw(model)
+        if spec["method"] == "OnlineVPO":
+            step = lambda: online_step(model, ref, reward, opt, spec["n"], MEMORY_STEPS, Clock(model.device))
+        else:
+            step = lambda: refl_step(model, reward, opt, MEMORY_STEPS, Clock(model.device))
+        set_point(model, parse_point(WARM_POINT))
+        step()
+        set_point(model, parse_point(spec["point"]))
+        gc.collect()
+        before = rss_bytes()
+        step()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        conn.send(max(0, peak - before) / 1e6)
+    except Exception as e:  # noqa: BLE001 - reported in the table's cell
+        conn.send(f"failed: {type(e).__name__}: {e}")
+
+
+def cpu_memory(args, points: list) -> dict:
+    """One fresh process per (method, point), forked from a server that has imported this file once (a fresh
+    interpreter would spend seconds importing torch and diffusers per measurement); as many at a time as the
+    cores allow, since each measures only itself."""
+    import multiprocessing
+    from concurrent.futures import ThreadPoolExecutor
+
+    import bench as this  # by name, so the server can preload it whether this file runs as a script or not
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["bench"])
+
+    def measure(method: str, point: tuple):
+        spec = dict(method=method, point=point[0], size=args.size, reward=args.reward, seed=args.seed, n=args.n)
+        receive, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=this.child_memory, args=(spec, send))
+        proc.start()
+        send.close()
+        try:
+            value = receive.recv()
+        except EOFError:  # the process died without a word
+            value = None
+        proc.join()
+        if value is None:  # SIGKILL: the kernel's OOM killer
+            value = "OOM" if proc.exitcode == -9 else f"failed: exit code {proc.exitcode}"
+        return value
+
+    jobs = [(method, point) for method in ("OnlineVPO", "ReFL") for point in points]
+    with ThreadPoolExecutor(max(1, (os.cpu_count() or 1) // torch.get_num_threads())) as pool:
+        values = list(pool.map(lambda job: measure(*job), jobs))
+    out = {"OnlineVPO": {}, "ReFL": {}}
+    for (method, point), value in zip(jobs, values):
+        out[method][point[0]] = value
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_point(text: str) -> tuple:
+    """'240p:51' (an Open-Sora resolution name, its 9:16 aspect as in the paper) or '64x128:17' (pixels)."""
+    try:
+        res, frames = text.strip().split(":")
+        frames = int(frames)
+        if "x" in res:
+            h, w = (int(v) for v in res.split("x"))
+        else:
+            h, w = osr.image_size(res, "9:16")
+    except ValueError:
+        raise UserError(f"bad point {text!r}: write RESOLUTION:FRAMES, e.g. 240p:51 or 64x128:17 "
+                        f"(resolutions: {', '.join(osr.RESOLUTIONS)})") from None
+    if frames < 1 or h <= 0 or w <= 0 or ("x" in res and (h % 8 or w % 8)):
+        raise UserError(f"bad point {text!r}: frames must be >= 1, pixel sizes positive multiples of 8")
+    if 1 < frames < 17:  # opensora.timestep_transform: frames // 17 * 5 = 0 latent frames, t = 1000 -> NaN
+        raise UserError(f"bad point {text!r}: Open-Sora's timestep shift needs 1 or at least 17 frames")
+    return (text.strip(), h, w, frames)
+
+
+DEFAULTS = {  # (a/c point, b points, d points)
+    "tiny": ("64x128:51", "32x64:17,32x64:34,32x64:51,64x128:51", "32x64:17"),
+    "full": ("240p:51", "240p:51,360p:51,480p:51,720p:51,720p:68", "240p:51,720p:68"),
+}
+PEAK_TFLOPS = [("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0)]  # dense bf16
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="tiny", choices=["tiny", "full"], help="tiny: small random models (CPU); "
+                   "full: Open-Sora v1.2's published sizes, random weights (GPU)")
+    p.add_argument("--parts", default=",".join(PARTS), help="which tables: any of a,b,c,d (default: all)")
+    p.add_argument("--n", type=int, default=4, help="candidates per prompt (paper: 4)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps in a, c, d (default: the model's; "
+                   "full 30 as the paper, tiny 10). b always uses 2: sampling has no gradients, memory is flat")
+    p.add_argument("--point", default=None, help="RESOLUTION:FRAMES of parts a and c (full 240p:51, tiny 64x128:51)")
+    p.add_argument("--points", default=None, help="comma-separated points of part b (full 240p:51,...,720p:68)")
+    p.add_argument("--mfu-points", default=None, help="comma-separated points of part d (full 240p:51,720p:68)")
+    p.add_argument("--reward", default=None, choices=["pixel", "videoscore"], help="videoscore: its architecture "
+                   "with random weights (default for full); pixel: reward.PixelReward (default for tiny)")
+    p.add_argument("--reward-offload", action="store_true", help="keep the reward on the CPU except while it "
+                   "scores (train.py --reward-offload)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the accelerator's dense bf16 TFLOP/s for MFU "
+                   "(default: looked up for H200/H100/A100)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write the results to this file")
+    args = p.parse_args(argv)
+    args.reward = args.reward or ("videoscore" if args.size == "full" else "pixel")
+    point, points, mfu_points = DEFAULTS[args.size]
+    args.point, args.points = args.point or point, args.points or points
+    args.mfu_points = args.mfu_points or mfu_points
+    return args
+
+
+def check_args(args) -> dict:
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    bad = [p for p in parts if p not in PARTS]
+    if bad or not parts:
+        raise UserError(f"unknown part {', '.join(bad) if bad else repr(args.parts)}; choose from {', '.join(PARTS)}")
+    if args.n < 2:
+        raise UserError("--n must be at least 2: a preference pair needs two candidates")
+    if args.steps is not None and args.steps < 1:
+        raise UserError("--steps must be at least 1")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UserError(f"unknown device {args.device!r}") from None
+    if args.size == "full" and device.type != "cuda":
+        raise UserError("--size full needs a GPU (tens of GB, hours on a CPU); on a CPU use --size tiny")
+    if args.reward == "videoscore" and args.size != "full":
+        raise UserError("--reward videoscore builds the 8B network: use it with --size full")
+    peak = args.peak_tflops
+    if "d" in parts and device.type == "cuda" and peak is None:
+        name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in PEAK_TFLOPS if k in name), None)
+        if peak is None:
+            raise UserError(f"unknown peak bf16 TFLOP/s for {name!r}: pass --peak-tflops")
+    return dict(parts=parts, device=device, peak=peak, point=parse_point(args.point),
+                points=[parse_point(p) for p in args.points.split(",")],
+                mfu_points=[parse_point(p) for p in args.mfu_points.split(",")])
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return (f"{torch.cuda.get_device_name(device)} ({props.total_memory / 1e9:.0f} GB), torch {torch.__version__}"
+                f", CUDA {torch.version.cuda}")
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+
+
+def log(message: str):
+    """Progress on stderr, so that stdout holds only the tables."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows])
+
+
+def run(args) -> dict:
+    cfg = check_args(args)
+    dev, parts = cfg["device"], cfg["parts"]
+    where = machine(dev)
+    print(f"Machine: {where}. Sizes: {args.size}; N = {args.n}; random weights.\n")
+    results = {"machine": where, "size": args.size, "n": args.n, "reward": args.reward}
+    log(f"building {args.size} models with random weights on {dev}")
+    model, reward, reward_label = build(args.size, dev, args.reward, args.seed, args.reward_offload)
+    steps = args.steps or model.sample_steps
+    ref, opt = make_reference(model), adamw(model)
+    set_point(model, cfg["point"])
+    point = cfg["point"][0]
+    if "a" in parts:  # first: T5 is still there, so the encode phase is real
+        log(f"a: one OnlineVPO step at {point}")
+        sec = phase_breakdown(model, ref, reward, opt, args.n, steps)
+        total = sum(sec.values())
+        print(f"### a. One OnlineVPO step, {point}, N = {args.n}, {steps} sampling steps\nReward: {reward_label}. "
+              "Gradient checkpointing on, reference in bf16 on GPU. One prompt (train.py --sample-batch 1).\n")
+        print(table(["phase", "seconds", "share"], [[k, v, f"{100 * v / total:.0f}%"] for k, v in sec.items()]
+                    + [["total", total, "100%"]]) + "\n")
+        results["a"] = dict(point=point, steps=steps, seconds=sec)
+    drop_text_encoder(model)
+    if "c" in parts:
+        log(f"c: batched vs sequential sampling at {point}")
+        r = batched_vs_sequential(model, args.n, steps)
+        print(f"### c. Sampling N = {args.n} candidates, {point}, {steps} steps: one batched call vs {args.n} calls\n")
+        print(table(["batched (s)", "sequential (s)", "batched / sequential", "max abs latent diff"],
+                    [[r["batched_s"], r["sequential_s"], r["ratio"], f"{r['max_abs_diff']:.1e}"]]) + "\n")
+        results["c"] = dict(point=point, steps=steps, **r)
+    if "d" in parts:
+        if dev.type != "cuda":
+            print("### d. MFU: skipped, it needs a GPU (`python bench.py --size full` on one).\n")
+        else:
+            rows, results["d"] = [], {"peak_tflops": cfg["peak"], "steps": steps}
+            for p in cfg["mfu_points"]:
+                log(f"d: FLOPs and time at {p[0]}")
+                set_point(model, p)
+                r = mfu(model, ref, reward, opt, args.n, steps, cfg["peak"])
+                results["d"][p[0]] = r
+                rows.append([p[0], r["sample_tflop"], r["sample_s"], f"{100 * r['sample_mfu']:.1f}%",
+                             r["dpo_tflop"], r["dpo_s"], f"{100 * r['dpo_mfu']:.1f}%"])
+            print(f"### d. Model FLOPs utilisation, bf16, peak {cfg['peak']:.0f} TFLOP/s, N = {args.n}, "
+                  f"{steps} sampling steps\nDPO step = forward + backward of the policy and the reference "
+                  "forward, without the checkpointing recompute.\n")
+            print(table(["point", "sampling TFLOP", "sampling s", "sampling MFU", "DPO TFLOP", "DPO s",
+                         "DPO MFU"], rows) + "\n")
+    if "b" in parts:
+        log(f"b: memory at {args.points}")
+        if dev.type == "cuda":
+            mem = {"OnlineVPO": gpu_memory(model, opt, cfg["points"], lambda: online_step(
+                model, ref, reward, opt, args.n, MEMORY_STEPS, Clock(dev)))}
+            ref = None  # ReFL keeps no reference copy
+            free_memory(dev)
+            mem["ReFL"] = gpu_memory(model, opt, cfg["points"], lambda: refl_step(
+                model, reward, opt, MEMORY_STEPS, Clock(dev)))
+            unit = "peak allocated GB (10^9 bytes; in brackets: allocated before the step, i.e. weights, " \
+                   "AdamW state, reward)"
+        else:
+            del ref, opt, model, reward
+            mem = cpu_memory(args, cfg["points"])
+            unit = f"peak resident MB over the process just before the step (a fresh process each, after a " \
+                   f"warm-up step at {WARM_POINT})"
+        print(f"### b. Memory of one step (Fig. 7): OnlineVPO (N = {args.n}) vs ReFL; {unit}\n"
+              f"Reward: {reward_label}. {MEMORY_STEPS} sampling steps.\n")
+        cell = lambda v: f"{v['peak']:.1f} ({v['before']:.1f})" if isinstance(v, dict) else v
+        print(table(["point (resolution:frames)", "OnlineVPO", "ReFL"],
+                    [[p[0], cell(mem["OnlineVPO"][p[0]]), cell(mem["ReFL"][p[0]])] for p in cfg["points"]]) + "\n")
+        results["b"] = dict(unit=unit, **mem)
+    return results
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        results = run(args)
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
