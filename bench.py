@@ -212,8 +212,9 @@ class Clock:
 
 
 def online_step(model: VideoModel, ref: nn.Module, reward, opt, n: int, steps: int, clock: Clock,
-                prompts: list[str] = PROMPTS[:1], seed: int = 0):
-    """One OnlineVPO step (Alg. 1 lines 4-8) on len(prompts) prompts, as train.py's online_pairs + dpo_backward."""
+                prompts: list[str] = PROMPTS[:1], seed: int = 0, split: bool = False):
+    """One OnlineVPO step (Alg. 1 lines 4-8) on len(prompts) prompts, as train.py's online_pairs + dpo_backward.
+    split: train.py --split-pair (winners' and losers' backward one after the other, half the activations)."""
     P = len(prompts)
     with clock("encode"):
         model.encode_prompts(prompts)
@@ -232,12 +233,21 @@ def online_step(model: VideoModel, ref: nn.Module, reward, opt, n: int, steps: i
         noise = torch.randn(x0[:P].shape, generator=g).to(x0.device).repeat(2, 1, 1, 1, 1)
         t = model.training_timesteps(P, g).repeat(2)
         y, mask = model.encode_prompts(prompts + prompts)
-        policy_err = model.errors(model.dit, x0, noise, t, y, mask)
+        with torch.no_grad() if split else contextlib.nullcontext():
+            policy_err = model.errors(model.dit, x0, noise, t, y, mask)
+        if split:
+            policy_err.requires_grad_(True)
         with torch.no_grad():
             ref_err = model.errors(ref, x0, noise, t, y, mask)
         loss, _ = dpo.diffusion_dpo_loss(policy_err[:P], policy_err[P:], ref_err[:P], ref_err[P:], model.beta)
     with clock("DPO backward"):
-        loss.backward()
+        if not split:
+            loss.backward()
+        else:  # dL/de from the no-grad pass, then each half's forward + backward with that weight
+            (coef,) = torch.autograd.grad(loss, policy_err)
+            for half in (slice(0, P), slice(P, 2 * P)):
+                e = model.errors(model.dit, x0[half], noise[half], t[half], y[half], mask[half])
+                (e * coef[half]).sum().backward()
     with clock("optimizer"):
         torch.nn.utils.clip_grad_norm_(model.dit.parameters(), 1.0)
         opt.step()
@@ -276,12 +286,12 @@ def adamw(model: VideoModel):
 # The parts
 
 
-def phase_breakdown(model, ref, reward, opt, n: int, steps: int) -> dict:
+def phase_breakdown(model, ref, reward, opt, n: int, steps: int, split: bool = False) -> dict:
     """a: seconds per phase of one OnlineVPO step, after one warm-up step (1 sampling step, another prompt)."""
-    online_step(model, ref, reward, opt, n, 1, Clock(model.device), prompts=PROMPTS[1:])
+    online_step(model, ref, reward, opt, n, 1, Clock(model.device), prompts=PROMPTS[1:], split=split)
     model._cache.clear()  # the timed step encodes its prompt for real
     clock = Clock(model.device)
-    online_step(model, ref, reward, opt, n, steps, clock)
+    online_step(model, ref, reward, opt, n, steps, clock, split=split)
     return clock.seconds
 
 
@@ -364,7 +374,8 @@ def child_memory(spec: dict, conn):
         ref = make_reference(model) if spec["method"] == "OnlineVPO" else None
         opt = adamw(model)
         if spec["method"] == "OnlineVPO":
-            step = lambda: online_step(model, ref, reward, opt, spec["n"], MEMORY_STEPS, Clock(model.device))
+            step = lambda: online_step(model, ref, reward, opt, spec["n"], MEMORY_STEPS, Clock(model.device),
+                                       split=spec["split"])
         else:
             step = lambda: refl_step(model, reward, opt, MEMORY_STEPS, Clock(model.device))
         set_point(model, parse_point(WARM_POINT))
@@ -392,7 +403,8 @@ def cpu_memory(args, points: list) -> dict:
     ctx.set_forkserver_preload(["bench"])
 
     def measure(method: str, point: tuple):
-        spec = dict(method=method, point=point[0], size=args.size, reward=args.reward, seed=args.seed, n=args.n)
+        spec = dict(method=method, point=point[0], size=args.size, reward=args.reward, seed=args.seed, n=args.n,
+                    split=args.split_pair)
         receive, send = ctx.Pipe(duplex=False)
         proc = ctx.Process(target=this.child_memory, args=(spec, send))
         proc.start()
@@ -460,6 +472,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "with random weights (default for full); pixel: reward.PixelReward (default for tiny)")
     p.add_argument("--reward-offload", action="store_true", help="keep the reward on the CPU except while it "
                    "scores (train.py --reward-offload)")
+    p.add_argument("--split-pair", action="store_true", help="the DPO step as train.py --split-pair (winners' and "
+                   "losers' backward one after the other) in parts a and b")
     p.add_argument("--peak-tflops", type=float, default=None, help="the accelerator's dense bf16 TFLOP/s for MFU "
                    "(default: looked up for H200/H100/A100)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -540,7 +554,7 @@ def run(args) -> dict:
     point = cfg["point"][0]
     if "a" in parts:  # first: T5 is still there, so the encode phase is real
         log(f"a: one OnlineVPO step at {point}")
-        sec = phase_breakdown(model, ref, reward, opt, args.n, steps)
+        sec = phase_breakdown(model, ref, reward, opt, args.n, steps, args.split_pair)
         total = sum(sec.values())
         print(f"### a. One OnlineVPO step, {point}, N = {args.n}, {steps} sampling steps\nReward: {reward_label}. "
               "Gradient checkpointing on, reference in bf16 on GPU. One prompt (train.py --sample-batch 1).\n")
@@ -576,7 +590,7 @@ def run(args) -> dict:
         log(f"b: memory at {args.points}")
         if dev.type == "cuda":
             mem = {"OnlineVPO": gpu_memory(model, opt, cfg["points"], lambda: online_step(
-                model, ref, reward, opt, args.n, MEMORY_STEPS, Clock(dev)))}
+                model, ref, reward, opt, args.n, MEMORY_STEPS, Clock(dev), split=args.split_pair))}
             ref = None  # ReFL keeps no reference copy
             free_memory(dev)
             mem["ReFL"] = gpu_memory(model, opt, cfg["points"], lambda: refl_step(
