@@ -116,6 +116,8 @@ def check_args(args):
     if args.batch_size % parallel.WORLD:
         raise UserError(f"--batch-size {args.batch_size} must be a multiple of the {parallel.WORLD} processes: every "
                         "rank takes an equal share of each step's prompts")
+    if args.fsdp and parallel.WORLD == 1:
+        raise UserError("--fsdp shards the model across processes: start the run with torchrun --nproc_per_node G")
     if args.fsdp and args.ref_offload:
         raise UserError("--ref-offload and --fsdp do not combine: FSDP2 already shards the reference")
 

@@ -144,3 +144,12 @@ def test_batch_must_split_evenly_across_ranks(tmp_path):
     assert out.returncode != 0
     assert "error: --batch-size 3 must be a multiple of the 2 processes" in out.stderr
     assert not re.search(r"\[rank\d\]:.*Traceback", out.stderr)  # torchrun reports the exit; no worker traceback
+
+
+def test_fsdp_needs_torchrun(tmp_path):
+    import train
+
+    with pytest.raises(SystemExit) as e:
+        train.main([*RUN, "--fsdp", "--out", str(tmp_path)])
+    assert str(e.value.code) == ("error: --fsdp shards the model across processes: start the run with torchrun "
+                                 "--nproc_per_node G")
