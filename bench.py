@@ -32,6 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 import dpo
 import opensora as osr
 import reward as rw
+import train
 from model import ByteTokenizer, UserError, VideoModel, tiny_t5
 
 PARTS = ("a", "b", "c", "d")
@@ -144,16 +145,13 @@ def build(size: str, device: str, reward_name: str, seed: int = 0, reward_offloa
 
 
 def make_reference(model: VideoModel) -> nn.Module:
-    """Lever 2: G_ref in bf16 on a GPU (it is never trained; DPO only needs its errors)."""
-    ref = model.frozen_copy()
-    return ref.to(torch.bfloat16) if model.device.type == "cuda" else ref
+    """Lever 2, train.py's default --ref-dtype: G_ref stored in the compute dtype (bf16 on a GPU)."""
+    return model.frozen_copy(model.dtype)
 
 
 def drop_text_encoder(model: VideoModel):
-    """Lever 3: T5 is needed only until every prompt is encoded; encode_prompts keeps the features cached."""
-    model.encode_prompts(PROMPTS)
-    model.text_encoder = None
-    free_memory(model.device)
+    """Lever 3, train.py's default --text-encoder-offload free: every prompt encoded once, then T5 freed."""
+    train.cache_prompts(model, PROMPTS, "free")
 
 
 def set_point(model: VideoModel, point: tuple):

@@ -211,12 +211,12 @@ class VideoModel:
             # cached without the padding: STDiT3 masks padded tokens out of cross-attention, so zeros read back
             # in their place give the same output, and a 300-token T5-XXL row shrinks to the prompt's length
             for p, yi, mi in zip(todo, y.cpu(), mask):
-                self._cache[p] = (yi[: int(mi.sum())].clone(), int(mi.sum()))
-        y = torch.zeros(len(prompts), self.max_length, self._cache[prompts[0]][0].shape[-1])
+                self._cache[p] = yi[: int(mi.sum())].clone()
+        y = torch.zeros(len(prompts), self.max_length, self._cache[prompts[0]].shape[-1])
         mask = torch.zeros(len(prompts), self.max_length, dtype=torch.long)
         for i, p in enumerate(prompts):
-            y[i, : self._cache[p][1]] = self._cache[p][0].float()
-            mask[i, : self._cache[p][1]] = 1
+            tokens = self._cache[p]
+            y[i, : len(tokens)], mask[i, : len(tokens)] = tokens.float(), 1
         return y[:, None].to(self.device), mask.to(self.device)
 
     def model_kwargs(self, b: int) -> dict:

@@ -51,21 +51,18 @@ def barrier():
         dist.barrier()
 
 
-def all_true(flag: bool, device) -> bool:
-    """True on every rank iff True on all: a NaN anywhere skips the step everywhere."""
-    if WORLD == 1:
-        return flag
-    t = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
-
-
 def total(value: int, device) -> int:
+    """The sum over ranks."""
     if WORLD == 1:
         return value
     t = torch.tensor([value], device=device)
     dist.all_reduce(t)
     return int(t.item())
+
+
+def all_true(flag: bool, device) -> bool:
+    """True on every rank iff True on all: a NaN anywhere skips the step everywhere."""
+    return total(int(not flag), device) == 0
 
 
 def gather(obj) -> list:

@@ -379,8 +379,9 @@ def refl_backward(model, net, reward, dim, prompts, counters, args, log, times, 
     return bool(torch.isfinite(loss))
 
 
-def merged(logs: list[dict], times: list[dict]) -> tuple[dict, dict]:
-    """Every rank's metric lists joined; each phase timed by its slowest rank."""
+def merged(per_rank: list[tuple[dict, dict]]) -> tuple[dict, dict]:
+    """Every rank's (metric lists, phase times): lists joined, each phase timed by its slowest rank."""
+    logs, times = zip(*per_rank)
     log = {key: [v for one in logs for v in one[key]] for key in logs[0]}
     return log, {key: max(one[key] for one in times) for key in times[0]}
 
@@ -512,7 +513,7 @@ def train(args) -> dict:
             state["ref_updates"] += 1
         times["train"] += time.perf_counter() - tic
 
-        log, times = merged(parallel.gather(log), parallel.gather(times))
+        log, times = merged(parallel.gather((log, times)))
         mean = lambda v: sum(v) / len(v) if v else None
         row = {"step": state["step"], "pairs": pairs, "ties": state["ties"], "ref_updates": state["ref_updates"],
                "skipped_nan": state["skipped_nan"], "grad_norm": grad_norm, "lr": args.lr, "beta": beta,
