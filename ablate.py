@@ -18,7 +18,8 @@ import torch
 
 import toy
 import train
-from model import UserError, build_model
+from inputs import UserError
+from model import build_model
 from reward import build_reward
 
 # name -> train.py flags. K is counted in optimizer steps of a --steps-long run.

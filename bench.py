@@ -33,7 +33,8 @@ import dpo
 import opensora as osr
 import reward as rw
 import train
-from model import ByteTokenizer, UserError, VideoModel, tiny_t5
+from inputs import UserError
+from model import ByteTokenizer, VideoModel, tiny_t5
 
 PARTS = ("a", "b", "c", "d")
 PROMPTS = ["a red fox trotting through fresh snow in a pine forest at dawn",

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from model import UserError, resolve, size_for
+from inputs import UserError, resolve
+from model import size_for
 
 COGVIDEOX_ID, WAN_ID = "THUDM/CogVideoX-2b", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 

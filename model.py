@@ -18,10 +18,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 import opensora as osr
-
-
-class UserError(Exception):
-    """Bad input from the user: printed as one line by the command-line tools, never as a traceback."""
+from inputs import UserError, resolve
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -90,23 +87,6 @@ class PixelSpace(nn.Module):
 
 # ----------------------------------------------------------------------------------------------------------
 # Loading: Hugging Face ids or local folders
-
-
-def resolve(path: str, what: str, hub_id: str, patterns: list[str] | None = None) -> str:
-    """A local folder as is; otherwise a Hub id fetched (or found in the local Hub cache)."""
-    if os.path.isdir(path):
-        return path
-    looks_local = path.startswith((".", "/", "~")) or path.count("/") != 1
-    if looks_local:
-        raise UserError(f"{what}: folder {path!r} does not exist; download the weights with "
-                        f"`huggingface-cli download {hub_id} --local-dir {path}`")
-    hint = f"download it with `huggingface-cli download {path} --local-dir DIR` and pass DIR"
-    try:
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(path, allow_patterns=patterns)
-    except Exception as e:  # offline, gated, missing: one line with the way out
-        raise UserError(f"{what}: cannot get {path!r} ({type(e).__name__}); {hint}") from None
 
 
 DIT_ID, VAE_ID, T5_ID = "hpcai-tech/OpenSora-STDiT-v3", "hpcai-tech/OpenSora-VAE-v1.2", "DeepFloyd/t5-v1_1-xxl"
@@ -390,33 +370,14 @@ def build_tiny(size: str | None = None, frames: int | None = None, dit: str | No
                       max_length=TINY_DIT["model_max_length"], aes=None, use_timestep_transform=False)
 
 
-def build_toy(size: str | None = None, frames: int | None = None, dit: str | None = None, **_) -> VideoModel:
-    """The README's default: the toy world's model (toy.py), a wider STDiT3 pretrained on moving shapes, 32x32,
-    8 frames. Its weights ship in the repository (toy/); `dit="random"` gives the untrained network."""
-    import toy
-
-    height, width = size_for("", "", size or f"{toy.SIZE}x{toy.SIZE}", 8)
-    if dit == "random":
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            net = osr.STDiT3(**toy.TOY_DIT)
-    else:
-        folder = dit or toy.TOY_DIR
-        if not os.path.isfile(os.path.join(folder, "model.safetensors")):
-            raise UserError(f"toy weights: {folder}/model.safetensors not found; run `python toy.py` to make them")
-        net = load_dit(folder)
-    return VideoModel("toy", net, PixelSpace(), tiny_t5(toy.TOY_DIT["caption_channels"]), ByteTokenizer(),
-                      height, width, frames or toy.FRAMES, fps=toy.FPS, sample_steps=10, cfg=4.0, beta=500.0,
-                      max_length=toy.TOY_DIT["model_max_length"], aes=None, use_timestep_transform=False)
-
-
 def lazy(module: str, builder: str):
-    """A builder imported on first use: diffusers_models imports this file, so this file cannot import it first."""
+    """A builder imported on first use: diffusers_models and toy import this file, so this file cannot import them."""
     return lambda **kwargs: getattr(importlib.import_module(module), builder)(**kwargs)
 
 
-MODELS = {"toy": build_toy, "opensora": build_opensora, "cogvideox": lazy("diffusers_models", "build_cogvideox"),
-          "wan": lazy("diffusers_models", "build_wan"), "tiny": build_tiny}
+MODELS = {"toy": lazy("toy", "build_toy"), "opensora": build_opensora,
+          "cogvideox": lazy("diffusers_models", "build_cogvideox"), "wan": lazy("diffusers_models", "build_wan"),
+          "tiny": build_tiny}
 
 
 def build_model(name: str, **kwargs) -> VideoModel:

@@ -19,7 +19,7 @@ from tokenizers import AddedToken, Tokenizer
 from transformers import Idefics2Config, Idefics2Model
 from transformers.models.idefics2.modeling_idefics2 import Idefics2PreTrainedModel
 
-from model import UserError, resolve
+from inputs import UserError, resolve
 
 
 class FormulaReward:

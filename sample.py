@@ -2,15 +2,18 @@
 
     python sample.py --n 2 --strip strip.png --strip-scale 4     # the toy model: mp4s and a PNG of their frames
     python sample.py --model opensora --checkpoint runs/vpo/checkpoint-200 --prompts prompts/eval.txt --n 5
-Each prompt gives `{prompt}-{i}.mp4`, i = 0..n-1, the layout VBench's evaluation expects.
+Each prompt gives `{prompt}-{i}.mp4`, i = 0..n-1, the layout VBench's evaluation expects (inputs.video_names:
+unsafe characters are dropped, a repeated prompt continues its numbering, colliding names get a short hash).
 """
 import argparse
+import math
 import os
-import sys
 
-import torch
+from inputs import UserError, command, default_prompts, load_prompts, video_names, writable_dir, writable_file
 
-from model import MODELS, UserError, build_model
+import torch  # noqa: E402  (inputs first: Ctrl-C during this slow import is one line too)
+
+from model import MODELS, build_model
 
 
 def write_video(path: str, video: torch.Tensor, fps: int):
@@ -54,42 +57,13 @@ def frame_strip(videos: torch.Tensor, scale: int = 1, gap: int = 2) -> torch.Ten
     return v.permute(0, 2, 1, 3, 4).reshape(b * h, t * w, c)
 
 
-def video_name(prompt: str, i: int) -> str:
-    """VBench's file name: the prompt itself (slashes replaced, capped at 180 bytes) then -i."""
-    name = prompt.strip().replace("/", " ")
-    return f"{name.encode('utf-8')[:180].decode('utf-8', 'ignore')}-{i}.mp4"
-
-
-PROMPTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
-
-
-def default_prompts(model: str, kind: str) -> str:
-    """The shipped prompt file for a model: the toy world's own prompts for `toy`, general ones otherwise."""
-    names = {"toy": {"train": "toy.txt", "eval": "toy_eval.txt"}}.get(model, {"train": "train.txt", "eval": "eval.txt"})
-    return os.path.join(PROMPTS_DIR, names[kind])
-
-
-def load_prompts(path: str, column: str | None = None) -> list[str]:
-    """A .txt file (one prompt per line) or a .csv file (the column --prompt-column, default 'text')."""
-    if not os.path.isfile(path):
-        raise UserError(f"prompt file {path!r} not found")
-    if path.endswith(".csv"):
-        import csv
-
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            column = column or "text"
-            if column not in (reader.fieldnames or []):
-                raise UserError(f"{path} has no column {column!r} (columns: {reader.fieldnames}); "
-                                "pass --prompt-column")
-            prompts = [row[column].strip() for row in reader]
-    else:
-        with open(path, encoding="utf-8") as f:
-            prompts = [line.strip() for line in f]
-    prompts = [p for p in prompts if p]
-    if not prompts:
-        raise UserError(f"prompt file {path!r} holds no prompts")
-    return prompts
+def sample_videos(model, prompts: list[str], n: int, seed: int):
+    """(prompt, n uint8 videos) for each prompt: N candidates in one batched call, decoded. Prompt k's video i
+    starts from the noise of seed `seed * 1_000_003 + k * n + i`, so the same prompts give the same videos in
+    every run (eval samples during training, sample.py, ablate.py's evaluation)."""
+    for k, prompt in enumerate(prompts):
+        seeds = [seed * 1_000_003 + k * n + i for i in range(n)]
+        yield prompt, model.decode(model.sample([prompt], n, seeds))
 
 
 def add_model_args(p: argparse.ArgumentParser):
@@ -114,7 +88,27 @@ def add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="compute dtype (bf16 on GPU, fp32 on CPU)")
 
 
+def check_model_args(args):
+    """The model flags' values, before anything loads (a 16 GB model must not load to hear --frames -3)."""
+    if args.model not in MODELS:
+        raise UserError(f"unknown model {args.model!r}; choose one of {', '.join(MODELS)}")
+    for flag in ("frames", "sample_steps"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.cfg is not None and not math.isfinite(args.cfg):
+        raise UserError(f"--cfg must be a finite number, got {args.cfg}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UserError(f"--device {args.device!r}: not a device name (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: no GPU is visible to torch here; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {args.device}: only {torch.cuda.device_count()} GPU(s) are visible")
+
+
 def model_from_args(args) -> "VideoModel":  # noqa: F821
+    check_model_args(args)
     kwargs = {k: getattr(args, k) for k in ("dit", "vae", "text_encoder") if getattr(args, k)}
     model = build_model(args.model, resolution=args.resolution, aspect=args.aspect, size=args.size,
                         frames=args.frames, **kwargs)
@@ -127,6 +121,7 @@ def model_from_args(args) -> "VideoModel":  # noqa: F821
     return model
 
 
+@command()
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
@@ -139,26 +134,23 @@ def main(argv=None):
     p.add_argument("--strip", default=None, help="also write every video as a row of frames to this PNG file")
     p.add_argument("--strip-scale", type=int, default=1, help="pixel upscaling of the strip")
     args = p.parse_args(argv)
-    try:
-        if args.n < 1:
-            raise UserError("--n must be at least 1")
-        prompts = load_prompts(args.prompts or default_prompts(args.model, "eval"), args.prompt_column)
-        model = model_from_args(args)
-        if args.checkpoint:
-            model.load_weights(os.path.join(args.checkpoint, "model.safetensors"))
-        os.makedirs(args.out, exist_ok=True)
-        strip = []
-        for k, prompt in enumerate(prompts):
-            seeds = [args.seed * 1_000_003 + k * args.n + i for i in range(args.n)]
-            videos = model.decode(model.sample([prompt], args.n, seeds))
-            for i, video in enumerate(videos):
-                write_video(os.path.join(args.out, video_name(prompt, i)), video, model.fps)
-            strip.append(videos)
-            print(f"[{k + 1}/{len(prompts)}] {prompt}")
-        if args.strip:
-            write_png(args.strip, frame_strip(torch.cat(strip), args.strip_scale))
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    if args.n < 1 or args.strip_scale < 1:
+        raise UserError("--n and --strip-scale must be at least 1")
+    prompts = load_prompts(args.prompts or default_prompts(args.model, "eval"), args.prompt_column)
+    writable_dir(args.out, "--out")  # before the sampling, not after it
+    if args.strip:
+        writable_file(args.strip, "--strip")
+    model = model_from_args(args)
+    if args.checkpoint:
+        model.load_weights(os.path.join(args.checkpoint, "model.safetensors"))
+    strip, names = [], video_names(prompts, args.n)
+    for k, (prompt, videos) in enumerate(sample_videos(model, prompts, args.n, args.seed)):
+        for name, video in zip(names[k], videos):
+            write_video(os.path.join(args.out, name), video, model.fps)
+        strip.append(videos)
+        print(f"[{k + 1}/{len(prompts)}] {prompt}")
+    if args.strip:
+        write_png(args.strip, frame_strip(torch.cat(strip), args.strip_scale))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,10 @@ import time
 
 import torch
 
+import opensora as osr
+from inputs import UserError
+from model import ByteTokenizer, PixelSpace, VideoModel, load_dit, size_for, tiny_t5
+
 # The world's vocabulary. Colours are RGB on 0..255; directions are (dx, dy) in image coordinates (y down).
 COLORS = {"red": (220, 50, 50), "green": (60, 190, 70), "blue": (60, 100, 235), "yellow": (235, 210, 60),
           "white": (235, 235, 235)}
@@ -34,6 +38,24 @@ TOY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy")
 # The toy denoiser: the tiny model's STDiT3, wider and deeper, still a few MB of fp32 weights.
 TOY_DIT = dict(in_channels=3, patch_size=(1, 4, 4), hidden_size=96, depth=3, num_heads=4, pred_sigma=False,
                caption_channels=32, model_max_length=48, input_sq_size=32, qk_norm=True)
+
+
+def build_toy(size: str | None = None, frames: int | None = None, dit: str | None = None, **_) -> VideoModel:
+    """`--model toy`, the README's default: the toy world's model, a wider STDiT3 pretrained on moving shapes, 32x32,
+    8 frames. Its weights ship in the repository (toy/); `dit="random"` gives the untrained network."""
+    height, width = size_for("", "", size or f"{SIZE}x{SIZE}", 8)
+    if dit == "random":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            net = osr.STDiT3(**TOY_DIT)
+    else:
+        folder = dit or TOY_DIR
+        if not os.path.isfile(os.path.join(folder, "model.safetensors")):
+            raise UserError(f"toy weights: {folder}/model.safetensors not found; run `python toy.py` to make them")
+        net = load_dit(folder)
+    return VideoModel("toy", net, PixelSpace(), tiny_t5(TOY_DIT["caption_channels"]), ByteTokenizer(),
+                      height, width, frames or FRAMES, fps=FPS, sample_steps=10, cfg=4.0, beta=500.0,
+                      max_length=TOY_DIT["model_max_length"], aes=None, use_timestep_transform=False)
 
 
 def prompt_for(color: str, shape: str, direction: str) -> str:
@@ -111,10 +133,8 @@ def to_latents(videos: torch.Tensor) -> torch.Tensor:
 
 def pretrain(steps: int, batch_size: int, lr: float, out: str, seed: int = 0, drop_caption: float = 0.1,
              ema_decay: float = 0.998, log_every: int = 50) -> dict:
-    from model import build_toy  # the toy model's text side (byte T5) is fixed; only the DiT learns
-
     torch.manual_seed(seed)
-    model = build_toy(dit="random")
+    model = build_toy(dit="random")  # the text side (byte T5) is fixed; only the DiT learns
     net = model.dit.train()
     # adaLN-Zero practice (DiT, Peebles & Xie 2023): a zero output layer starts the velocity at 0, so the loss
     # starts at E|x0 - noise|^2 instead of several times that; Open-Sora's own init leaves it random.

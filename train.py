@@ -24,9 +24,10 @@ from tqdm import tqdm
 
 import dpo
 import parallel
-from model import MODELS, UserError
+from inputs import UserError, default_prompts, load_prompts, video_names
+from model import MODELS
 from reward import REWARDS, build_reward, pick
-from sample import add_model_args, default_prompts, load_prompts, model_from_args, video_name, write_video
+from sample import add_model_args, model_from_args, write_video
 
 
 METHOD_NAMES = {"online": "OnlineVPO", "offline": "offline DPO", "refl": "ReFL"}
@@ -193,8 +194,8 @@ def write_eval_samples(model, prompts: list[str], out: str, step: int, seed: int
         videos = model.decode(model.sample([prompt], 2, candidate_seeds(seed + 1, k, 2)))
         if parallel.is_main():
             os.makedirs(folder, exist_ok=True)
-            for i, video in enumerate(videos):
-                write_video(os.path.join(folder, video_name(prompt, i)), video, model.fps)
+            for name, video in zip(video_names(prompts, 2)[k], videos):
+                write_video(os.path.join(folder, name), video, model.fps)
 
 
 # ----------------------------------------------------------------------------------------------------------

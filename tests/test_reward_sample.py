@@ -5,6 +5,7 @@ import av
 import pytest
 import torch
 
+import inputs
 import sample
 from model import UserError
 from reward import build_reward, pick
@@ -37,7 +38,7 @@ def test_reward_rejects_bad_input():
 def test_mp4_round_trip_and_vbench_names(tmp_path):
     video = torch.zeros(5, 16, 22, 3, dtype=torch.uint8)
     video[:, :, :, 0] = torch.arange(5).view(5, 1, 1) * 50
-    path = os.path.join(tmp_path, sample.video_name("a cat / dog", 3))
+    path = os.path.join(tmp_path, inputs.video_names(["a cat / dog"], 4)[0][3])
     assert os.path.basename(path) == "a cat   dog-3.mp4"
     sample.write_video(path, video, fps=8)
     with av.open(path) as f:

@@ -1,0 +1,166 @@
+"""What every command-line tool shares at its edge with the user: the bad-input exception, Hub ids or local
+folders, prompt files, file names made from prompts, output paths checked before long work, and the wrapper
+that turns bad input, a full disk or Ctrl-C into one `error: ...` line and a non-zero exit.
+
+No torch here: this module is imported first, so that Ctrl-C during the slow imports is one line too.
+"""
+import functools
+import hashlib
+import os
+import re
+import sys
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as one line by the command-line tools, never as a traceback."""
+
+
+def _quiet_interrupt(kind, value, tb, default=sys.excepthook):
+    """Ctrl-C before a tool's main() is running (during `import torch`, say): one line, not a traceback."""
+    if issubclass(kind, KeyboardInterrupt):
+        print("error: interrupted", file=sys.stderr)
+    else:
+        default(kind, value, tb)
+
+
+sys.excepthook = _quiet_interrupt
+
+
+def command(interrupted: str = "interrupted"):
+    """Wraps a tool's `main(argv)`: UserError, Ctrl-C and the operating system's refusals (disk full, read-only,
+    permission denied) end with one `error: ...` line and exit status 1. Anything else is a bug in this code and
+    keeps its traceback. Under torchrun every rank meets the same error and rank 0 alone prints it."""
+    def wrap(main):
+        @functools.wraps(main)
+        def guarded(argv=None):
+            try:
+                return main(argv)
+            except UserError as e:
+                message = str(e)
+            except KeyboardInterrupt:
+                message = interrupted
+            except OSError as e:
+                where = f": {e.filename}" if e.filename else ""
+                message = f"{e.strerror or e}{where}"
+            sys.exit(f"error: {message}" if os.environ.get("RANK", "0") == "0" else 1)
+        return guarded
+    return wrap
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Weights: Hugging Face ids or local folders
+
+
+def resolve(path: str, what: str, hub_id: str, patterns: list[str] | None = None) -> str:
+    """A local folder as is; otherwise a Hub id fetched (or found in the local Hub cache)."""
+    if os.path.isdir(path):
+        return path
+    looks_local = path.startswith((".", "/", "~")) or path.count("/") != 1
+    if looks_local:
+        raise UserError(f"{what}: folder {path!r} does not exist; download the weights with "
+                        f"`huggingface-cli download {hub_id} --local-dir {path}`")
+    hint = f"download it with `huggingface-cli download {path} --local-dir DIR` and pass DIR"
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(path, allow_patterns=patterns)
+    except Exception as e:  # offline, gated, missing: one line with the way out
+        raise UserError(f"{what}: cannot get {path!r} ({type(e).__name__}); {hint}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Text files
+
+
+def read_text(path: str, what: str) -> str:
+    """A whole UTF-8 text file; a missing, unreadable or binary file is one line naming it."""
+    if not os.path.isfile(path):
+        raise UserError(f"{what} {path!r} not found")
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} {path!r} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                        f"{e.start}); save it as UTF-8") from None
+    if "\x00" in text:
+        raise UserError(f"{what} {path!r} holds a NUL byte: a binary file, not text")
+    return text
+
+
+PROMPTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
+
+
+def default_prompts(model: str, kind: str) -> str:
+    """The shipped prompt file for a model: the toy world's own prompts for `toy`, general ones otherwise."""
+    names = {"toy": {"train": "toy.txt", "eval": "toy_eval.txt"}}.get(model, {"train": "train.txt", "eval": "eval.txt"})
+    return os.path.join(PROMPTS_DIR, names[kind])
+
+
+def load_prompts(path: str, column: str | None = None) -> list[str]:
+    """A .txt file (one prompt per line) or a .csv file (the column --prompt-column, default 'text')."""
+    text = read_text(path, "prompt file")
+    if path.lower().endswith(".csv"):
+        import csv
+        import io
+
+        reader = csv.DictReader(io.StringIO(text))
+        column = column or "text"
+        if column not in (reader.fieldnames or []):
+            raise UserError(f"{path} has no column {column!r} (columns: {reader.fieldnames}); pass --prompt-column")
+        prompts = [(row[column] or "").strip() for row in reader]
+    else:
+        prompts = [line.strip() for line in text.splitlines()]
+    prompts = [p for p in prompts if p]
+    if not prompts:
+        raise UserError(f"prompt file {path!r} holds no prompts")
+    return prompts
+
+
+# ----------------------------------------------------------------------------------------------------------
+# File names made from prompts
+
+
+def video_names(prompts: list[str], n: int) -> list[list[str]]:
+    """n mp4 names per prompt, VBench's layout `{prompt}-{i}.mp4` wherever that is safe and unique.
+    A '/', control characters or a leading '-', '.' or '~' become spaces or are dropped; the name is capped at
+    180 bytes. A prompt listed twice continues its numbering (`-5` ... after `-0` ... `-4`, more samples of the
+    same prompt); two different prompts that clean to the same name get a short hash of the prompt."""
+    cleaned = [re.sub(r"[\x00-\x1f\x7f/\\]", " ", p).strip().lstrip("-.~ ") or "video" for p in prompts]
+    cleaned = [c.encode("utf-8")[:180].decode("utf-8", "ignore").rstrip() for c in cleaned]
+    owners, seen, out = {}, {}, []
+    for prompt, name in zip(prompts, cleaned):
+        if owners.setdefault(name.lower(), prompt) != prompt:  # another prompt has it (case-insensitive disks too)
+            name = f"{name} #{hashlib.sha1(prompt.encode()).hexdigest()[:8]}"
+        first = seen.get(prompt, 0)
+        seen[prompt] = first + n
+        out.append([f"{name}-{first + i}.mp4" for i in range(n)])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Outputs: checked before the long work that fills them
+
+
+def writable_dir(path: str, what: str) -> str:
+    """Make the folder (and its parents) and prove a file can be written in it; one line if not."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{what} {path!r} is a file, not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write-test-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"{what} {path!r} cannot be written: {e.strerror or e}") from None
+    return path
+
+
+def writable_file(path: str, what: str) -> str:
+    """A file path whose folder exists and takes a new file, and that is not itself a folder; one line if not."""
+    if os.path.isdir(path):
+        raise UserError(f"{what} {path!r} is a folder, not a file")
+    writable_dir(os.path.dirname(path) or ".", f"{what}'s folder")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise UserError(f"{what} {path!r} is read-only")
+    return path
