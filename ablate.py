@@ -21,6 +21,7 @@ import train
 from inputs import UserError
 from model import build_model
 from reward import build_reward
+from sample import sample_videos
 
 # name -> train.py flags. K is counted in optimizer steps of a --steps-long run.
 RUNS = {
@@ -38,9 +39,7 @@ RUNS = {
 def evaluate_policy(model, reward, prompts: list[str], videos_per_prompt: int = 2, seed: int = 12345) -> dict:
     """Mean toy reward per dimension over every prompt, fixed seeds (the same for every policy)."""
     totals = {}
-    for k, prompt in enumerate(prompts):
-        seeds = [seed + k * videos_per_prompt + i for i in range(videos_per_prompt)]
-        videos = model.decode(model.sample([prompt], videos_per_prompt, seeds))
+    for prompt, videos in sample_videos(model, prompts, videos_per_prompt, seed):
         for dim, s in reward.score(videos, [prompt] * len(videos)).items():
             totals.setdefault(dim, []).extend(s.tolist())
     return {dim: sum(v) / len(v) for dim, v in totals.items()}

@@ -32,7 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 import dpo
 import opensora as osr
 import reward as rw
-import train
+from run import cache_prompts
 from inputs import UserError
 from model import ByteTokenizer, VideoModel, tiny_t5
 
@@ -152,7 +152,7 @@ def make_reference(model: VideoModel) -> nn.Module:
 
 def drop_text_encoder(model: VideoModel):
     """Lever 3, train.py's default --text-encoder-offload free: every prompt encoded once, then T5 freed."""
-    train.cache_prompts(model, PROMPTS, "free")
+    cache_prompts(model, PROMPTS, "free")
 
 
 def set_point(model: VideoModel, point: tuple):

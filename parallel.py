@@ -7,7 +7,7 @@ Each rank owns an equal share of every optimizer step's prompts, samples and sco
 computes the DPO loss on its own pairs; only gradients are reduced (DDP all-reduce, or FSDP2 reduce-scatter).
 Policy and reference start identical on every rank and the reference is updated at the same step everywhere,
 so they stay identical. The one rule that keeps the collectives matched: every rank makes the SAME number of
-network calls per step (train.py runs a zero-weight placeholder pair where a rank has only ties).
+network calls per step (`stand_in`: a zero-weight pair where a rank has only ties).
 On CPU the gloo backend runs the same code (CI runs two processes).
 """
 import contextlib
@@ -72,6 +72,22 @@ def gather(obj) -> list:
     out = [None] * WORLD
     dist.all_gather_object(out, obj)
     return out
+
+
+def merge_logs(per_rank: list[tuple[dict, dict]]) -> tuple[dict, dict]:
+    """Every rank's (metric lists, phase seconds): lists joined, each phase timed by its slowest rank."""
+    logs, times = zip(*per_rank)
+    log = {key: [v for one in logs for v in one[key]] for key in logs[0]}
+    return log, {key: max(one[key] for one in times) for key in times[0]}
+
+
+def stand_in(pairs: list, prompt: str, shape: tuple) -> tuple[list, float]:
+    """(pairs, weight) for the DPO step. A rank whose prompts all tied (or sampled NaN) still makes the step's
+    network calls, on one zero-weight pair of zeros: otherwise DDP's and FSDP2's collectives wait forever."""
+    if pairs or WORLD == 1:
+        return pairs, 1.0
+    z = torch.zeros(shape)
+    return [(0, prompt, z, z)], 0.0
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import run
 import train
 from model import UserError, build_model
 
@@ -35,7 +36,7 @@ def test_cached_prompt_embeddings_give_the_network_output_of_fresh_t5_features(s
 
 def test_freed_text_encoder_still_serves_cached_prompts_and_names_an_unseen_one(small):
     before = small.encode_prompts(["a red ball"])[0]
-    train.cache_prompts(small, ["a red ball", "a dog runs"], "free")
+    run.cache_prompts(small, ["a red ball", "a dog runs"], "free")
     assert small.text_encoder is None
     assert torch.equal(small.encode_prompts(["a red ball"])[0], before)
     with pytest.raises(UserError, match="'a cat' was not encoded before the text encoder was freed"):
@@ -43,7 +44,7 @@ def test_freed_text_encoder_still_serves_cached_prompts_and_names_an_unseen_one(
 
 
 def test_text_encoder_parked_on_cpu_encodes_unseen_prompts(small):
-    train.cache_prompts(small, ["a red ball"], "cpu")
+    run.cache_prompts(small, ["a red ball"], "cpu")
     assert small.encode_prompts(["a cat"])[0].shape == (1, 1, 12, 16)
 
 
@@ -82,28 +83,21 @@ def test_vae_micro_batch_needs_a_chunked_vae(tmp_path):
     assert str(e.value.code) == "error: --vae-micro-batch applies to Open-Sora's VAE, not to model 'tiny'"
 
 
-def test_split_pair_gives_the_joint_gradient():
+def test_split_pair_gives_the_joint_gradient(tmp_path):
     """--split-pair: winners then losers, each with its own backward, weighted by dL/de from a no-grad pass."""
-    import argparse
-
-    from model import build_model
-
-    model = build_model("tiny", size="16x16", frames=4).to("cpu")
-    ref = model.frozen_copy()
-    with torch.no_grad():  # a reference that differs from the policy, so the loss is not at its symmetric point
-        for p in ref.parameters():
-            p.add_(0.01 * torch.randn_like(p))
-    g = torch.Generator().manual_seed(0)
-    found = [(c, (p, torch.randn(3, 4, 16, 16, generator=g), torch.randn(3, 4, 16, 16, generator=g)))
-             for c, p in enumerate(["a red ball", "a dog runs", "a cat"])]
     grads = []
-    for split in (False, True):
-        args = argparse.Namespace(seed=0, batch_size=3, ref_offload=False, split_pair=split)
-        model.dit.zero_grad()
-        P, ok = train.dpo_backward(model, model.dit, ref, 500.0, found, args, {k: [] for k in
-                                   ("loss", "accuracy", "margin", "kl")})
-        assert P == 3 and ok
-        grads.append(torch.cat([p.grad.flatten() for p in model.dit.parameters() if p.grad is not None]))
+    for split in ([], ["--split-pair"]):
+        job = run.Run(train.parse_args(FAST + split + ["--batch-size", "3", "--out", str(tmp_path / str(len(grads)))]))
+        torch.manual_seed(0)
+        with torch.no_grad():  # a reference that differs from the policy, so the loss is not at its symmetric point
+            for p in job.ref.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        g = torch.Generator().manual_seed(0)
+        pairs = [(c, p, torch.randn(3, 4, 16, 16, generator=g), torch.randn(3, 4, 16, 16, generator=g))
+                 for c, p in enumerate(job.prompts[:3])]
+        train.dpo_step(job, pairs)
+        assert job.pairs == 3 and job.finite
+        grads.append(torch.cat([p.grad.flatten() for p in job.model.dit.parameters() if p.grad is not None]))
     top = grads[0].abs().max()
     assert top > 0  # batch 3 vs batch 6 forwards: float rounding only
     torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-5 * top)

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 import reward
 import train
 from model import VideoModel
+from sample import model_from_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--model", "tiny", "--size", "16x16", "--frames", "4", "--sample-steps", "4", "--n", "2",
@@ -35,7 +36,7 @@ def test_offline_samples_only_while_collecting_then_never_again(tmp_path, monkey
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert all(r["pairs"] == 2 for r in rows) and rows[-1]["ref_updates"] == 0
     ref = load_file(tmp_path / "checkpoint-4" / "ref.safetensors")
-    initial = train.model_from_args(train.parse_args(FAST)).dit.state_dict()
+    initial = model_from_args(train.parse_args(FAST)).dit.state_dict()
     assert all(torch.equal(ref[k], initial[k]) for k in ref if k in initial)  # a fixed reference
     calls.clear()  # a second run in the same folder reuses the cached pairs: no sampling at all
     train.main(FAST + ["--reward", "pixel", "--method", "offline", "--offline-pairs", "3", "--steps", "6",
@@ -73,7 +74,7 @@ def test_refl_trains_the_policy_and_never_the_reward(tmp_path, monkeypatch):
     train.main(FAST + ["--reward", "linear", "--method", "refl", "--steps", "2", "--out", str(tmp_path)])
     head = LinearReward.instance.head
     assert head.weight.grad is None and torch.equal(head.weight, LinearReward.instance.before)
-    initial = train.model_from_args(train.parse_args(FAST)).dit.state_dict()
+    initial = model_from_args(train.parse_args(FAST)).dit.state_dict()
     policy = load_file(tmp_path / "checkpoint-2" / "model.safetensors")
     assert any(not torch.equal(policy[k], initial[k]) for k in policy if k in initial)
     assert not os.path.exists(tmp_path / "checkpoint-2" / "ref.safetensors")  # ReFL holds no reference
@@ -102,7 +103,7 @@ def test_refl_needs_a_differentiable_reward(tmp_path, monkeypatch):
 def test_predicted_x0_of_the_last_step_equals_the_sampler_output():
     """ReFL's one step with gradients is the sampler's own last step: same network call, same x0."""
     args = train.parse_args(FAST)
-    model = train.model_from_args(args)
+    model = model_from_args(args)
     steps = model.sample_steps
     full = model.sample(["a cat"], 1, [7])
     z, t = model.sample(["a cat"], 1, [7], until=steps - 1)

@@ -23,9 +23,9 @@ DRIVER = """
 import os, sys, torch
 sys.path.insert(0, {repo!r})
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-import parallel, train
+import parallel, run, train
 
-save = train.save_checkpoint
+save = run.save_checkpoint
 
 def save_and_dump(out, model, ref, opt, state, args):
     path = save(out, model, ref, opt, state, args)
@@ -35,7 +35,7 @@ def save_and_dump(out, model, ref, opt, state, args):
     torch.save(dump, os.path.join(out, f"rank{{parallel.RANK}}-step{{state['step']}}.pt"))
     return path
 
-train.save_checkpoint = save_and_dump
+run.save_checkpoint = save_and_dump
 train.main()
 """
 

@@ -1,0 +1,96 @@
+"""The paper's comparisons, over the same Run as OnlineVPO (run.py).
+
+- Offline DPO (Table 4d): Algorithm 1 with a pair pool filled ONCE from the initial policy and a fixed
+  reference (train.py's loop with K = 0 and `pool_pairs` instead of fresh samples).
+- ReFL (Table 4c): reward feedback learning, its own short loop: the reward's gradient instead of preferences.
+"""
+import math
+import os
+
+import torch
+from tqdm import tqdm
+
+import parallel
+from inputs import UserError
+from reward import pick
+from run import Run
+
+
+def offline_pool(run: Run, sample_pairs) -> list:
+    """Table 4d, Diffusion-DPO style: --offline-pairs prompts sampled ONCE with the initial policy and scored
+    by the same reward (`sample_pairs`: train.online_pairs), best vs worst kept (ties as None); cached to
+    OUT/offline_pairs.pt so a resumed run trains on the same pairs. With several ranks each samples every
+    WORLD-th prompt (the same count everywhere) and the pairs are gathered onto every rank."""
+    args = run.args
+    path = os.path.join(args.out, "offline_pairs.pt")
+    if os.path.isfile(path):
+        cached = torch.load(path, weights_only=True)
+        if cached["prompts_file"] == args.prompts and len(cached["pairs"]) == args.offline_pairs:
+            return cached["pairs"]
+    if run.step:  # the pairs must come from the initial policy, which a resumed run no longer has
+        raise UserError(f"--method offline: {path} is missing or was made with other --prompts/--offline-pairs; "
+                        "resume with the flags the run started with")
+    mine = list(range(parallel.RANK, math.ceil(args.offline_pairs / parallel.WORLD) * parallel.WORLD,
+                      parallel.WORLD))  # counters past the end are sampled too (equal work) and dropped
+    pairs = []
+    for first in tqdm(range(0, len(mine), args.sample_batch), desc="collecting offline pairs",
+                      disable=not parallel.is_main()):
+        counters = mine[first: first + args.sample_batch]
+        found = {c: (p, w.cpu(), l.cpu()) for c, p, w, l in sample_pairs(run, counters)}  # cached on disk
+        pairs += [found.get(c) for c in counters]
+    everyone = parallel.gather((not run.finite, list(zip(mine, pairs))))
+    run.new_step()  # the collection's rewards and ties are not the first step's
+    if any(broken for broken, _ in everyone):
+        raise UserError("the initial policy sampled NaN/inf latents: cannot collect offline pairs")
+    pairs = [p for c, p in sorted((cp for _, rank in everyone for cp in rank), key=lambda cp: cp[0])
+             if c < args.offline_pairs]
+    if all(pair is None for pair in pairs):
+        raise UserError(f"all {len(pairs)} offline prompts gave ties (equal rewards): no pairs to train on")
+    if parallel.is_main():
+        tmp = path + ".tmp"
+        torch.save({"prompts_file": args.prompts, "pairs": pairs}, tmp)
+        os.replace(tmp, path)
+    return pairs
+
+
+def pool_pairs(run: Run, pool: list, counters: list[int]) -> list[tuple]:
+    """The pool's pairs for these prompt counters, cycling through it; a tied entry counts as a tie."""
+    found = [(c, pool[c % len(pool)]) for c in counters]
+    run.ties += sum(pair is None for _, pair in found)
+    return [(c, *pair) for c, pair in found if pair is not None]
+
+
+def refl_backward(run: Run, counters: list[int], sync: bool = True):
+    """Table 4c, ReFL (ImageReward's reward feedback learning, applied to video): denoise without gradients
+    to a random step among the last quarter of the sampling steps, take ONE guided step with gradients,
+    jump to the predicted x0, decode (only --refl-latent-frames latent frames) and maximise the reward.
+    The reward's own weights are frozen: gradients reach the policy only."""
+    args, model = run.args, run.model
+    prompts = [run.prompt(c) for c in counters]
+    seeds = [run.candidate_seeds(c, 1)[0] for c in counters]
+    steps = model.sample_steps
+    stop = int(torch.randint(steps - max(1, steps // 4), steps, (1,), generator=run.refl_generator(counters[0])))
+    with run.clock("sample"):
+        z, t = model.sample(prompts, 1, seeds, until=stop)
+    with parallel.gradient_sync(run.net, sync):  # DDP: the forward and the backward inside
+        with run.clock("decode"):
+            x0 = model.predict_x0(run.net, z, t, prompts)
+            videos = model.decode_float(x0, args.refl_latent_frames)
+        with run.clock("reward"):
+            r = pick(run.reward.score_float(videos, prompts), run.dim).float()
+            loss = -r.mean()
+            (loss * len(prompts) * parallel.WORLD / args.batch_size).backward()  # a NaN skips the step everywhere
+    run.log["loss"] += [loss.item()] * len(prompts)
+    run.log["reward_mean"] += r.tolist()
+    run.pairs += len(prompts)
+    run.finite = run.finite and bool(torch.isfinite(loss))
+
+
+def refl(run: Run) -> dict:
+    """ReFL's loop: no pairs, no reference, the same batches, optimizer step, metrics and checkpoints."""
+    while run.step < run.args.steps:
+        for counters, last in run.batches():
+            refl_backward(run, counters, sync=last)
+        run.optimizer_step()
+        run.end_step()
+    return run.close()

@@ -1,0 +1,452 @@
+"""Running a training job: everything around Algorithm 1 that train.py should not have to show.
+
+`Run` holds one job: the flags, the model and its reference, the reward, AdamW, the step counter and what the
+step logs. Its methods are called by name from the loops (train.py, baselines.py), in this order each step:
+    for counters, last in run.batches(): ...     # this rank's share of the step's prompts
+    run.optimizer_step()                          # clip, AdamW; a NaN/inf step is skipped on every rank
+    run.end_step()                                # metrics.jsonl, progress bar, checkpoint, eval mp4s
+Also here: the flags (`parse_args`), deterministic prompts and seeds, checkpoints and resume, the memory levers.
+"""
+import argparse
+import contextlib
+import glob
+import json
+import math
+import os
+import shutil
+import time
+
+import torch
+from tqdm import tqdm
+
+import parallel
+from inputs import UserError, default_prompts, load_prompts, video_names
+from model import MODELS
+from reward import REWARDS, build_reward
+from sample import add_model_args, model_from_args, sample_videos, write_video
+
+METHOD_NAMES = {"online": "OnlineVPO", "offline": "offline DPO", "refl": "ReFL"}
+LOG_KEYS = ("loss", "accuracy", "margin", "kl", "reward_mean", "reward_w", "reward_l", "gap")
+# seconds per phase; the metrics row has time_sample, time_decode, time_reward and time_train (the rest)
+PHASES = {"sample": "sample", "decode": "decode", "reward": "reward"}
+
+
+def parse_args(argv=None, description: str = "") -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("Algorithm 1 (the paper's hyperparameters)")
+    g.add_argument("--method", default="online", choices=list(METHOD_NAMES),
+                   help="online: OnlineVPO (Alg. 1); offline: DPO on pairs sampled once from the initial policy, "
+                   "fixed reference (Table 4d); refl: reward feedback learning (Table 4c)")
+    g.add_argument("-n", "--n", type=int, default=4, help="candidates sampled per prompt (paper: 4); under torchrun "
+                   "write -n: torchrun's own parser takes --n for an abbreviation of its --nnodes/--nproc-per-node")
+    g.add_argument("--k", type=int, default=200, help="reference update every K optimizer steps; 0 = never "
+                   "(paper: 200)")
+    g.add_argument("--beta", type=float, default=None, help="DPO beta (default: the model's, see README)")
+    g.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (paper: 1e-5)")
+    g.add_argument("--batch-size", type=int, default=8, help="prompts per optimizer step (paper: 8)")
+    g.add_argument("--steps", type=int, default=1000, help="optimizer steps")
+    g.add_argument("--min-gap", type=float, default=0.0, help="a best-worst reward gap <= this is a tie: skipped")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (Open-Sora: 1.0)")
+    g.add_argument("--prompts", default=None, help="txt (one per line) or csv (default: prompts/toy.txt for the "
+                   "toy model, prompts/train.txt otherwise)")
+    g.add_argument("--prompt-column", default=None, help="csv column holding the prompts (default: text)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--offline-pairs", type=int, default=200, help="--method offline: prompts sampled for pairs")
+    g.add_argument("--refl-latent-frames", type=int, default=None,
+                   help="--method refl: latent frames decoded for the reward (default: all)")
+    g = p.add_argument_group("rewards")
+    g.add_argument("--reward", default=None, help=f"video reward: {', '.join(REWARDS)} (default: toy for the toy "
+                   "model, videoscore otherwise)")
+    g.add_argument("--reward-dim", default=None, help="reward dimension the pairs are built on; 'global' = mean "
+                   "of all (default: the reward's temporal consistency, paper Table 4b)")
+    g.add_argument("--reward-path", default=None, help="local folder or Hub id of the reward's weights "
+                   "(default: the reward's own Hub id)")
+    g.add_argument("--reward-batch", type=int, default=4, help="videos per reward forward")
+    add_model_args(p.add_argument_group("model and size"))
+    # the defaults are right for one 80 GB GPU at the paper's setting (see README, bench.py)
+    g = p.add_argument_group("memory levers")
+    g.add_argument("--no-grad-checkpointing", action="store_true", help="faster, more memory")
+    g.add_argument("--sample-batch", type=int, default=1, help="prompts sampled together in one call")
+    g.add_argument("--text-encoder-offload", default="free", choices=["none", "cpu", "free"],
+                   help="after every training and eval prompt is encoded once (the prompt-embedding cache): free "
+                   "the text encoder (T5-XXL: 9.5 GB in bf16), park it on the CPU, or keep it (none)")
+    g.add_argument("--ref-dtype", default=None, choices=["fp32", "bf16"], help="storage dtype of the reference "
+                   "network (default: the compute dtype, bf16 on GPU)")
+    g.add_argument("--ref-offload", action="store_true", help="keep the reference on the CPU except during its "
+                   "DPO forward")
+    g.add_argument("--reward-offload", action="store_true", help="keep the reward model on the CPU except while "
+                   "it scores (frees its memory for sampling and training)")
+    g.add_argument("--vae-micro-batch", type=int, default=None, help="frames per VAE spatial-decoder call "
+                   "(opensora; Open-Sora's 4): lower decodes in more, smaller chunks")
+    g.add_argument("--split-pair", action="store_true", help="DPO forward/backward of winners and losers one after "
+                   "the other: half the activation memory for one extra no-grad forward (same gradient)")
+    g = p.add_argument_group("many GPUs (torchrun --nproc_per_node G train.py ...)")
+    g.add_argument("--fsdp", action="store_true", help="shard policy and reference with FSDP2 (fully_shard) "
+                   "instead of replicating them with DDP (models that do not fit on one GPU)")
+    g = p.add_argument_group("output and resume")
+    g.add_argument("--out", default="runs/vpo")
+    g.add_argument("--save-every", type=int, default=100, help="checkpoint every this many steps (and at the end)")
+    g.add_argument("--sample-every", type=int, default=0, help="write eval mp4s every this many steps; 0 = never")
+    g.add_argument("--eval-prompts", default=None, help="fixed prompts for --sample-every")
+    g.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="continue from the latest checkpoint in --out, or from the given checkpoint folder")
+    g.add_argument("--max-bad-steps", type=int, default=3, help="stop after this many NaN/inf steps in a row")
+    args = p.parse_args(argv)
+    args.reward = args.reward or ("toy" if args.model == "toy" else "videoscore")
+    args.prompts = args.prompts or default_prompts(args.model, "train")
+    args.eval_prompts = args.eval_prompts or default_prompts(args.model, "eval")
+    return args
+
+
+def check_args(args):
+    if args.model not in MODELS:  # names first: loading a reward or a model takes minutes
+        raise UserError(f"unknown model {args.model!r}; choose one of {', '.join(MODELS)}")
+    if args.reward not in REWARDS:
+        raise UserError(f"unknown reward {args.reward!r}; choose one of {', '.join(REWARDS)}")
+    if args.n < 2 and args.method != "refl":
+        raise UserError("--n must be at least 2: a preference pair needs two candidates")
+    for name in ("batch_size", "sample_batch", "steps"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.k < 0:
+        raise UserError("--k must be >= 0 (0 = never update the reference)")
+    if args.offline_pairs < 1:
+        raise UserError("--offline-pairs must be at least 1")
+    if args.refl_latent_frames is not None and args.refl_latent_frames < 1:
+        raise UserError("--refl-latent-frames must be at least 1")
+    if args.vae_micro_batch is not None and args.vae_micro_batch < 1:
+        raise UserError("--vae-micro-batch must be at least 1")
+    if args.batch_size % parallel.WORLD:
+        raise UserError(f"--batch-size {args.batch_size} must be a multiple of the {parallel.WORLD} processes: every "
+                        "rank takes an equal share of each step's prompts")
+    if args.fsdp and parallel.WORLD == 1:
+        raise UserError("--fsdp shards the model across processes: start the run with torchrun --nproc_per_node G")
+    if args.fsdp and args.ref_offload:
+        raise UserError("--ref-offload and --fsdp do not combine: FSDP2 already shards the reference")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Deterministic data and noise: everything random is a function of (seed, prompt counter), so a resumed run
+# draws exactly what an uninterrupted one would.
+
+
+def prompt_at(prompts: list[str], seed: int, counter: int) -> str:
+    epoch, pos = divmod(counter, len(prompts))
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+    return prompts[order[pos]]
+
+
+def candidate_seeds(seed: int, counter: int, n: int) -> list[int]:
+    return [(seed * 1_000_003 + counter * n + j) % 2**63 for j in range(n)]
+
+
+def dpo_generator(seed: int, counter: int) -> torch.Generator:
+    """The DPO noise and t of the pair made from prompt `counter`."""
+    return torch.Generator().manual_seed(seed * 104729 + counter)
+
+
+def refl_generator(seed: int, counter: int) -> torch.Generator:
+    """ReFL's stopping step for the prompt batch starting at `counter`."""
+    return torch.Generator().manual_seed(seed * 15485863 + counter)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints: OUT/checkpoint-<step>/ written to a temporary folder, then renamed (atomic on one filesystem).
+# Full (unsharded) weights and optimizer state: a checkpoint resumes on any number of ranks, DDP or FSDP2.
+
+
+def save_checkpoint(out: str, model, ref, opt, state: dict, args) -> str:
+    """Every rank calls this (gathering sharded weights is collective); rank 0 writes."""
+    policy, reference = parallel.savable(model.dit), parallel.savable(ref) if ref is not None else None
+    opt_state = parallel.optimizer_state(model.dit, opt)
+    final = os.path.join(out, f"checkpoint-{state['step']}")
+    if parallel.is_main():
+        tmp = os.path.join(out, f".tmp-checkpoint-{state['step']}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_weights(tmp, net=policy)  # policy: model.safetensors + config.json, loadable as --dit
+        if reference is not None:
+            model.save_weights(tmp, net=reference, file="ref.safetensors")
+        torch.save(opt_state, os.path.join(tmp, "optimizer.pt"))
+        torch.save({"torch": torch.get_rng_state()}, os.path.join(tmp, "rng.pt"))
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump(state, f, indent=1)
+        with open(os.path.join(tmp, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=1)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    parallel.barrier()
+    return final
+
+
+def latest_checkpoint(out: str) -> str | None:
+    found = sorted(glob.glob(os.path.join(out, "checkpoint-*")), key=lambda p: int(p.rsplit("-", 1)[1]))
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: str, model, ref) -> dict:
+    """Weights into the plain (not yet wrapped or sharded) networks; the optimizer follows in load_optimizer."""
+    if not os.path.isfile(os.path.join(path, "state.json")):
+        raise UserError(f"{path} is not a train.py checkpoint (no state.json)")
+    model.load_weights(os.path.join(path, "model.safetensors"))
+    if ref is not None:
+        model.load_weights(os.path.join(path, "ref.safetensors"), net=ref)
+    with open(os.path.join(path, "state.json")) as f:
+        return json.load(f)
+
+
+def load_optimizer(path: str, model, opt):
+    parallel.load_optimizer_state(model.dit, opt, torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))
+    torch.set_rng_state(torch.load(os.path.join(path, "rng.pt"), weights_only=True)["torch"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Memory levers (README "Memory levers"): what stays on the accelerator besides the policy and its optimizer
+
+
+def cache_prompts(model, prompts: list[str], offload: str):
+    """The prompt-embedding cache: every prompt the run will use is encoded once, then the text encoder is freed
+    (T5-XXL: 4.8 B parameters) or parked on the CPU, where it still encodes an unseen prompt (slowly)."""
+    if offload == "none":
+        return
+    extra = [model.negative_prompt] if hasattr(model, "negative_prompt") else []  # diffusers models' CFG text
+    todo = list(dict.fromkeys(prompts + extra))
+    for i in range(0, len(todo), 32):
+        model.encode_prompts(todo[i: i + 32])
+    if offload == "cpu":
+        model.text_encoder.to("cpu")
+    else:
+        model.text_encoder = None
+    if model.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def borrowed(module: torch.nn.Module, device: torch.device, offload: bool):
+    """--ref-offload: the reference lives on the CPU and visits the accelerator for its forward only."""
+    if offload:
+        module.to(device)
+    try:
+        yield module
+    finally:
+        if offload:
+            module.to("cpu")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The job
+
+
+class Run:
+    """One training job. `model` and `reward` may be passed in already built (bench.py's random full-size ones);
+    with `args.out` None nothing is written (no metrics file, checkpoints or eval samples)."""
+
+    def __init__(self, args: argparse.Namespace, model=None, reward=None):
+        check_args(args)
+        args.device = parallel.setup(args.device)
+        self.args = args
+        self.prompts = load_prompts(args.prompts, args.prompt_column)
+        self.eval_prompts = load_prompts(args.eval_prompts)[:4] if args.sample_every else []
+        self.reward = reward or build_reward(args.reward, device=args.device, path=args.reward_path,
+                                             batch_size=args.reward_batch, offload=args.reward_offload)
+        self.dim = args.reward_dim or self.reward.default_dim
+        if self.dim != "global" and self.dim not in self.reward.dims:
+            raise UserError(f"unknown reward dimension {self.dim!r}; choose one of {', '.join(self.reward.dims)}, "
+                            "global")
+        if args.method == "refl" and not hasattr(self.reward, "score_float"):
+            raise UserError(f"--method refl needs a differentiable reward; {args.reward!r} is not")
+        for part in vars(self.reward).values():  # the reward is a judge, never trained (ReFL's gradients stop at it)
+            if isinstance(part, torch.nn.Module):
+                part.requires_grad_(False)
+        self.model = model = model or model_from_args(args)
+        self.memory_levers()
+        self.beta = args.beta if args.beta is not None else model.beta
+        # G_ref <- G_theta at the start (Alg. 1 line 1); ReFL has no reference, and holds no copy (Fig. 7 memory)
+        ref_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, None: model.dtype}[args.ref_dtype]
+        self.ref = model.frozen_copy(ref_dtype) if args.method != "refl" else None
+        self.state = {"model": args.model, "step": 0, "prompts_seen": 0, "ties": 0, "bad_steps": 0,
+                      "skipped_nan": 0, "ref_updates": 0}
+        resume = self.resume_from()
+        # many ranks: DDP replicates the policy (rank 0's weights broadcast), or FSDP2 shards policy and reference
+        self.net = parallel.wrap(model, args.fsdp)
+        if args.fsdp and self.ref is not None:
+            parallel.shard(self.ref, model.dtype)
+        if self.ref is not None and args.ref_offload:
+            self.ref.to("cpu")
+        self.opt = torch.optim.AdamW(model.dit.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        if resume:
+            load_optimizer(resume, model, self.opt)
+            for group in self.opt.param_groups:  # flags given now win over the saved optimizer's
+                group.update(lr=args.lr, weight_decay=args.weight_decay)
+        self.start_metrics(resume)
+        self.bar = None
+        self.new_step()
+
+    @property
+    def step(self) -> int:
+        return self.state["step"]
+
+    def memory_levers(self):
+        args, model = self.args, self.model
+        if args.method == "refl" and not hasattr(model, "predict_x0"):
+            raise UserError(f"--method refl is implemented for the Open-Sora family (opensora, toy, tiny), "
+                            f"not {args.model!r}")
+        if args.vae_micro_batch:
+            if not hasattr(model.vae, "micro_batch_size"):
+                raise UserError(f"--vae-micro-batch applies to Open-Sora's VAE, not to model {args.model!r}")
+            model.vae.micro_batch_size = args.vae_micro_batch
+        model.set_grad_checkpointing(not args.no_grad_checkpointing)
+        cache_prompts(model, self.prompts + self.eval_prompts, args.text_encoder_offload)
+
+    # --- resume and the metrics file
+    def resume_from(self) -> str | None:
+        """Loads the checkpoint's weights into policy and reference (before wrapping); its folder, or None."""
+        args = self.args
+        if not args.resume:
+            return None
+        path = latest_checkpoint(args.out) if args.resume == "latest" else args.resume
+        if path is None:
+            raise UserError(f"--resume: no checkpoint-<step> folder in {args.out}")
+        self.state = load_checkpoint(path, self.model, self.ref)
+        if self.state.get("model") != args.model:
+            raise UserError(f"{path} is a checkpoint of model {self.state.get('model')!r}, not {args.model!r}")
+        return path
+
+    def start_metrics(self, resume: str | None):
+        if self.args.out is None:
+            self.metrics_path = None
+            return
+        os.makedirs(self.args.out, exist_ok=True)
+        self.metrics_path = os.path.join(self.args.out, "metrics.jsonl")
+        if not parallel.is_main():
+            return
+        if resume:
+            keep = []  # drop metrics logged after the checkpoint by the interrupted run
+            if os.path.isfile(self.metrics_path):
+                with open(self.metrics_path) as f:
+                    keep = [line for line in f if json.loads(line)["step"] <= self.step]
+            with open(self.metrics_path, "w") as f:
+                f.writelines(keep)
+        else:
+            open(self.metrics_path, "w").close()
+            with open(os.path.join(self.args.out, "args.json"), "w") as f:
+                json.dump(vars(self.args), f, indent=1)
+
+    # --- one step
+    def new_step(self):
+        """What the step accumulates on this rank: metric lists, phase seconds, pairs, ties, a NaN flag."""
+        self.log = {key: [] for key in LOG_KEYS}
+        self.times = dict.fromkeys(("sample", "decode", "reward", "train"), 0.0)
+        self.pairs, self.ties, self.finite = 0, 0, True
+
+    @contextlib.contextmanager
+    def clock(self, phase: str):
+        """Seconds spent in a phase of the step (metrics time_*; sample, decode, reward, the rest is train)."""
+        tic = time.perf_counter()
+        yield
+        self.times[PHASES.get(phase, "train")] += time.perf_counter() - tic
+
+    def batches(self):
+        """This rank's share of the step's global batch, every WORLD-th prompt counter (1 rank: all of them), in
+        groups of --sample-batch: (counters, last), last for the step's final group, whose backward reduces the
+        gradients across ranks."""
+        args = self.args
+        if self.bar is None:
+            self.bar = tqdm(total=args.steps, initial=self.step, desc=METHOD_NAMES[args.method], dynamic_ncols=True,
+                            disable=not parallel.is_main())
+            self.model.dit.train()
+        self.new_step()
+        self.opt.zero_grad(set_to_none=True)
+        mine = [self.state["prompts_seen"] + i for i in range(parallel.RANK, args.batch_size, parallel.WORLD)]
+        self.state["prompts_seen"] += args.batch_size
+        for first in range(0, len(mine), args.sample_batch):
+            yield mine[first: first + args.sample_batch], first + args.sample_batch >= len(mine)
+
+    def prompt(self, counter: int) -> str:
+        return prompt_at(self.prompts, self.args.seed, counter)
+
+    def candidate_seeds(self, counter: int, n: int | None = None) -> list[int]:
+        return candidate_seeds(self.args.seed, counter, n or self.args.n)
+
+    def dpo_generator(self, counter: int) -> torch.Generator:
+        return dpo_generator(self.args.seed, counter)
+
+    def refl_generator(self, counter: int) -> torch.Generator:
+        return refl_generator(self.args.seed, counter)
+
+    def reference(self):
+        """The reference network, on the accelerator for the duration (--ref-offload keeps it on the CPU)."""
+        return borrowed(self.ref, self.model.device, self.args.ref_offload)
+
+    def optimizer_step(self):
+        """Alg. 1 line 10: clip and step, once every rank's gradients are in. A NaN/inf loss, gradient or sample
+        anywhere skips the step on every rank and keeps the weights as they were."""
+        tic = time.perf_counter()
+        args, state, device = self.args, self.state, self.model.device
+        finite = parallel.all_true(self.finite, device)
+        self.pairs, ties = parallel.total(self.pairs, device), parallel.total(self.ties, device)
+        state["ties"] += ties
+        self.grad_norm = None
+        if self.pairs and finite:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.dit.parameters(), args.max_grad_norm)
+            self.grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP2: a DTensor
+            finite = math.isfinite(self.grad_norm)  # identical on every rank: the gradients were reduced
+        if self.pairs and finite:
+            self.opt.step()
+            state["bad_steps"] = 0
+        elif not finite:
+            state["bad_steps"] += 1
+            state["skipped_nan"] += 1
+        self.opt.zero_grad(set_to_none=True)
+        state["step"] += 1
+        self.times["train"] += time.perf_counter() - tic
+
+    def update_reference(self):
+        """Alg. 1 line 14, the curriculum update: G_ref <- G_theta, on every rank at the same step."""
+        tic = time.perf_counter()
+        self.ref.load_state_dict(self.model.dit.state_dict())
+        self.state["ref_updates"] += 1
+        self.times["train"] += time.perf_counter() - tic
+
+    def end_step(self):
+        """The step's metrics row (every rank's lists joined), the progress bar, the NaN stop, the checkpoint and
+        the eval samples."""
+        args, state = self.args, self.state
+        log, times = parallel.merge_logs(parallel.gather((self.log, self.times)))
+        mean = lambda v: sum(v) / len(v) if v else None
+        row = {"step": state["step"], "pairs": self.pairs, "ties": state["ties"], "ref_updates": state["ref_updates"],
+               "skipped_nan": state["skipped_nan"], "grad_norm": self.grad_norm, "lr": args.lr, "beta": self.beta,
+               "method": args.method, "reward_dim": self.dim, **{key: mean(v) for key, v in log.items()},
+               **{f"time_{k}": round(v, 3) for k, v in times.items()}}
+        if self.metrics_path and parallel.is_main():
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        self.bar.update(1)
+        fmt = lambda v: "-" if v is None else f"{v:.3f}"
+        self.bar.set_postfix_str(f"loss {fmt(row['loss'])} r {fmt(row['reward_mean'])} w {fmt(row['reward_w'])} "
+                                 f"l {fmt(row['reward_l'])} acc {fmt(row['accuracy'])} ties {state['ties']}")
+        if state["bad_steps"] >= args.max_bad_steps:
+            last = latest_checkpoint(args.out) if args.out else None
+            raise UserError(f"stopping: {state['bad_steps']} optimizer steps in a row had a NaN/inf loss, gradient "
+                            f"or sample (lower --lr or --beta); last good checkpoint: {last or 'none'}")
+        if args.out is None:
+            return
+        if state["bad_steps"] == 0 and (state["step"] % args.save_every == 0 or state["step"] == args.steps):
+            save_checkpoint(args.out, self.model, self.ref, self.opt, state, args)
+        if args.sample_every and state["step"] % args.sample_every == 0:
+            self.write_eval_samples()
+
+    def write_eval_samples(self):
+        """Every rank samples (a sharded network needs all ranks in every forward); rank 0 writes."""
+        folder = os.path.join(self.args.out, "samples", f"step-{self.step}")
+        names = video_names(self.eval_prompts, 2)
+        for k, (_, videos) in enumerate(sample_videos(self.model, self.eval_prompts, 2, self.args.seed + 1)):
+            if parallel.is_main():
+                os.makedirs(folder, exist_ok=True)
+                for name, video in zip(names[k], videos):
+                    write_video(os.path.join(folder, name), video, self.model.fps)
+
+    def close(self) -> dict:
+        if self.bar is not None:
+            self.bar.close()
+        return self.state
