@@ -238,14 +238,14 @@ def borrowed(module: torch.nn.Module, device: torch.device, offload: bool):
 
 
 class Run:
-    """One training job. `model` and `reward` may be passed in already built (bench.py's random full-size ones);
-    with `args.out` None nothing is written (no metrics file, checkpoints or eval samples)."""
+    """One training job. `model`, `reward` and `prompts` may be passed in already built (bench.py's random
+    full-size models); with `args.out` None nothing is written (no metrics file, checkpoints or eval samples)."""
 
-    def __init__(self, args: argparse.Namespace, model=None, reward=None):
+    def __init__(self, args: argparse.Namespace, model=None, reward=None, prompts: list[str] | None = None):
         check_args(args)
         args.device = parallel.setup(args.device)
         self.args = args
-        self.prompts = load_prompts(args.prompts, args.prompt_column)
+        self.prompts = prompts or load_prompts(args.prompts, args.prompt_column)
         self.eval_prompts = load_prompts(args.eval_prompts)[:4] if args.sample_every else []
         self.reward = reward or build_reward(args.reward, device=args.device, path=args.reward_path,
                                              batch_size=args.reward_batch, offload=args.reward_offload)
