@@ -146,8 +146,8 @@ def build(size: str, device: str, reward_name: str, seed: int = 0, reward_offloa
 
 
 def make_reference(model: VideoModel) -> nn.Module:
-    """Lever 2, train.py's default --ref-dtype: G_ref stored in the compute dtype (bf16 on a GPU)."""
-    return model.frozen_copy(model.dtype)
+    """G_ref as train.py makes it: stored like the policy (fp32), so equal weights give equal errors."""
+    return model.frozen_copy()
 
 
 def drop_text_encoder(model: VideoModel):

@@ -241,15 +241,9 @@ class DiffusersVideoModel:
         else:
             self.dit.disable_gradient_checkpointing()
 
-    def frozen_copy(self, dtype: torch.dtype | None = None) -> nn.Module:
-        """The reference network G_ref: a frozen copy of the policy, optionally stored in `dtype` (bf16 halves it),
-        except the modules the transformer class asks to keep in fp32 (Wan: norms, time embedding, RoPE)."""
-        ref = copy.deepcopy(self.dit).requires_grad_(False).eval()
-        keep = set(getattr(ref, "_keep_in_fp32_modules", None) or [])
-        for name, t in [*ref.named_parameters(), *ref.named_buffers()]:
-            if dtype is not None and t.is_floating_point() and not keep & set(name.split(".")):
-                t.data = t.data.to(dtype)
-        return ref
+    def frozen_copy(self) -> nn.Module:
+        """The reference network G_ref (see model.VideoModel.frozen_copy: same dtype, same requires_grad flags)."""
+        return copy.deepcopy(self.dit).eval()
 
     def save_weights(self, folder: str, net: nn.Module | None = None, file: str = "model.safetensors"):
         """The transformer in diffusers format (save_pretrained: config.json + diffusion_pytorch_model.safetensors)

@@ -290,9 +290,12 @@ class VideoModel:
     def set_grad_checkpointing(self, on: bool):
         self.dit.grad_checkpointing = on
 
-    def frozen_copy(self, dtype: torch.dtype | None = None) -> nn.Module:
-        """The reference network G_ref: a frozen copy of the policy, optionally stored in `dtype` (bf16 halves it)."""
-        return copy.deepcopy(self.dit).requires_grad_(False).eval().to(dtype)
+    def frozen_copy(self) -> nn.Module:
+        """The reference network G_ref: a copy of the policy that no optimizer sees and that runs under no_grad
+        only. It keeps the policy's dtype AND its requires_grad flags: under autocast a weight that requires grad
+        is cast to bf16 once and cached, one that does not is cast at every use, and the errors then differ in
+        their last bits (tiny model, bf16 autocast on a CPU); equal weights must give equal errors."""
+        return copy.deepcopy(self.dit).eval()
 
     def save_weights(self, folder: str, net: nn.Module | None = None, file: str = "model.safetensors"):
         """DiT weights as safetensors plus config.json: the layout of hpcai-tech/OpenSora-STDiT-v3, so a

@@ -71,8 +71,6 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
     g.add_argument("--text-encoder-offload", default="free", choices=["none", "cpu", "free"],
                    help="after every training and eval prompt is encoded once (the prompt-embedding cache): free "
                    "the text encoder (T5-XXL: 9.5 GB in bf16), park it on the CPU, or keep it (none)")
-    g.add_argument("--ref-dtype", default=None, choices=["fp32", "bf16"], help="storage dtype of the reference "
-                   "network (default: the compute dtype, bf16 on GPU)")
     g.add_argument("--ref-offload", action="store_true", help="keep the reference on the CPU except during its "
                    "DPO forward")
     g.add_argument("--reward-offload", action="store_true", help="keep the reward model on the CPU except while "
@@ -261,9 +259,10 @@ class Run:
         self.model = model = model or model_from_args(args)
         self.memory_levers()
         self.beta = args.beta if args.beta is not None else model.beta
-        # G_ref <- G_theta at the start (Alg. 1 line 1); ReFL has no reference, and holds no copy (Fig. 7 memory)
-        ref_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, None: model.dtype}[args.ref_dtype]
-        self.ref = model.frozen_copy(ref_dtype) if args.method != "refl" else None
+        # G_ref <- G_theta at the start (Alg. 1 line 1); ReFL has no reference, and holds no copy (Fig. 7 memory).
+        # Stored as the policy is (fp32), so both take the same numeric path: equal weights give equal errors under
+        # bf16 autocast too (a bf16-stored copy would see a rounded timestep and a bf16 residual stream).
+        self.ref = model.frozen_copy() if args.method != "refl" else None
         self.state = {"model": args.model, "step": 0, "prompts_seen": 0, "ties": 0, "bad_steps": 0,
                       "skipped_nan": 0, "ref_updates": 0}
         resume = self.resume_from()
