@@ -459,7 +459,7 @@ def read_metrics(path: str) -> list[dict]:
     rest. A bad line before the last is damage, not a kill: one line naming it. Blank lines are skipped."""
     with open(path, "rb") as f:  # bytes: json reads them, and a cut or NUL-filled tail is just a bad line
         lines = [(i, line) for i, line in enumerate(f.read().splitlines(), 1) if line.strip()]
-    rows = []
+    rows, cut = [], None
     for i, line in lines:
         try:
             row = json.loads(line)
@@ -468,12 +468,14 @@ def read_metrics(path: str) -> list[dict]:
         if is_row(row):
             rows.append(row)
         elif i == lines[-1][0]:
-            print(f"warning: {path} line {i} is cut short (a run stopped mid-write?); dropped", file=sys.stderr)
+            cut = i
         else:
             raise UserError(f"{path} line {i} is not a train.py metrics row (JSON with an integer 'step'): the "
                             "file is damaged")
     if not rows:
-        raise UserError(f"{path} is empty")
+        raise UserError(f"{path} is empty" if cut is None else f"{path} holds only line {cut}, cut short")
+    if cut is not None:  # after the check above: an error alone, or a warning alone, never both
+        print(f"warning: {path} line {cut} is cut short (a run stopped mid-write?); dropped", file=sys.stderr)
     return rows
 
 
