@@ -21,11 +21,12 @@ import re
 import sys
 import types
 
-import torch
-import torch.nn.functional as F
-from tqdm import tqdm
+from inputs import UserError, command, read_text, writable_file
 
-from inputs import UserError
+import torch  # noqa: E402  (inputs first: Ctrl-C during this slow import is one line too)
+import torch.nn.functional as F  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
 from reward import (CLIP_MEAN, CLIP_STD, REWARDS, AestheticReward, PixelReward, build_reward, read_video,
                     vbench_preprocess)
 
@@ -226,8 +227,18 @@ def load_full_info(path: str) -> dict[str, set]:
     prompt list; without this file every video counts for every dimension, as VBench's custom_input mode)."""
     if not os.path.isfile(path):
         raise UserError(f"--full-info {path!r} not found (it is vbench/VBench_full_info.json in the VBench repo)")
+    try:
+        items = json.loads(read_text(path, "--full-info"))
+    except ValueError as e:
+        raise UserError(f"--full-info {path!r} is not JSON ({e})") from None
+    if not isinstance(items, list):
+        raise UserError(f"--full-info {path!r} must be a JSON list, as VBench_full_info.json")
     dims = {}
-    for item in json.load(open(path, encoding="utf-8")):
+    for i, item in enumerate(items):
+        if not (isinstance(item, dict) and isinstance(item.get("prompt_en"), str)
+                and isinstance(item.get("dimension"), list)):
+            raise UserError(f"--full-info {path!r}: entry {i} is not {{\"prompt_en\": ..., \"dimension\": [...]}} "
+                            "as in VBench_full_info.json")
         for d in item["dimension"]:
             dims.setdefault(d, set()).add(item["prompt_en"])
     return dims
@@ -436,25 +447,69 @@ def png_chart(path, title, series, xlabels, vlines):
     plt.close(fig)
 
 
+def is_row(row) -> bool:
+    """One step of train.py's log: a JSON object with integer 'step' (and 'ref_updates' where present)."""
+    integer = lambda v: isinstance(v, int) and not isinstance(v, bool)
+    return isinstance(row, dict) and integer(row.get("step")) and integer(row.get("ref_updates", 0))
+
+
+def read_metrics(path: str) -> list[dict]:
+    """train.py's metrics.jsonl, a row per optimizer step. A run killed mid-write (or a crash that left the file's
+    tail zero-filled) cuts its last line short: that line is dropped with a warning and the curve drawn from the
+    rest. A bad line before the last is damage, not a kill: one line naming it. Blank lines are skipped."""
+    with open(path, "rb") as f:  # bytes: json reads them, and a cut or NUL-filled tail is just a bad line
+        lines = [(i, line) for i, line in enumerate(f.read().splitlines(), 1) if line.strip()]
+    rows, cut = [], None
+    for i, line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if is_row(row):
+            rows.append(row)
+        elif i == lines[-1][0]:
+            cut = i
+        else:
+            raise UserError(f"{path} line {i} is not a train.py metrics row (JSON with an integer 'step'): the "
+                            "file is damaged")
+    if not rows:
+        raise UserError(f"{path} is empty" if cut is None else f"{path} holds only line {cut}, cut short")
+    if cut is not None:  # after the check above: an error alone, or a warning alone, never both
+        print(f"warning: {path} line {cut} is cut short (a run stopped mid-write?); dropped", file=sys.stderr)
+    return rows
+
+
+def run_k(run_dir: str):
+    """K from the run's args.json, for the title only: '?' (with a warning if the file is there but unreadable)."""
+    path = os.path.join(run_dir, "args.json")
+    if not os.path.isfile(path):
+        return "?"
+    try:
+        saved = json.loads(read_text(path, "args file"))
+        return saved.get("k", "?") if isinstance(saved, dict) else "?"
+    except (ValueError, UserError) as e:
+        print(f"warning: {path} is unreadable ({str(e).splitlines()[0]}); K shown as ?", file=sys.stderr)
+        return "?"
+
+
 def plot_reward_curve(run_dir: str, path: str):
     """Paper Fig. 5: mean / winner / loser reward of each optimizer step from train.py's metrics.jsonl; dashed lines
     where the reference model was updated (every K steps)."""
     metrics = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(metrics):
         raise UserError(f"{metrics} not found: --run takes a train.py output folder")
-    rows = [json.loads(line) for line in open(metrics) if line.strip()]
-    if not rows:
-        raise UserError(f"{metrics} is empty")
-    args_path = os.path.join(run_dir, "args.json")
-    k = json.load(open(args_path)).get("k", "?") if os.path.isfile(args_path) else "?"
-    series = {label: [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+    rows = read_metrics(metrics)
+    writable_file(path, "--plot")  # here, not in main: the default path is inside a run folder known to exist now
+    k = run_k(run_dir)
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    series = {label: [(r["step"], r[key]) for r in rows if number(r.get(key))]
               for key, label in (("reward_mean", "mean of N"), ("reward_w", "winner"), ("reward_l", "loser"))}
     series = {k: v for k, v in series.items() if v}
     if not series:
         raise UserError(f"{metrics} holds no reward values")
     # train.py logs the cumulative count of reference updates (G_ref <- G_theta every K steps): mark where it grows
-    counts = [0] + [r["ref_updates"] for r in rows]
-    updates = [r["step"] for r, before in zip(rows, counts) if r["ref_updates"] > before]
+    counts = [0] + [r.get("ref_updates", 0) for r in rows]
+    updates = [r["step"] for r, before in zip(rows, counts) if r.get("ref_updates", 0) > before]
     title = f"reward ({rows[-1].get('reward_dim', '?')}); dashed: reference update (K = {k})"
     chart(path, title, series, vlines=updates)
     return updates
@@ -505,33 +560,43 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def check_plot(path: str) -> str:
+    """The plot file can be written, and drawn (.png needs matplotlib): known before any scoring."""
+    writable_file(path, "--plot")
+    if path.lower().endswith(".png") and importlib.util.find_spec("matplotlib") is None:
+        raise UserError("a .png plot needs matplotlib (pip install matplotlib); or write .svg")
+    return path
+
+
+@command()
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        if sum(x is not None for x in (args.video_dir, args.compare, args.run)) != 1:
-            raise UserError("give exactly one of VIDEO_DIR, --compare RESULTS..., --run RUN_DIR")
-        if args.run:
-            path = args.plot or os.path.join(args.run, "reward_curve.svg")
-            updates = plot_reward_curve(args.run, path)
-            print(f"reward curve ({len(updates)} reference updates) -> {path}")
-            return
-        if args.compare:
-            results = [load_results(path) for path in args.compare]
-        else:
-            r = evaluate(args.video_dir, args)
-            out = args.out or os.path.join(args.video_dir, "evaluation.json")
-            with open(out, "w") as f:
-                json.dump(r, f, indent=1)
-            print(f"{len(r['videos'])} videos scored, {len(r['skipped'])} skipped; results -> {out}")
-            results = [r]
-        print(table(results))
-        if any(k in PROXIES for r in results for k in r["summary"]):
-            print("(proxy) columns are weight-free stand-ins, not VBench's motion smoothness / dynamic degree")
-        if args.plot:
-            plot_comparison(results, args.plot)
-            print(f"plot -> {args.plot}")
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    if sum(x is not None for x in (args.video_dir, args.compare, args.run)) != 1:
+        raise UserError("give exactly one of VIDEO_DIR, --compare RESULTS..., --run RUN_DIR")
+    if args.plot:
+        check_plot(args.plot)
+    if args.run:
+        path = args.plot or os.path.join(args.run, "reward_curve.svg")
+        updates = plot_reward_curve(args.run, path)
+        print(f"reward curve ({len(updates)} reference updates) -> {path}")
+        return
+    if args.compare:
+        results = [load_results(path) for path in args.compare]
+    else:
+        if not os.path.isdir(args.video_dir):  # before the --out check, which would make the folder
+            raise UserError(f"{args.video_dir!r} is not a folder")
+        out = writable_file(args.out or os.path.join(args.video_dir, "evaluation.json"), "--out")  # before scoring
+        r = evaluate(args.video_dir, args)
+        with open(out, "w") as f:
+            json.dump(r, f, indent=1)
+        print(f"{len(r['videos'])} videos scored, {len(r['skipped'])} skipped; results -> {out}")
+        results = [r]
+    print(table(results))
+    if any(k in PROXIES for r in results for k in r["summary"]):
+        print("(proxy) columns are weight-free stand-ins, not VBench's motion smoothness / dynamic degree")
+    if args.plot:
+        plot_comparison(results, args.plot)
+        print(f"plot -> {args.plot}")
 
 
 if __name__ == "__main__":

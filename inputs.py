@@ -164,3 +164,25 @@ def writable_file(path: str, what: str) -> str:
     if os.path.exists(path) and not os.access(path, os.W_OK):
         raise UserError(f"{what} {path!r} is read-only")
     return path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Weights files: checked before a model loads
+
+
+def check_safetensors(path: str, what: str) -> str:
+    """A safetensors file whose header reads and whose size matches it; one line if it is missing, empty,
+    truncated (a copy or a save cut short) or not safetensors at all. Only the header is read: cheap enough to do
+    before a model takes minutes to load, so the bad file is named first."""
+    if not os.path.isfile(path):
+        raise UserError(f"{what} {path!r} not found")
+    from safetensors import SafetensorError, safe_open  # lazily: this module stays light to import
+
+    try:
+        with safe_open(path, "numpy") as f:  # "numpy": no torch import just to read a header
+            f.keys()
+    except (SafetensorError, OSError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{what} {path!r} is not a readable safetensors file (truncated or corrupt?): "
+                        f"{reason}") from None
+    return path

@@ -9,17 +9,16 @@ import functools
 import json
 import math
 import os
-import sys
 
-import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from tokenizers import AddedToken, Tokenizer
-from transformers import Idefics2Config, Idefics2Model
-from transformers.models.idefics2.modeling_idefics2 import Idefics2PreTrainedModel
+from inputs import UserError, command, read_text, resolve
 
-from inputs import UserError, resolve
+import numpy as np  # noqa: E402  (inputs first: Ctrl-C during these slow imports is one line too)
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from tokenizers import AddedToken, Tokenizer  # noqa: E402
+from transformers import Idefics2Config, Idefics2Model  # noqa: E402
+from transformers.models.idefics2.modeling_idefics2 import Idefics2PreTrainedModel  # noqa: E402
 
 
 class FormulaReward:
@@ -478,9 +477,8 @@ def read_video(path: str) -> torch.Tensor:
 def read_manifest(path: str) -> list[dict]:
     """A JSON list of groups {"prompt": str, "videos": [paths relative to the manifest], "best": path or index}."""
     try:
-        with open(path) as f:
-            groups = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+        groups = json.loads(read_text(path, "manifest"))  # missing, binary or not UTF-8: one line from read_text
+    except json.JSONDecodeError as e:
         raise UserError(f"cannot read manifest {path}: {e}") from None
     if not isinstance(groups, list) or not groups:
         raise UserError(f"manifest {path} must be a non-empty JSON list of groups")
@@ -489,6 +487,8 @@ def read_manifest(path: str) -> list[dict]:
     for i, g in enumerate(groups):
         if not isinstance(g, dict) or not isinstance(g.get("prompt"), str) or len(g.get("videos") or []) < 2:
             raise UserError(f"manifest group {i}: needs a 'prompt' and at least two 'videos'")
+        if not isinstance(g["videos"], list) or not all(isinstance(v, str) for v in g["videos"]):
+            raise UserError(f"manifest group {i}: 'videos' must be a list of file paths")
         best = g.get("best")
         best = g["videos"].index(best) if best in g["videos"] else best
         if not isinstance(best, int) or not 0 <= best < len(g["videos"]):
@@ -513,6 +513,7 @@ def run_agreement(manifest: str, reward) -> dict:
     return {dim: agreement([pick(s, dim).tolist() for s in per_group], best) for dim in reward.dims + ["global"]}
 
 
+@command()
 def main(argv=None):
     p = argparse.ArgumentParser(description="Score videos with a reward, or measure its agreement with human "
                                 "choices (MRR, Recall@1/2/4; paper Table 2).")
@@ -524,18 +525,14 @@ def main(argv=None):
     p.add_argument("--reward-batch", type=int, default=4, help="videos per reward forward")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    try:
-        reward = build_reward(args.reward, device=args.device, path=args.reward_path, batch_size=args.reward_batch)
-        if args.command == "agreement":
-            if len(args.paths) != 1:
-                raise UserError("agreement takes one manifest file")
-            result = run_agreement(args.paths[0], reward)
-        else:
-            scores = [score_files(reward, [path], args.prompt) for path in args.paths]
-            result = {path: {d: round(v.item(), 4) for d, v in s.items()} for path, s in zip(args.paths, scores)}
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    if args.command == "agreement" and len(args.paths) != 1:
+        raise UserError("agreement takes one manifest file")
+    reward = build_reward(args.reward, device=args.device, path=args.reward_path, batch_size=args.reward_batch)
+    if args.command == "agreement":
+        result = run_agreement(args.paths[0], reward)
+    else:
+        scores = [score_files(reward, [path], args.prompt) for path in args.paths]
+        result = {path: {d: round(v.item(), 4) for d, v in s.items()} for path, s in zip(args.paths, scores)}
     print(json.dumps(result, indent=1))
     return result
 

@@ -9,7 +9,8 @@ import argparse
 import math
 import os
 
-from inputs import UserError, command, default_prompts, load_prompts, video_names, writable_dir, writable_file
+from inputs import (UserError, check_safetensors, command, default_prompts, load_prompts, video_names, writable_dir,
+                    writable_file)
 
 import torch  # noqa: E402  (inputs first: Ctrl-C during this slow import is one line too)
 
@@ -121,6 +122,17 @@ def model_from_args(args) -> "VideoModel":  # noqa: F821
     return model
 
 
+def checkpoint_weights(folder: str) -> str:
+    """The policy weights of a train.py checkpoint folder, checked readable (a run killed mid-save leaves a
+    truncated file) before the base model spends minutes loading."""
+    if not os.path.isdir(folder):
+        raise UserError(f"--checkpoint {folder!r} is not a folder (give a train.py checkpoint-<step> folder)")
+    path = os.path.join(folder, "model.safetensors")
+    if not os.path.isfile(path):
+        raise UserError(f"--checkpoint {folder!r} holds no model.safetensors: not a train.py checkpoint folder")
+    return check_safetensors(path, "--checkpoint weights")
+
+
 @command()
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -137,12 +149,13 @@ def main(argv=None):
     if args.n < 1 or args.strip_scale < 1:
         raise UserError("--n and --strip-scale must be at least 1")
     prompts = load_prompts(args.prompts or default_prompts(args.model, "eval"), args.prompt_column)
+    weights = checkpoint_weights(args.checkpoint) if args.checkpoint else None  # before the model loads
     writable_dir(args.out, "--out")  # before the sampling, not after it
     if args.strip:
         writable_file(args.strip, "--strip")
     model = model_from_args(args)
-    if args.checkpoint:
-        model.load_weights(os.path.join(args.checkpoint, "model.safetensors"))
+    if weights:
+        model.load_weights(weights)
     strip, names = [], video_names(prompts, args.n)
     for k, (prompt, videos) in enumerate(sample_videos(model, prompts, args.n, args.seed)):
         for name, video in zip(names[k], videos):

@@ -16,14 +16,14 @@ import copy
 import json
 import math
 import os
-import sys
 import time
 
-import torch
+from inputs import UserError, command, writable_dir
 
-import opensora as osr
-from inputs import UserError
-from model import ByteTokenizer, PixelSpace, VideoModel, load_dit, size_for, tiny_t5
+import torch  # noqa: E402  (inputs first: Ctrl-C during this slow import is one line too)
+
+import opensora as osr  # noqa: E402
+from model import ByteTokenizer, PixelSpace, VideoModel, load_dit, size_for, tiny_t5  # noqa: E402
 
 # The world's vocabulary. Colours are RGB on 0..255; directions are (dx, dy) in image coordinates (y down).
 COLORS = {"red": (220, 50, 50), "green": (60, 190, 70), "blue": (60, 100, 235), "yellow": (235, 210, 60),
@@ -173,6 +173,7 @@ def pretrain(steps: int, batch_size: int, lr: float, out: str, seed: int = 0, dr
     return {"steps": steps, "seconds": time.perf_counter() - tic, "final_loss": sum(history[-50:]) / len(history[-50:])}
 
 
+@command()
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=1500)
@@ -182,8 +183,8 @@ def main(argv=None):
     p.add_argument("--out", default=TOY_DIR, help="folder for model.safetensors + config.json")
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch_size < 1:
-        print("error: --steps and --batch-size must be at least 1", file=sys.stderr)
-        sys.exit(1)
+        raise UserError("--steps and --batch-size must be at least 1")
+    writable_dir(args.out, "--out")  # before the pretraining, not after it
     result = pretrain(args.steps, args.batch_size, args.lr, args.out, args.seed)
     with open(os.path.join(args.out, "pretrain.json"), "w") as f:
         json.dump({**vars(args), **result}, f, indent=1)
