@@ -69,6 +69,18 @@ def resolve(path: str, what: str, hub_id: str, patterns: list[str] | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Random streams: every random draw of a run (prompt order, candidate noise, DPO noise and t, ReFL's stopping
+# step, evaluation noise) is seeded from --seed, the stream's name and its counters, through a hash, so two
+# streams never draw the same numbers (an arithmetic seed such as seed * P + counter * n + j collides).
+
+
+def stream_seed(stream: str, seed: int, *ids: int) -> int:
+    """A 63-bit seed for torch.Generator().manual_seed, unique to (stream, seed, ids)."""
+    key = ":".join([stream, str(seed), *map(str, ids)]).encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Text files
 
 

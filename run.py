@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 import parallel
-from inputs import UserError, default_prompts, load_prompts, video_names
+from inputs import UserError, default_prompts, load_prompts, stream_seed, video_names
 from model import MODELS
 from reward import REWARDS, build_reward
 from sample import add_model_args, model_from_args, sample_videos, write_video
@@ -125,28 +125,30 @@ def check_args(args):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Deterministic data and noise: everything random is a function of (seed, prompt counter), so a resumed run
-# draws exactly what an uninterrupted one would.
+# Deterministic data and noise: everything random is a function of (seed, stream, prompt counter), so a resumed
+# run draws exactly what an uninterrupted one would, and no two streams draw the same numbers (inputs.stream_seed).
 
 
 def prompt_at(prompts: list[str], seed: int, counter: int) -> str:
+    """Prompt `counter` of the run: each pass over the prompt file in its own random order."""
     epoch, pos = divmod(counter, len(prompts))
-    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(stream_seed("order", seed, epoch)))
     return prompts[order[pos]]
 
 
 def candidate_seeds(seed: int, counter: int, n: int) -> list[int]:
-    return [(seed * 1_000_003 + counter * n + j) % 2**63 for j in range(n)]
+    """The starting noise of prompt `counter`'s N candidates (Alg. 1 line 4)."""
+    return [stream_seed("candidate", seed, counter, j) for j in range(n)]
 
 
 def dpo_generator(seed: int, counter: int) -> torch.Generator:
-    """The DPO noise and t of the pair made from prompt `counter`."""
-    return torch.Generator().manual_seed(seed * 104729 + counter)
+    """The DPO noise and t of the pair made from prompt `counter` (Alg. 1 line 7)."""
+    return torch.Generator().manual_seed(stream_seed("dpo", seed, counter))
 
 
 def refl_generator(seed: int, counter: int) -> torch.Generator:
     """ReFL's stopping step for the prompt batch starting at `counter`."""
-    return torch.Generator().manual_seed(seed * 15485863 + counter)
+    return torch.Generator().manual_seed(stream_seed("refl-stop", seed, counter))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -439,7 +441,7 @@ class Run:
         """Every rank samples (a sharded network needs all ranks in every forward); rank 0 writes."""
         folder = os.path.join(self.args.out, "samples", f"step-{self.step}")
         names = video_names(self.eval_prompts, 2)
-        for k, (_, videos) in enumerate(sample_videos(self.model, self.eval_prompts, 2, self.args.seed + 1)):
+        for k, (_, videos) in enumerate(sample_videos(self.model, self.eval_prompts, 2, self.args.seed)):
             if parallel.is_main():
                 os.makedirs(folder, exist_ok=True)
                 for name, video in zip(names[k], videos):

@@ -9,8 +9,8 @@ import argparse
 import math
 import os
 
-from inputs import (UserError, check_safetensors, command, default_prompts, load_prompts, video_names, writable_dir,
-                    writable_file)
+from inputs import (UserError, check_safetensors, command, default_prompts, load_prompts, stream_seed, video_names,
+                    writable_dir, writable_file)
 
 import torch  # noqa: E402  (inputs first: Ctrl-C during this slow import is one line too)
 
@@ -60,10 +60,10 @@ def frame_strip(videos: torch.Tensor, scale: int = 1, gap: int = 2) -> torch.Ten
 
 def sample_videos(model, prompts: list[str], n: int, seed: int):
     """(prompt, n uint8 videos) for each prompt: N candidates in one batched call, decoded. Prompt k's video i
-    starts from the noise of seed `seed * 1_000_003 + k * n + i`, so the same prompts give the same videos in
-    every run (eval samples during training, sample.py, ablate.py's evaluation)."""
+    starts from its own noise stream ("sample", seed, k, i), so the same prompts give the same videos in every run
+    (eval samples during training, sample.py, ablate.py's evaluation) and never a training candidate's noise."""
     for k, prompt in enumerate(prompts):
-        seeds = [seed * 1_000_003 + k * n + i for i in range(n)]
+        seeds = [stream_seed("sample", seed, k, i) for i in range(n)]
         yield prompt, model.decode(model.sample([prompt], n, seeds))
 
 
