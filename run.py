@@ -29,6 +29,8 @@ METHOD_NAMES = {"online": "OnlineVPO", "offline": "offline DPO", "refl": "ReFL"}
 LOG_KEYS = ("loss", "accuracy", "margin", "kl", "reward_mean", "reward_w", "reward_l", "gap")
 # seconds per phase; the metrics row has time_sample, time_decode, time_reward and time_train (the rest)
 PHASES = {"sample": "sample", "decode": "decode", "reward": "reward"}
+# the paper's reward for real models; the toy world's judge for the toy model; no weights at all for the test model
+DEFAULT_REWARDS = {"toy": "toy", "tiny": "pixel"}
 
 
 def parse_args(argv=None, description: str = "") -> argparse.Namespace:
@@ -57,7 +59,7 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
                    help="--method refl: latent frames decoded for the reward (default: all)")
     g = p.add_argument_group("rewards")
     g.add_argument("--reward", default=None, help=f"video reward: {', '.join(REWARDS)} (default: toy for the toy "
-                   "model, videoscore otherwise)")
+                   "model, pixel for tiny, videoscore otherwise)")
     g.add_argument("--reward-dim", default=None, help="reward dimension the pairs are built on; 'global' = mean "
                    "of all (default: the reward's temporal consistency, paper Table 4b)")
     g.add_argument("--reward-path", default=None, help="local folder or Hub id of the reward's weights "
@@ -91,7 +93,7 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
                    help="continue from the latest checkpoint in --out, or from the given checkpoint folder")
     g.add_argument("--max-bad-steps", type=int, default=3, help="stop after this many NaN/inf steps in a row")
     args = p.parse_args(argv)
-    args.reward = args.reward or ("toy" if args.model == "toy" else "videoscore")
+    args.reward = args.reward or DEFAULT_REWARDS.get(args.model, "videoscore")
     args.prompts = args.prompts or default_prompts(args.model, "train")
     args.eval_prompts = args.eval_prompts or default_prompts(args.model, "eval")
     return args

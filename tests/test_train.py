@@ -113,3 +113,10 @@ def test_an_unknown_model_is_named_before_the_default_reward_loads(tmp_path):
     with pytest.raises(SystemExit) as e:  # --model sora9 would default to --reward videoscore, a 16 GB download
         train.main(["--model", "sora9", "--out", str(tmp_path)])
     assert str(e.value.code) == "error: unknown model 'sora9'; choose one of toy, opensora, cogvideox, wan, tiny"
+
+
+def test_the_test_model_trains_without_any_reward_weights(tmp_path):
+    """--model tiny used to default to --reward videoscore: a 16 GB download on a machine without it."""
+    train.main(["--model", "tiny", "--size", "16x16", "--frames", "4", "--sample-steps", "2", "--n", "2",
+                "--batch-size", "1", "--steps", "1", "--out", str(tmp_path)])
+    assert metrics(tmp_path)[0]["reward_dim"] == "temporal_consistency"  # PixelReward's default dimension
