@@ -5,14 +5,16 @@
     python bench.py --size full --parts d --steps 10  # GPU: only the MFU table, 10 sampling steps per point
 
 Parts (--parts a,b,c,d):
-  a  seconds per phase of one OnlineVPO step: encode, sample (N candidates, one batched call), decode, reward,
+  a  seconds per phase of one OnlineVPO step: sample (N candidates, one batched call), decode, reward,
      DPO forward (policy + reference), DPO backward, optimizer;
   b  peak memory of an OnlineVPO step vs a ReFL step across (resolution, frames) points, as the paper's Fig. 7;
   c  N candidates sampled in one batched call vs N calls of one;
   d  GPU only: model FLOPs utilisation (MFU) of sampling and of the DPO step.
-The step is train.py's (online_pairs + dpo_backward, refl_backward), written here with the same model / reward /
-dpo calls and the memory levers the paper's single-GPU setting needs: gradient checkpointing, the reference in
-bf16, the text encoder dropped once the prompts are encoded. Tables print as markdown with the machine named.
+The step is train.py's own: train.online_pairs + train.dpo_step (baselines.refl_backward for ReFL) over a
+run.Run built from train.py's flags around the random models, so its memory levers are train.py's defaults:
+gradient checkpointing, the reference in the compute dtype (bf16 on a GPU), the text encoder freed once every
+prompt is encoded. The loop's phase clock is bench's for the measured steps. Tables print as markdown with the
+machine named.
 """
 import argparse
 import contextlib
@@ -26,19 +28,19 @@ import sys
 import time
 
 import torch
-import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-import dpo
+import baselines
 import opensora as osr
 import reward as rw
-from run import cache_prompts
+import train
 from inputs import UserError
 from model import ByteTokenizer, VideoModel, tiny_t5
+from run import Run
 
 PARTS = ("a", "b", "c", "d")
-PROMPTS = ["a red fox trotting through fresh snow in a pine forest at dawn",
-           "waves crashing against black volcanic rocks under a stormy sky"]  # step, warm-up
+PROMPTS = ["a red fox trotting through fresh snow in a pine forest at dawn",  # the run's prompts; c samples
+           "waves crashing against black volcanic rocks under a stormy sky"]  # the first
 
 # ----------------------------------------------------------------------------------------------------------
 # Models with random weights. "full" is Open-Sora v1.2 as published (hpcai-tech/OpenSora-STDiT-v3 config.json,
@@ -145,16 +147,6 @@ def build(size: str, device: str, reward_name: str, seed: int = 0, reward_offloa
     return model, rw.PixelReward(device=dev), "PixelReward (pixel formula, no network)"
 
 
-def make_reference(model: VideoModel) -> nn.Module:
-    """G_ref as train.py makes it: stored like the policy (fp32), so equal weights give equal errors."""
-    return model.frozen_copy()
-
-
-def drop_text_encoder(model: VideoModel):
-    """Lever 3, train.py's default --text-encoder-offload free: every prompt encoded once, then T5 freed."""
-    cache_prompts(model, PROMPTS, "free")
-
-
 def set_point(model: VideoModel, point: tuple):
     _, model.height, model.width, model.frames = point
 
@@ -207,90 +199,69 @@ class Clock:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The two steps, phase by phase
+# The two steps: train.py's own loop functions over a run.Run that holds bench's prebuilt models
 
 
-def online_step(model: VideoModel, ref: nn.Module, reward, opt, n: int, steps: int, clock: Clock,
-                prompts: list[str] = PROMPTS[:1], seed: int = 0, split: bool = False):
-    """One OnlineVPO step (Alg. 1 lines 4-8) on len(prompts) prompts, as train.py's online_pairs + dpo_backward.
-    split: train.py --split-pair (winners' and losers' backward one after the other, half the activations)."""
-    P = len(prompts)
-    with clock("encode"):
-        model.encode_prompts(prompts)
-    with clock("sample"):  # N candidates per prompt, both CFG halves, one batch per sampling step
-        latents = model.sample(prompts, n, [seed * 1000 + j for j in range(P * n)], steps=steps)
-    with clock("decode"):
-        videos = model.decode(latents)
-    with clock("reward"):
-        scores = rw.pick(reward.score(videos, [p for p in prompts for _ in range(n)]), reward.default_dim)
-        # a tie would skip the prompt in train.py; the benchmark times the work, so it pairs first vs last
-        pairs = [dpo.select_pair(s) or (0, n - 1) for s in scores.view(P, n)]
-    with clock("DPO forward"):  # policy (grad) and reference (no grad) on [winners; losers], shared noise and t
-        x0 = torch.stack([latents[i * n + w] for i, (w, _) in enumerate(pairs)] +
-                         [latents[i * n + l] for i, (_, l) in enumerate(pairs)])
-        g = torch.Generator().manual_seed(seed)
-        noise = torch.randn(x0[:P].shape, generator=g).to(x0.device).repeat(2, 1, 1, 1, 1)
-        t = model.training_timesteps(P, g).repeat(2)
-        y, mask = model.encode_prompts(prompts + prompts)
-        with torch.no_grad() if split else contextlib.nullcontext():
-            policy_err = model.errors(model.dit, x0, noise, t, y, mask)
-        if split:
-            policy_err.requires_grad_(True)
-        with torch.no_grad():
-            ref_err = model.errors(ref, x0, noise, t, y, mask)
-        loss, _ = dpo.diffusion_dpo_loss(policy_err[:P], policy_err[P:], ref_err[:P], ref_err[P:], model.beta)
-    with clock("DPO backward"):
-        if not split:
-            loss.backward()
-        else:  # dL/de from the no-grad pass, then each half's forward + backward with that weight
-            (coef,) = torch.autograd.grad(loss, policy_err)
-            for half in (slice(0, P), slice(P, 2 * P)):
-                e = model.errors(model.dit, x0[half], noise[half], t[half], y[half], mask[half])
-                (e * coef[half]).sum().backward()
-    with clock("optimizer"):
-        torch.nn.utils.clip_grad_norm_(model.dit.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+def make_run(model: VideoModel, reward, reward_name: str, method: str, n: int, seed: int = 0,
+             split: bool = False) -> Run:
+    """The training job as train.py builds it from its flags, over bench's random model and reward: its reference
+    G_ref (none for ReFL: Fig. 7 compares that memory too), AdamW, and train.py's default memory levers
+    (gradient checkpointing, the reference in the compute dtype, every prompt encoded once and the text encoder
+    freed). One prompt per step (--batch-size 1, --sample-batch 1); nothing is written (out None)."""
+    args = train.parse_args(["--method", method, "--n", str(n), "--batch-size", "1", "--seed", str(seed),
+                             "--reward", reward_name, "--device", str(model.device),
+                             # the name only passes run.check_args: the prebuilt model is what runs
+                             "--model", "opensora" if model.name == "opensora" else "tiny"]
+                            + (["--split-pair"] if split else []))
+    args.out = None
+    return Run(args, model=model, reward=reward, prompts=PROMPTS)
 
 
-def refl_step(model: VideoModel, reward, opt, steps: int, clock: Clock, prompts: list[str] = PROMPTS[:1],
-              seed: int = 0):
-    """One ReFL step as train.py's refl_backward: denoise without gradients to the first step of the last
-    quarter, one guided step with gradients, differentiable decode of every latent frame, loss = -reward.
-    No reference network."""
-    stop = steps - max(1, steps // 4)
-    with clock("encode"):
-        model.encode_prompts(prompts)
-    with clock("sample"):
-        z, t = model.sample(prompts, 1, [seed * 1000 + j for j in range(len(prompts))], steps=steps, until=stop)
-    with clock("policy forward"):
-        x0 = model.predict_x0(model.dit, z, t, prompts)
-    with clock("decode"):
-        videos = model.decode_float(x0)
-    with clock("reward"):
-        loss = -rw.pick(reward.score_float(videos, prompts), reward.default_dim).float().mean()
-    with clock("backward"):
-        loss.backward()
-    with clock("optimizer"):
-        torch.nn.utils.clip_grad_norm_(model.dit.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+@contextlib.contextmanager
+def measured(run: Run, clock: Clock, steps: int):
+    """The loop functions time their phases with run.clock and sample with model.sample_steps: bench's clock
+    and step count for the duration."""
+    old = run.model.sample_steps
+    run.clock, run.model.sample_steps = clock, steps
+    try:
+        yield
+    finally:
+        run.model.sample_steps = old
 
 
-def adamw(model: VideoModel):
-    return torch.optim.AdamW(model.dit.parameters(), lr=1e-5)  # the paper's optimizer and lr
+def online_step(run: Run, clock: Clock, steps: int):
+    """One OnlineVPO step of train.py's loop (Alg. 1 lines 3-10): online_pairs samples N candidates per prompt in
+    one batched call, decodes and scores them, pairs best vs worst; dpo_step takes the Diffusion-DPO loss
+    against the reference and its backward; then the optimizer step."""
+    with measured(run, clock, steps):
+        for counters, last in run.batches():
+            train.dpo_step(run, train.online_pairs(run, counters), last)
+        if not run.pairs:  # the loop skips a tie; the benchmark has nothing to time then, and says so
+            raise UserError(f"the {run.args.n} candidates' rewards tied (or were NaN): this step has no pair and no "
+                            "DPO phases to measure; try another --seed")
+        with clock("optimizer"):
+            run.optimizer_step()
+
+
+def refl_step(run: Run, clock: Clock, steps: int):
+    """One ReFL step of baselines.refl's loop: refl_backward denoises without gradients into the last quarter
+    of the sampling steps, takes one guided step with gradients, decodes differentiably, loss = -reward."""
+    with measured(run, clock, steps):
+        for counters, last in run.batches():
+            baselines.refl_backward(run, counters, last)
+        with clock("optimizer"):
+            run.optimizer_step()
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The parts
 
 
-def phase_breakdown(model, ref, reward, opt, n: int, steps: int, split: bool = False) -> dict:
-    """a: seconds per phase of one OnlineVPO step, after one warm-up step (1 sampling step, another prompt)."""
-    online_step(model, ref, reward, opt, n, 1, Clock(model.device), prompts=PROMPTS[1:], split=split)
-    model._cache.clear()  # the timed step encodes its prompt for real
-    clock = Clock(model.device)
-    online_step(model, ref, reward, opt, n, steps, clock, split=split)
+def phase_breakdown(run: Run, steps: int) -> dict:
+    """a: seconds per phase of one OnlineVPO step, after a warm-up step (1 sampling step, the next prompt)."""
+    online_step(run, Clock(run.model.device), 1)
+    clock = Clock(run.model.device)
+    online_step(run, clock, steps)
     return clock.seconds
 
 
@@ -311,23 +282,26 @@ def batched_vs_sequential(model, n: int, steps: int) -> dict:
                 max_abs_diff=float((batched.float() - sequential.float()).abs().max()))
 
 
-def mfu(model, ref, reward, opt, n: int, steps: int, peak_tflops: float) -> dict:
+def mfu(run: Run, steps: int, peak_tflops: float) -> dict:
     """d: FLOPs counted on a warm-up step (1 sampling step: one forward of the 2N batch), then a timed step.
-    Model FLOPs of the DPO step exclude the gradient-checkpointing recompute (PaLM's MFU): one policy forward,
-    i.e. half of the counted DPO forward (policy + reference on the same batch)."""
-    count = Clock(model.device, count=True)
-    online_step(model, ref, reward, opt, n, 1, count)
-    clock = Clock(model.device)
-    online_step(model, ref, reward, opt, n, steps, clock)
+    Model FLOPs of the DPO step exclude what only saves memory (PaLM's MFU): the gradient-checkpointing recompute
+    and --split-pair's no-grad pass, one policy forward each, i.e. half of the counted DPO forward (policy and
+    reference forward on the same batch)."""
+    count = Clock(run.model.device, count=True)
+    online_step(run, count, 1)
+    clock = Clock(run.model.device)
+    online_step(run, clock, steps)
     f, s = count.flops, clock.seconds
     sample_flops = f["sample"] * steps
-    dpo_flops = f["DPO forward"] + f["DPO backward"] - (f["DPO forward"] / 2 if model.dit.grad_checkpointing else 0)
+    extra = int(run.model.dit.grad_checkpointing) + int(run.args.split_pair)
+    dpo_flops = f["DPO forward"] + f["DPO backward"] - extra * f["DPO forward"] / 2
     dpo_s = s["DPO forward"] + s["DPO backward"]
     return dict(sample_tflop=sample_flops / 1e12, sample_s=s["sample"],
                 sample_mfu=sample_flops / s["sample"] / (peak_tflops * 1e12),
                 dpo_tflop=dpo_flops / 1e12, dpo_s=dpo_s, dpo_mfu=dpo_flops / dpo_s / (peak_tflops * 1e12))
 
 
+METHODS = {"OnlineVPO": "online", "ReFL": "refl"}  # b's columns: train.py --method
 MEMORY_STEPS = 2  # peak memory does not depend on the number of sampling steps (no gradients while sampling)
 
 
@@ -345,14 +319,14 @@ def gpu_peak(step) -> dict | str:
         return "OOM"
 
 
-def gpu_memory(model, opt, points: list, step) -> dict:
-    """b on a GPU, in this process: step() at every point."""
+def gpu_memory(run: Run, points: list, step) -> dict:
+    """b on a GPU, in this process: step (online_step or refl_step) of the run at every point."""
     out = {}
     for point in points:
-        set_point(model, point)
-        out[point[0]] = gpu_peak(step)
-        opt.zero_grad(set_to_none=True)  # after an OOM too
-        free_memory(model.device)
+        set_point(run.model, point)
+        out[point[0]] = gpu_peak(lambda: step(run, Clock(run.model.device), MEMORY_STEPS))
+        run.opt.zero_grad(set_to_none=True)  # after an OOM too
+        free_memory(run.model.device)
     return out
 
 
@@ -369,20 +343,15 @@ def child_memory(spec: dict, conn):
     resident memory over the process's resident memory just before it (a CPU has no allocator peak)."""
     try:
         model, reward, _ = build(spec["size"], "cpu", spec["reward"], spec["seed"])
-        drop_text_encoder(model)
-        ref = make_reference(model) if spec["method"] == "OnlineVPO" else None
-        opt = adamw(model)
-        if spec["method"] == "OnlineVPO":
-            step = lambda: online_step(model, ref, reward, opt, spec["n"], MEMORY_STEPS, Clock(model.device),
-                                       split=spec["split"])
-        else:
-            step = lambda: refl_step(model, reward, opt, MEMORY_STEPS, Clock(model.device))
+        run = make_run(model, reward, spec["reward"], METHODS[spec["method"]], spec["n"], spec["seed"],
+                       spec["split"])
+        step = online_step if spec["method"] == "OnlineVPO" else refl_step
         set_point(model, parse_point(WARM_POINT))
-        step()
+        step(run, Clock(model.device), MEMORY_STEPS)
         set_point(model, parse_point(spec["point"]))
         gc.collect()
         before = rss_bytes()
-        step()
+        step(run, Clock(model.device), MEMORY_STEPS)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
         conn.send(max(0, peak - before) / 1e6)
     except Exception as e:  # noqa: BLE001 - reported in the table's cell
@@ -472,7 +441,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reward-offload", action="store_true", help="keep the reward on the CPU except while it "
                    "scores (train.py --reward-offload)")
     p.add_argument("--split-pair", action="store_true", help="the DPO step as train.py --split-pair (winners' and "
-                   "losers' backward one after the other) in parts a and b")
+                   "losers' backward one after the other) in parts a, b and d")
     p.add_argument("--peak-tflops", type=float, default=None, help="the accelerator's dense bf16 TFLOP/s for MFU "
                    "(default: looked up for H200/H100/A100)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -548,19 +517,20 @@ def run(args) -> dict:
     log(f"building {args.size} models with random weights on {dev}")
     model, reward, reward_label = build(args.size, dev, args.reward, args.seed, args.reward_offload)
     steps = args.steps or model.sample_steps
-    ref, opt = make_reference(model), adamw(model)
+    job = make_run(model, reward, args.reward, "online", args.n, args.seed, args.split_pair)
     set_point(model, cfg["point"])
     point = cfg["point"][0]
-    if "a" in parts:  # first: T5 is still there, so the encode phase is real
+    if "a" in parts:
         log(f"a: one OnlineVPO step at {point}")
-        sec = phase_breakdown(model, ref, reward, opt, args.n, steps, args.split_pair)
+        sec = phase_breakdown(job, steps)
         total = sum(sec.values())
         print(f"### a. One OnlineVPO step, {point}, N = {args.n}, {steps} sampling steps\nReward: {reward_label}. "
-              "Gradient checkpointing on, reference in bf16 on GPU. One prompt (train.py --sample-batch 1).\n")
+              "Gradient checkpointing on, reference in bf16 on GPU. One prompt (train.py --sample-batch 1). No encode "
+              "phase: the run encodes every prompt once at its start (the prompt-embedding cache), then frees T5."
+              "\n")
         print(table(["phase", "seconds", "share"], [[k, v, f"{100 * v / total:.0f}%"] for k, v in sec.items()]
                     + [["total", total, "100%"]]) + "\n")
         results["a"] = dict(point=point, steps=steps, seconds=sec)
-    drop_text_encoder(model)
     if "c" in parts:
         log(f"c: batched vs sequential sampling at {point}")
         r = batched_vs_sequential(model, args.n, steps)
@@ -576,28 +546,27 @@ def run(args) -> dict:
             for p in cfg["mfu_points"]:
                 log(f"d: FLOPs and time at {p[0]}")
                 set_point(model, p)
-                r = mfu(model, ref, reward, opt, args.n, steps, cfg["peak"])
+                r = mfu(job, steps, cfg["peak"])
                 results["d"][p[0]] = r
                 rows.append([p[0], r["sample_tflop"], r["sample_s"], f"{100 * r['sample_mfu']:.1f}%",
                              r["dpo_tflop"], r["dpo_s"], f"{100 * r['dpo_mfu']:.1f}%"])
             print(f"### d. Model FLOPs utilisation, bf16, peak {cfg['peak']:.0f} TFLOP/s, N = {args.n}, "
                   f"{steps} sampling steps\nDPO step = forward + backward of the policy and the reference "
-                  "forward, without the checkpointing recompute.\n")
+                  "forward, without the checkpointing recompute (nor --split-pair's no-grad pass).\n")
             print(table(["point", "sampling TFLOP", "sampling s", "sampling MFU", "DPO TFLOP", "DPO s",
                          "DPO MFU"], rows) + "\n")
     if "b" in parts:
         log(f"b: memory at {args.points}")
         if dev.type == "cuda":
-            mem = {"OnlineVPO": gpu_memory(model, opt, cfg["points"], lambda: online_step(
-                model, ref, reward, opt, args.n, MEMORY_STEPS, Clock(dev), split=args.split_pair))}
-            ref = None  # ReFL keeps no reference copy
+            mem = {"OnlineVPO": gpu_memory(job, cfg["points"], online_step)}
+            del job  # its reference and AdamW state: ReFL's run holds no reference
             free_memory(dev)
-            mem["ReFL"] = gpu_memory(model, opt, cfg["points"], lambda: refl_step(
-                model, reward, opt, MEMORY_STEPS, Clock(dev)))
+            job = make_run(model, reward, args.reward, "refl", args.n, args.seed)
+            mem["ReFL"] = gpu_memory(job, cfg["points"], refl_step)
             unit = "peak allocated GB (10^9 bytes; in brackets: allocated before the step, i.e. weights, " \
                    "AdamW state, reward)"
         else:
-            del ref, opt, model, reward
+            del job, model, reward
             mem = cpu_memory(args, cfg["points"])
             unit = f"peak resident MB over the process just before the step (a fresh process each, after a " \
                    f"warm-up step at {WARM_POINT})"

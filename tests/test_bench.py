@@ -7,6 +7,8 @@ import torch
 
 import bench
 import opensora as osr
+import reward as rw
+from inputs import UserError
 
 
 def stdit3_forward_flops(cfg: dict, B: int, T: int, H: int, W: int) -> int:
@@ -67,16 +69,16 @@ def test_full_size_models_on_the_meta_device():
 
 
 def test_cpu_tables(tmp_path, capsys):
-    """a: every phase of the step takes time; c: batched and sequential sampling give the same latents for the
-    same seeds; d: skipped on a CPU with a line saying why; the machine is named."""
+    """a: every phase of the loop's step takes time, and there is no encode phase (the run's prompt cache);
+    c: batched and sequential sampling give the same latents for the same seeds; d: skipped on a CPU with a line
+    saying why; the machine is named."""
     out = tmp_path / "bench.json"
     bench.main(["--parts", "a,c,d", "--point", "16x32:17", "--steps", "3", "--device", "cpu", "--json", str(out)])
     printed = capsys.readouterr().out
     assert printed.startswith("Machine: ") and "torch " + torch.__version__ in printed
     assert "d. MFU: skipped, it needs a GPU" in printed
     r = json.loads(out.read_text())
-    assert list(r["a"]["seconds"]) == ["encode", "sample", "decode", "reward", "DPO forward", "DPO backward",
-                                       "optimizer"]
+    assert list(r["a"]["seconds"]) == ["sample", "decode", "reward", "DPO forward", "DPO backward", "optimizer"]
     assert all(v > 0 for v in r["a"]["seconds"].values())
     assert r["c"]["batched_s"] > 0 and r["c"]["sequential_s"] > 0 and r["c"]["max_abs_diff"] < 1e-4
     assert "| phase | seconds | share |" in printed and "| total |" in printed
@@ -84,17 +86,59 @@ def test_cpu_tables(tmp_path, capsys):
 
 def test_mfu_counts_the_sampler_and_the_dpo_step():
     """Part d's function on the tiny CPU model: sampling FLOPs are steps x one forward of the 2N batch (the hand
-    count); the DPO step is policy forward + backward + reference forward, about 4 forwards of 2 videos."""
+    count); the DPO step is policy forward + backward + reference forward, about 4 forwards of 2 videos, the
+    same with --split-pair (its extra no-grad pass saves memory, it is not model FLOPs)."""
     model, reward, _ = bench.build("tiny", "cpu", "pixel")
     bench.set_point(model, bench.parse_point("16x32:17"))
-    ref, opt = bench.make_reference(model), bench.adamw(model)
-    r = bench.mfu(model, ref, reward, opt, n=2, steps=3, peak_tflops=1.0)
     C, T, H, W = model.latent_shape
     one = stdit3_forward_flops(model.dit.config, 4, T, H, W)  # 2 candidates x 2 CFG halves
-    assert r["sample_tflop"] * 1e12 == pytest.approx(3 * one, rel=1e-6)
     dpo_one = stdit3_forward_flops(model.dit.config, 2, T, H, W)
-    assert 3.5 * dpo_one < r["dpo_tflop"] * 1e12 < 4.5 * dpo_one
-    assert r["sample_mfu"] > 0 and r["dpo_mfu"] > 0 and r["sample_s"] > 0
+    dpo = []
+    for split in (False, True):
+        r = bench.mfu(bench.make_run(model, reward, "pixel", "online", n=2, split=split), steps=3, peak_tflops=1.0)
+        assert r["sample_tflop"] * 1e12 == pytest.approx(3 * one, rel=1e-6)
+        assert 3.5 * dpo_one < r["dpo_tflop"] * 1e12 < 4.5 * dpo_one
+        assert r["sample_mfu"] > 0 and r["dpo_mfu"] > 0 and r["sample_s"] > 0
+        dpo.append(r["dpo_tflop"])
+    assert dpo[1] == pytest.approx(dpo[0], rel=1e-6)
+
+
+def test_steps_are_the_training_loops_own(monkeypatch):
+    """bench times train.py's and baselines.py's loop functions, not copies of them: the online step calls
+    online_pairs then dpo_step on its run (which holds a reference) and its optimizer step moves the weights;
+    the ReFL step calls refl_backward on a run built with --method refl, which holds no reference (Fig. 7)."""
+    calls = []
+    for module, name in ((bench.train, "online_pairs"), (bench.train, "dpo_step"),
+                         (bench.baselines, "refl_backward")):
+        spy = lambda run, *a, _f=getattr(module, name), _name=name: calls.append((_name, run)) or _f(run, *a)
+        monkeypatch.setattr(module, name, spy)
+    model, reward, _ = bench.build("tiny", "cpu", "pixel")
+    bench.set_point(model, bench.parse_point("16x32:17"))
+    online = bench.make_run(model, reward, "pixel", "online", n=2)
+    before = [p.detach().clone() for p in model.dit.parameters()]
+    bench.online_step(online, bench.Clock(model.device), 2)
+    assert calls == [("online_pairs", online), ("dpo_step", online)] and online.ref is not None
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.dit.parameters()))
+    refl = bench.make_run(model, reward, "pixel", "refl", n=2)
+    bench.refl_step(refl, bench.Clock(model.device), 2)
+    assert calls[2:] == [("refl_backward", refl)] and refl.ref is None
+
+
+class TiedReward(rw.PixelReward):
+    def score(self, videos, prompts):
+        return {d: torch.zeros(len(prompts)) for d in self.dims}
+
+
+def test_a_tied_step_is_reported_not_paired():
+    """The loop skips a prompt whose candidates tie; the benchmark then has no DPO step to time and says so,
+    instead of pairing candidates the loop would not have paired."""
+    model, reward, _ = bench.build("tiny", "cpu", "pixel")
+    bench.set_point(model, bench.parse_point("16x32:17"))
+    run = bench.make_run(model, TiedReward(), "pixel", "online", n=2)
+    clock = bench.Clock(model.device)
+    with pytest.raises(UserError, match="tied"):
+        bench.online_step(run, clock, 1)
+    assert run.ties == 1 and "DPO forward" not in clock.seconds
 
 
 def test_refl_memory_grows_with_frames_and_exceeds_online(tmp_path, capsys):
