@@ -356,7 +356,7 @@ class Run:
         args = self.args
         if self.bar is None:
             self.bar = tqdm(total=args.steps, initial=self.step, desc=METHOD_NAMES[args.method], dynamic_ncols=True,
-                            disable=not parallel.is_main())
+                            disable=not parallel.is_main() or args.out is None)  # bench.py: no bar
             self.model.dit.train()
         self.new_step()
         self.opt.zero_grad(set_to_none=True)
