@@ -16,6 +16,7 @@ import sys
 
 import torch
 
+import run
 import toy
 import train
 from inputs import UserError
@@ -54,8 +55,8 @@ def run_one(name: str, seed: int, args, model, reward, prompts: list[str]) -> di
                           "--sample-steps", str(args.sample_steps), "--offline-pairs", str(args.offline_pairs),
                           "--save-every", str(args.steps), "--out", out]
     policy = os.path.join(out, f"checkpoint-{args.steps}", "model.safetensors")
-    if not os.path.isfile(policy):
-        train.train(train.parse_args(flags))
+    if not os.path.isfile(policy):  # continue an interrupted run, or start one
+        train.train(train.parse_args(flags + (["--resume"] if run.latest_checkpoint(out) else ["--overwrite"])))
     return cached_eval(os.path.join(out, "eval.json"), model, reward, prompts, policy)
 
 

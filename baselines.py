@@ -6,6 +6,7 @@
 """
 import math
 import os
+import sys
 
 import torch
 from tqdm import tqdm
@@ -24,12 +25,16 @@ def offline_pool(run: Run, sample_pairs) -> list:
     args = run.args
     path = os.path.join(args.out, "offline_pairs.pt")
     if os.path.isfile(path):
-        cached = torch.load(path, weights_only=True)
+        try:
+            cached = torch.load(path, weights_only=True)
+        except Exception:  # noqa: BLE001 - a file cut short or overwritten: named below, never half-used
+            cached = {"prompts_file": None, "pairs": []}
+            print(f"warning: {path} is damaged (not a torch.save file)", file=sys.stderr)
         if cached["prompts_file"] == args.prompts and len(cached["pairs"]) == args.offline_pairs:
             return cached["pairs"]
     if run.step:  # the pairs must come from the initial policy, which a resumed run no longer has
-        raise UserError(f"--method offline: {path} is missing or was made with other --prompts/--offline-pairs; "
-                        "resume with the flags the run started with")
+        raise UserError(f"--method offline: {path} is missing, damaged or was made with other --prompts/"
+                        "--offline-pairs; resume with the flags the run started with, or start over with --overwrite")
     mine = list(range(parallel.RANK, math.ceil(args.offline_pairs / parallel.WORLD) * parallel.WORLD,
                       parallel.WORLD))  # counters past the end are sampled too (equal work) and dropped
     pairs = []

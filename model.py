@@ -18,7 +18,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 import opensora as osr
-from inputs import UserError, resolve
+from inputs import UserError, check_safetensors, resolve
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -93,13 +93,22 @@ DIT_ID, VAE_ID, T5_ID = "hpcai-tech/OpenSora-STDiT-v3", "hpcai-tech/OpenSora-VAE
 
 
 def read_config(folder: str) -> dict:
-    with open(os.path.join(folder, "config.json")) as f:
-        return json.load(f)
+    path = os.path.join(folder, "config.json")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{folder} has no config.json: not a model folder") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path} is not a config (a JSON object)")
+    return config
 
 
 def load_state(module: nn.Module, file: str, what: str, fill_missing: tuple = ()):
     """Strict load of a safetensors file; keys in fill_missing may be absent (they are derived, e.g. RoPE freqs)."""
-    state = load_file(file)
+    state = load_file(check_safetensors(file, what))
     own = module.state_dict()
     for key in fill_missing:
         state.setdefault(key, own[key])
@@ -114,7 +123,10 @@ def load_state(module: nn.Module, file: str, what: str, fill_missing: tuple = ()
 
 def load_dit(path: str) -> osr.STDiT3:
     folder = resolve(path, "STDiT3 weights", DIT_ID, ["config.json", "model.safetensors"])
-    dit = osr.STDiT3(**read_config(folder))
+    try:
+        dit = osr.STDiT3(**read_config(folder))
+    except TypeError as e:  # a config.json of another model
+        raise UserError(f"{folder}/config.json is not an STDiT3 config ({e})") from None
     load_state(dit, os.path.join(folder, "model.safetensors"), "STDiT3 weights", fill_missing=("rope.freqs",))
     return dit
 

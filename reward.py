@@ -403,14 +403,18 @@ class AestheticReward:
         head = head or path or os.path.join(cache, "aesthetic_model", "emb_reader", "sa_0_4_vit_l_14_linear.pth")
         if not os.path.isfile(head):
             raise UserError(f"LAION aesthetic head {head} not found; download it: wget -O {head} {self.HEAD_URL}")
-        if head.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            state = load_file(head)
-        else:
-            state = torch.load(head, map_location="cpu", weights_only=True)
         self.head = nn.Linear(768, 1)
-        self.head.load_state_dict(state)
+        try:  # a garbage file must be one line, whatever the loader's own error
+            if head.endswith(".safetensors"):
+                from safetensors.torch import load_file
+
+                state = load_file(head)
+            else:
+                state = torch.load(head, map_location="cpu", weights_only=True)
+            self.head.load_state_dict(state)
+        except Exception as e:  # noqa: BLE001 - unpickling, safetensors, shape and key errors alike
+            raise UserError(f"LAION aesthetic head {head} is not sa_0_4_vit_l_14_linear.pth's weights "
+                            f"({type(e).__name__}); download it: wget -O {head} {self.HEAD_URL}") from None
         self.clip = CLIPVisionModelWithProjection.from_pretrained(clip).eval()
         for m in (self.clip, self.head):  # frozen: ReFL's gradients reach the policy only
             m.requires_grad_(False).to(device)

@@ -8,22 +8,26 @@ step logs. Its methods are called by name from the loops (train.py, baselines.py
 Also here: the flags (`parse_args`), deterministic prompts and seeds, checkpoints and resume, the memory levers.
 """
 import argparse
+import atexit
 import contextlib
 import glob
 import json
 import math
 import os
+import re
 import shutil
+import sys
 import time
+import zipfile
 
 import torch
 from tqdm import tqdm
 
 import parallel
-from inputs import UserError, default_prompts, load_prompts, stream_seed, video_names
+from inputs import UserError, check_safetensors, default_prompts, load_prompts, stream_seed, video_names, writable_dir
 from model import MODELS
 from reward import REWARDS, build_reward
-from sample import add_model_args, model_from_args, sample_videos, write_video
+from sample import add_model_args, check_model_args, model_from_args, sample_videos, write_video
 
 METHOD_NAMES = {"online": "OnlineVPO", "offline": "offline DPO", "refl": "ReFL"}
 LOG_KEYS = ("loss", "accuracy", "margin", "kl", "reward_mean", "reward_w", "reward_l", "gap")
@@ -91,6 +95,8 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
     g.add_argument("--eval-prompts", default=None, help="fixed prompts for --sample-every")
     g.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue from the latest checkpoint in --out, or from the given checkpoint folder")
+    g.add_argument("--overwrite", action="store_true", help="start afresh in an --out that already holds a run: "
+                   "its metrics, checkpoints, samples and offline pairs are deleted")
     g.add_argument("--max-bad-steps", type=int, default=3, help="stop after this many NaN/inf steps in a row")
     args = p.parse_args(argv)
     args.reward = args.reward or DEFAULT_REWARDS.get(args.model, "videoscore")
@@ -124,6 +130,33 @@ def check_args(args):
         raise UserError("--fsdp shards the model across processes: start the run with torchrun --nproc_per_node G")
     if args.fsdp and args.ref_offload:
         raise UserError("--ref-offload and --fsdp do not combine: FSDP2 already shards the reference")
+    check_values(args)
+    check_model_args(args)
+
+
+def check_values(args):
+    """Numbers that parse but cannot be meant: each is refused in one line (README: Reliability)."""
+    for name, why in (("lr", "0 never moves the weights"), ("max_grad_norm", "0 clips every gradient to nothing")):
+        value = getattr(args, name)
+        if not math.isfinite(value) or value <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number > 0 ({why}), got {value}")
+    if args.beta is not None and (not math.isfinite(args.beta) or args.beta <= 0):
+        raise UserError(f"--beta must be a finite number > 0 (beta < 0 trains toward the loser, 0 not at all), "
+                        f"got {args.beta}")
+    for name in ("weight_decay", "min_gap"):
+        value = getattr(args, name)
+        if not math.isfinite(value) or value < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+    for name, low in (("save_every", 1), ("max_bad_steps", 1), ("reward_batch", 1), ("sample_every", 0)):
+        if getattr(args, name) < low:
+            raise UserError(f"--{name.replace('_', '-')} must be at least {low}")
+    if args.resume and args.overwrite:
+        raise UserError("--resume continues the run in --out and --overwrite deletes it: give one of them")
+
+
+def warn(message: str):
+    if parallel.is_main():
+        print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -159,7 +192,8 @@ def refl_generator(seed: int, counter: int) -> torch.Generator:
 
 
 def save_checkpoint(out: str, model, ref, opt, state: dict, args) -> str:
-    """Every rank calls this (gathering sharded weights is collective); rank 0 writes."""
+    """Every rank calls this (gathering sharded weights is collective); rank 0 writes. state.json, written last,
+    records every file's size, so a file cut short later (a full disk, a copy) is recognised, not half-loaded."""
     policy, reference = parallel.savable(model.dit), parallel.savable(ref) if ref is not None else None
     opt_state = parallel.optimizer_state(model.dit, opt)
     final = os.path.join(out, f"checkpoint-{state['step']}")
@@ -171,35 +205,182 @@ def save_checkpoint(out: str, model, ref, opt, state: dict, args) -> str:
             model.save_weights(tmp, net=reference, file="ref.safetensors")
         torch.save(opt_state, os.path.join(tmp, "optimizer.pt"))
         torch.save({"torch": torch.get_rng_state()}, os.path.join(tmp, "rng.pt"))
-        with open(os.path.join(tmp, "state.json"), "w") as f:
-            json.dump(state, f, indent=1)
         with open(os.path.join(tmp, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=1)
+        files = {name: os.path.getsize(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump({**state, "files": files}, f, indent=1)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     parallel.barrier()
     return final
 
 
+def checkpoints(out: str) -> list[str]:
+    """OUT/checkpoint-<step> folders, oldest first (not .tmp-checkpoint-*, not checkpoint-8.bak)."""
+    found = [p for p in glob.glob(os.path.join(out, "checkpoint-*")) if re.fullmatch(r"checkpoint-\d+",
+                                                                                     os.path.basename(p))]
+    return sorted(found, key=step_of)
+
+
+def step_of(path: str) -> int:
+    return int(path.rstrip("/").rsplit("-", 1)[1])
+
+
 def latest_checkpoint(out: str) -> str | None:
-    found = sorted(glob.glob(os.path.join(out, "checkpoint-*")), key=lambda p: int(p.rsplit("-", 1)[1]))
+    found = checkpoints(out)
     return found[-1] if found else None
+
+
+def read_state(path: str) -> dict:
+    """A checkpoint's state.json: a JSON object with an integer step; one line if it is anything else."""
+    file = os.path.join(path, "state.json")
+    try:
+        with open(file) as f:
+            state = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{path} is not a train.py checkpoint (no state.json)") from None
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"{file} is damaged (not JSON: cut short?)") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise UserError(f"{file} is damaged (not an object with an integer step)")
+    return state
+
+
+def check_checkpoint(path: str) -> dict:
+    """The checkpoint's state if every file is whole; a UserError naming the damaged file otherwise."""
+    state = read_state(path)
+    files = state.pop("files", None)  # sizes recorded at save (checkpoints of earlier versions have none)
+    names = files or [n for n in os.listdir(path) if n.endswith(".safetensors")] + ["optimizer.pt", "rng.pt"]
+    for name in names:
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise UserError(f"{path} is damaged: {name} is missing")
+        if files and os.path.getsize(file) != files[name]:
+            raise UserError(f"{path} is damaged: {name} has {os.path.getsize(file)} bytes, {files[name]} were saved")
+        if name.endswith(".safetensors"):
+            check_safetensors(file, f"{path}:")
+        elif name.endswith(".pt") and not zipfile.is_zipfile(file):  # torch.save writes a zip archive
+            raise UserError(f"{path} is damaged: {name} is not a torch.save file (cut short?)")
+    return state
 
 
 def load_checkpoint(path: str, model, ref) -> dict:
     """Weights into the plain (not yet wrapped or sharded) networks; the optimizer follows in load_optimizer."""
-    if not os.path.isfile(os.path.join(path, "state.json")):
-        raise UserError(f"{path} is not a train.py checkpoint (no state.json)")
+    state = check_checkpoint(path)
     model.load_weights(os.path.join(path, "model.safetensors"))
     if ref is not None:
         model.load_weights(os.path.join(path, "ref.safetensors"), net=ref)
-    with open(os.path.join(path, "state.json")) as f:
-        return json.load(f)
+    return state
 
 
 def load_optimizer(path: str, model, opt):
     parallel.load_optimizer_state(model.dit, opt, torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))
     torch.set_rng_state(torch.load(os.path.join(path, "rng.pt"), weights_only=True)["torch"])
+
+
+def finite_weights(path: str) -> bool:
+    from safetensors.torch import load_file
+
+    try:
+        return all(bool(torch.isfinite(t).all()) for t in load_file(os.path.join(path, "model.safetensors")).values())
+    except Exception:  # noqa: BLE001 - a damaged file is not a good checkpoint
+        return False
+
+
+def last_good_checkpoint(out: str, bad_since: int) -> str | None:
+    """After a NaN stop: the newest checkpoint whose weights are finite and did not produce the first bad step
+    (weights saved at step s make step s + 1's samples)."""
+    return next((p for p in reversed(checkpoints(out)) if step_of(p) < bad_since - 1 and finite_weights(p)), None)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The run folder: one run at a time, never mixed with another, metrics rewritten atomically
+
+
+HELD_LOCKS = []  # this process's OUT/.lock files; a killed run's stale lock is recognised by its dead pid
+
+
+@atexit.register
+def release_locks():
+    while HELD_LOCKS:
+        lock = HELD_LOCKS.pop()
+        if os.path.exists(lock):
+            os.remove(lock)
+
+
+def claim(out: str, resume: bool, overwrite: bool):
+    """--out is writable, no other live run writes to it (OUT/.lock holds the writer's pid), and a fresh run does
+    not mix with an old one there."""
+    writable_dir(out, "--out")
+    lock = os.path.join(out, ".lock")
+    try:
+        with open(lock) as f:
+            pid = int(f.read().strip() or 0)
+        os.kill(pid, 0)  # raises if no such process: a stale lock from a killed run
+        if pid != os.getpid():
+            raise UserError(f"another run (pid {pid}) is writing to {out}; wait for it, or give another --out")
+    except (FileNotFoundError, ProcessLookupError, ValueError):
+        pass
+    with open(lock, "w") as f:
+        f.write(str(os.getpid()))
+    HELD_LOCKS.append(lock)
+    metrics = os.path.join(out, "metrics.jsonl")
+    old = checkpoints(out) + ([metrics] if os.path.isfile(metrics) and os.path.getsize(metrics) else [])
+    if old and not resume and not overwrite:
+        raise UserError(f"{out} already holds a run ({os.path.basename(old[-1])}); continue it with --resume, or "
+                        "delete it with --overwrite")
+    if overwrite:
+        for path in checkpoints(out) + [os.path.join(out, "samples")]:
+            shutil.rmtree(path, ignore_errors=True)
+        for name in ("metrics.jsonl", "offline_pairs.pt", "args.json"):
+            if os.path.isfile(os.path.join(out, name)):
+                os.remove(os.path.join(out, name))
+
+
+def set_aside_newer(out: str, step: int) -> list[str]:
+    """Resuming from an older checkpoint: the newer ones belong to a timeline that is being replaced. They move to
+    OUT/superseded-<time>/, never deleted, so a later --resume cannot jump onto them."""
+    newer = [p for p in checkpoints(out) if step_of(p) > step]
+    if newer and parallel.is_main():
+        folder = os.path.join(out, f"superseded-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.makedirs(folder, exist_ok=True)
+        for path in newer:
+            os.replace(path, os.path.join(folder, os.path.basename(path)))
+        warn(f"resuming from step {step}: moved {', '.join(map(os.path.basename, newer))} to {folder}")
+    parallel.barrier()
+    return newer
+
+
+def read_metrics(path: str) -> list[str]:
+    """metrics.jsonl's whole rows. A last line cut short (a kill mid-write) is dropped with a warning; blank lines
+    are skipped; a damaged line before the end is an error naming it."""
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.read().split("\n")
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError
+        except ValueError:
+            if i == len(lines) - 1:  # no newline after it: the write was cut
+                warn(f"{path} line {i + 1} is cut short (a run stopped mid-write); dropped")
+                continue
+            raise UserError(f"{path} line {i + 1} is not a metrics row: the file is damaged") from None
+        rows.append(line + "\n")
+    return rows
+
+
+def write_atomically(path: str, lines: list[str]):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(lines)
+    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -247,6 +428,8 @@ class Run:
         check_args(args)
         args.device = parallel.setup(args.device)
         self.args = args
+        if args.out is not None and parallel.is_main():  # before minutes of loading: a bad --out fails now
+            claim(args.out, bool(args.resume), args.overwrite)
         self.prompts = prompts or load_prompts(args.prompts, args.prompt_column)
         self.eval_prompts = load_prompts(args.eval_prompts)[:4] if args.sample_every else []
         self.reward = reward or build_reward(args.reward, device=args.device, path=args.reward_path,
@@ -303,37 +486,41 @@ class Run:
 
     # --- resume and the metrics file
     def resume_from(self) -> str | None:
-        """Loads the checkpoint's weights into policy and reference (before wrapping); its folder, or None."""
+        """Loads the checkpoint's weights into policy and reference (before wrapping); its folder, or None.
+        A damaged latest checkpoint is named and the one before it is used; the newer ones are set aside."""
         args = self.args
         if not args.resume:
             return None
-        path = latest_checkpoint(args.out) if args.resume == "latest" else args.resume
-        if path is None:
-            raise UserError(f"--resume: no checkpoint-<step> folder in {args.out}")
+        path = args.resume
+        if args.resume == "latest":
+            path = None
+            for candidate in reversed(checkpoints(args.out)):
+                try:
+                    check_checkpoint(candidate)
+                    path = candidate
+                    break
+                except UserError as e:
+                    warn(f"{e}; trying the checkpoint before it")
+            if path is None:
+                raise UserError(f"--resume: no intact checkpoint-<step> folder in {args.out}")
         self.state = load_checkpoint(path, self.model, self.ref)
         if self.state.get("model") != args.model:
             raise UserError(f"{path} is a checkpoint of model {self.state.get('model')!r}, not {args.model!r}")
+        set_aside_newer(args.out, self.step)
         return path
 
     def start_metrics(self, resume: str | None):
-        if self.args.out is None:
-            self.metrics_path = None
-            return
-        os.makedirs(self.args.out, exist_ok=True)
-        self.metrics_path = os.path.join(self.args.out, "metrics.jsonl")
-        if not parallel.is_main():
+        """metrics.jsonl: cut back to the resumed step (rows logged after the checkpoint by the interrupted run
+        are dropped), or started empty; rewritten through a temporary file and a rename, never emptied in place."""
+        self.metrics_path = os.path.join(self.args.out, "metrics.jsonl") if self.args.out else None
+        if self.metrics_path is None or not parallel.is_main():
             return
         if resume:
-            keep = []  # drop metrics logged after the checkpoint by the interrupted run
-            if os.path.isfile(self.metrics_path):
-                with open(self.metrics_path) as f:
-                    keep = [line for line in f if json.loads(line)["step"] <= self.step]
-            with open(self.metrics_path, "w") as f:
-                f.writelines(keep)
+            rows = [line for line in read_metrics(self.metrics_path) if json.loads(line)["step"] <= self.step]
+            write_atomically(self.metrics_path, rows)
         else:
-            open(self.metrics_path, "w").close()
-            with open(os.path.join(self.args.out, "args.json"), "w") as f:
-                json.dump(vars(self.args), f, indent=1)
+            write_atomically(self.metrics_path, [])
+            write_atomically(os.path.join(self.args.out, "args.json"), [json.dumps(vars(self.args), indent=1)])
 
     # --- one step
     def new_step(self):
@@ -396,8 +583,13 @@ class Run:
             finite = math.isfinite(self.grad_norm)  # identical on every rank: the gradients were reduced
         if self.pairs and finite:
             self.opt.step()
+            finite = parallel.all_true(all(bool(torch.isfinite(getattr(p, "_local_tensor", p)).all())
+                                           for p in self.model.dit.parameters()), device)  # --lr 1e30: inf weights
+        if self.pairs and finite:
             state["bad_steps"] = 0
         elif not finite:
+            if state["bad_steps"] == 0:
+                state["bad_since"] = state["step"] + 1  # the first step of this streak
             state["bad_steps"] += 1
             state["skipped_nan"] += 1
         self.opt.zero_grad(set_to_none=True)
@@ -429,25 +621,29 @@ class Run:
         self.bar.set_postfix_str(f"loss {fmt(row['loss'])} r {fmt(row['reward_mean'])} w {fmt(row['reward_w'])} "
                                  f"l {fmt(row['reward_l'])} acc {fmt(row['accuracy'])} ties {state['ties']}")
         if state["bad_steps"] >= args.max_bad_steps:
-            last = latest_checkpoint(args.out) if args.out else None
+            last = last_good_checkpoint(args.out, state["bad_since"]) if args.out else None
             raise UserError(f"stopping: {state['bad_steps']} optimizer steps in a row had a NaN/inf loss, gradient "
                             f"or sample (lower --lr or --beta); last good checkpoint: {last or 'none'}")
         if args.out is None:
             return
+        if args.sample_every and state["step"] % args.sample_every == 0:  # before the checkpoint: the step is done
+            self.write_eval_samples()                                      # when both are on disk
         if state["bad_steps"] == 0 and (state["step"] % args.save_every == 0 or state["step"] == args.steps):
             save_checkpoint(args.out, self.model, self.ref, self.opt, state, args)
-        if args.sample_every and state["step"] % args.sample_every == 0:
-            self.write_eval_samples()
 
     def write_eval_samples(self):
         """Every rank samples (a sharded network needs all ranks in every forward); rank 0 writes."""
         folder = os.path.join(self.args.out, "samples", f"step-{self.step}")
+        tmp = os.path.join(self.args.out, "samples", f".tmp-step-{self.step}")  # renamed when complete
         names = video_names(self.eval_prompts, 2)
         for k, (_, videos) in enumerate(sample_videos(self.model, self.eval_prompts, 2, self.args.seed)):
             if parallel.is_main():
-                os.makedirs(folder, exist_ok=True)
+                os.makedirs(tmp, exist_ok=True)
                 for name, video in zip(names[k], videos):
-                    write_video(os.path.join(folder, name), video, self.model.fps)
+                    write_video(os.path.join(tmp, name), video, self.model.fps)
+        if parallel.is_main():
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(tmp, folder)
 
     def close(self) -> dict:
         if self.bar is not None:

@@ -20,7 +20,7 @@ import baselines  # noqa: E402
 import dpo  # noqa: E402
 import parallel  # noqa: E402
 from reward import pick  # noqa: E402
-from run import Run, parse_args  # noqa: E402
+from run import Run, parse_args, release_locks  # noqa: E402
 
 
 def online_pairs(run: Run, counters: list[int]) -> list[tuple]:
@@ -125,6 +125,7 @@ def main(argv=None):
         state = train(args)
     finally:
         parallel.shutdown()
+        release_locks()
     if parallel.is_main():
         print(f"done: {state['step']} steps, {state['ties']} ties skipped, {state['ref_updates']} reference updates; "
               f"metrics in {os.path.join(args.out, 'metrics.jsonl')}")
