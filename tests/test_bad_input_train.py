@@ -1,0 +1,96 @@
+"""train.py's refusals and its damaged-run-folder cases: one `error:` line, no traceback, nothing lost."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["--model", "tiny", "--size", "16x16", "--frames", "4", "--sample-steps", "2", "--n", "2", "--batch-size", "2",
+        "--lr", "1e-3", "--prompts", os.path.join(ROOT, "prompts/train.txt")]
+
+
+def cli(*args):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *FAST, *args], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode != 0 and "Traceback" not in r.stderr and len(lines) == 1, r.stderr[-2000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lr", "nan"], "--lr must be a finite number > 0"),
+    (["--lr", "-1"], "--lr must be a finite number > 0"),
+    (["--beta", "-1"], "--beta must be a finite number > 0"),
+    (["--max-grad-norm", "0"], "--max-grad-norm must be a finite number > 0"),
+    (["--weight-decay", "-1"], "--weight-decay must be a finite number >= 0"),
+    (["--save-every", "0"], "--save-every must be at least 1"),
+    (["--frames", "-3"], "--frames must be at least 1"),
+    (["--sample-steps", "-1"], "--sample-steps must be at least 1"),
+    (["--device", "nope"], "--device 'nope': not a device name"),
+    (["--out", "/proc/onlinevpo/run"], "--out '/proc/onlinevpo/run' cannot be written"),
+])
+def test_bad_values_are_one_line(tmp_path, args, message):
+    assert cli("--out", str(tmp_path / "run"), "--steps", "1", *args).startswith(f"error: {message}")
+
+
+def test_bad_files_are_one_line(tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("un caf\xe9\n".encode("latin-1"))
+    assert "is not UTF-8 text" in cli("--out", str(tmp_path / "a"), "--prompts", str(tmp_path / "latin1.txt"))
+    (tmp_path / "afile").write_text("x")
+    assert "is a file, not a folder" in cli("--out", str(tmp_path / "afile"))
+    os.makedirs(tmp_path / "dit")
+    assert "has no config.json" in cli("--out", str(tmp_path / "b"), "--dit", str(tmp_path / "dit"))
+
+
+def run(out, *extra):
+    train.main(FAST + ["--out", str(out), *extra])
+
+
+def rows(out):
+    return [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def test_a_fresh_run_refuses_an_old_run_folder_and_overwrite_replaces_it(tmp_path):
+    run(tmp_path, "--steps", "2")
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, "--steps", "2")
+    assert "already holds a run (metrics.jsonl); continue it with --resume, or delete it with --overwrite" in \
+        str(e.value.code)
+    run(tmp_path, "--steps", "1", "--overwrite")
+    assert rows(tmp_path) == [1] and sorted(p for p in os.listdir(tmp_path) if p.startswith("checkpoint")) == \
+        ["checkpoint-1"]
+
+
+def test_resume_drops_a_cut_last_metrics_line_and_passes_a_damaged_checkpoint(tmp_path, capsys):
+    run(tmp_path, "--steps", "3", "--save-every", "1")
+    with open(tmp_path / "checkpoint-3" / "optimizer.pt", "r+b") as f:  # a file cut short
+        f.truncate(100)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')  # a kill mid-write
+    (tmp_path / "checkpoint-8.bak").mkdir()  # a folder a person made: not a checkpoint
+    run(tmp_path, "--steps", "4", "--save-every", "1", "--resume")
+    err = capsys.readouterr().err
+    assert "checkpoint-3 is damaged: optimizer.pt has 100 bytes" in err and "trying the checkpoint before it" in err
+    assert "moved checkpoint-3 to" in err  # set aside, never deleted
+    assert rows(tmp_path) == [1, 2, 3, 4]
+    assert any(p.startswith("superseded-") for p in os.listdir(tmp_path))
+
+
+def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, capsys):
+    run(tmp_path, "--steps", "3", "--save-every", "1")
+    run(tmp_path, "--steps", "3", "--save-every", "1", "--resume", str(tmp_path / "checkpoint-1"))
+    assert "moved checkpoint-2, checkpoint-3 to" in capsys.readouterr().err
+    run(tmp_path, "--steps", "3", "--resume")  # nothing newer to jump onto: it is done
+    assert rows(tmp_path) == [1, 2, 3]
+
+
+def test_damaged_state_json_is_named(tmp_path):
+    run(tmp_path, "--steps", "1")
+    (tmp_path / "checkpoint-1" / "state.json").write_text('{"step": ')
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, "--steps", "2", "--resume", str(tmp_path / "checkpoint-1"))
+    assert "state.json is damaged (not JSON: cut short?)" in str(e.value.code)
