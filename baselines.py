@@ -6,7 +6,6 @@
 """
 import math
 import os
-import sys
 
 import torch
 from tqdm import tqdm
@@ -14,7 +13,7 @@ from tqdm import tqdm
 import parallel
 from inputs import UserError
 from reward import pick
-from run import Run
+from run import Run, warn
 
 
 def offline_pool(run: Run, sample_pairs) -> list:
@@ -29,7 +28,7 @@ def offline_pool(run: Run, sample_pairs) -> list:
             cached = torch.load(path, weights_only=True)
         except Exception:  # noqa: BLE001 - a file cut short or overwritten: named below, never half-used
             cached = {"prompts_file": None, "pairs": []}
-            print(f"warning: {path} is damaged (not a torch.save file)", file=sys.stderr)
+            warn(f"{path} is damaged (not a torch.save file)")
         if cached["prompts_file"] == args.prompts and len(cached["pairs"]) == args.offline_pairs:
             return cached["pairs"]
     if run.step:  # the pairs must come from the initial policy, which a resumed run no longer has

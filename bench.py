@@ -12,7 +12,7 @@ Parts (--parts a,b,c,d):
   d  GPU only: model FLOPs utilisation (MFU) of sampling and of the DPO step.
 The step is train.py's own: train.online_pairs + train.dpo_step (baselines.refl_backward for ReFL) over a
 run.Run built from train.py's flags around the random models, so its memory levers are train.py's defaults:
-gradient checkpointing, the reference in the compute dtype (bf16 on a GPU), the text encoder freed once every
+gradient checkpointing, the reference stored like the policy (fp32), the text encoder freed once every
 prompt is encoded. The loop's phase clock is bench's for the measured steps. Tables print as markdown with the
 machine named.
 """
@@ -206,7 +206,7 @@ def make_run(model: VideoModel, reward, reward_name: str, method: str, n: int, s
              split: bool = False) -> Run:
     """The training job as train.py builds it from its flags, over bench's random model and reward: its reference
     G_ref (none for ReFL: Fig. 7 compares that memory too), AdamW, and train.py's default memory levers
-    (gradient checkpointing, the reference in the compute dtype, every prompt encoded once and the text encoder
+    (gradient checkpointing, the reference stored like the policy, every prompt encoded once and the text encoder
     freed). One prompt per step (--batch-size 1, --sample-batch 1); nothing is written (out None)."""
     args = train.parse_args(["--method", method, "--n", str(n), "--batch-size", "1", "--seed", str(seed),
                              "--reward", reward_name, "--device", str(model.device),
@@ -525,9 +525,9 @@ def run(args) -> dict:
         sec = phase_breakdown(job, steps)
         total = sum(sec.values())
         print(f"### a. One OnlineVPO step, {point}, N = {args.n}, {steps} sampling steps\nReward: {reward_label}. "
-              "Gradient checkpointing on, reference in bf16 on GPU. One prompt (train.py --sample-batch 1). No encode "
-              "phase: the run encodes every prompt once at its start (the prompt-embedding cache), then frees T5."
-              "\n")
+              "Gradient checkpointing on, reference in fp32 like the policy. One prompt (train.py --sample-batch 1). "
+              "No encode phase: the run encodes every prompt once at its start (the prompt-embedding cache), "
+              "then frees T5.\n")
         print(table(["phase", "seconds", "share"], [[k, v, f"{100 * v / total:.0f}%"] for k, v in sec.items()]
                     + [["total", total, "100%"]]) + "\n")
         results["a"] = dict(point=point, steps=steps, seconds=sec)

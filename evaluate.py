@@ -21,7 +21,7 @@ import re
 import sys
 import types
 
-from inputs import UserError, command, read_text, writable_file
+from inputs import UserError, command, read_metrics, read_text, writable_file
 
 import torch  # noqa: E402  (inputs first: Ctrl-C during this slow import is one line too)
 import torch.nn.functional as F  # noqa: E402
@@ -447,35 +447,11 @@ def png_chart(path, title, series, xlabels, vlines):
     plt.close(fig)
 
 
-def is_row(row) -> bool:
-    """One step of train.py's log: a JSON object with integer 'step' (and 'ref_updates' where present)."""
-    integer = lambda v: isinstance(v, int) and not isinstance(v, bool)
-    return isinstance(row, dict) and integer(row.get("step")) and integer(row.get("ref_updates", 0))
-
-
-def read_metrics(path: str) -> list[dict]:
-    """train.py's metrics.jsonl, a row per optimizer step. A run killed mid-write (or a crash that left the file's
-    tail zero-filled) cuts its last line short: that line is dropped with a warning and the curve drawn from the
-    rest. A bad line before the last is damage, not a kill: one line naming it. Blank lines are skipped."""
-    with open(path, "rb") as f:  # bytes: json reads them, and a cut or NUL-filled tail is just a bad line
-        lines = [(i, line) for i, line in enumerate(f.read().splitlines(), 1) if line.strip()]
-    rows, cut = [], None
-    for i, line in lines:
-        try:
-            row = json.loads(line)
-        except ValueError:
-            row = None
-        if is_row(row):
-            rows.append(row)
-        elif i == lines[-1][0]:
-            cut = i
-        else:
-            raise UserError(f"{path} line {i} is not a train.py metrics row (JSON with an integer 'step'): the "
-                            "file is damaged")
+def read_run_metrics(path: str) -> list[dict]:
+    """inputs.read_metrics, and at least one whole row to draw."""
+    rows = read_metrics(path)
     if not rows:
-        raise UserError(f"{path} is empty" if cut is None else f"{path} holds only line {cut}, cut short")
-    if cut is not None:  # after the check above: an error alone, or a warning alone, never both
-        print(f"warning: {path} line {cut} is cut short (a run stopped mid-write?); dropped", file=sys.stderr)
+        raise UserError(f"{path} holds no whole metrics row")
     return rows
 
 
@@ -498,7 +474,7 @@ def plot_reward_curve(run_dir: str, path: str):
     metrics = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(metrics):
         raise UserError(f"{metrics} not found: --run takes a train.py output folder")
-    rows = read_metrics(metrics)
+    rows = read_run_metrics(metrics)
     writable_file(path, "--plot")  # here, not in main: the default path is inside a run folder known to exist now
     k = run_k(run_dir)
     number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)

@@ -6,6 +6,7 @@ No torch here: this module is imported first, so that Ctrl-C during the slow imp
 """
 import functools
 import hashlib
+import json
 import os
 import re
 import sys
@@ -97,6 +98,40 @@ def read_text(path: str, what: str) -> str:
     if "\x00" in text:
         raise UserError(f"{what} {path!r} holds a NUL byte: a binary file, not text")
     return text
+
+
+def read_json(path: str, what: str) -> dict:
+    """A JSON object from a UTF-8 file; missing, cut short, or not an object: one line naming it."""
+    try:
+        value = json.loads(read_text(path, what))
+    except ValueError:
+        raise UserError(f"{what} {path!r} is damaged (not JSON: cut short?)") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{what} {path!r} is not a JSON object")
+    return value
+
+
+def read_metrics(path: str) -> list[dict]:
+    """train.py's metrics.jsonl, a row per optimizer step. A run killed mid-write (or a crash that left the file's
+    tail zero-filled) cuts its last line short: that line is dropped with a warning. A bad line before the last is
+    damage, not a kill: one line naming it. Blank lines are skipped."""
+    with open(path, "rb") as f:  # bytes: json reads them, and a cut or NUL-filled tail is just a bad line
+        lines = [(i, line) for i, line in enumerate(f.read().splitlines(), 1) if line.strip()]
+    rows = []
+    for i, line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        integer = lambda v: isinstance(v, int) and not isinstance(v, bool)
+        if isinstance(row, dict) and integer(row.get("step")) and integer(row.get("ref_updates", 0)):
+            rows.append(row)
+        elif i == lines[-1][0]:
+            print(f"warning: {path} line {i} is cut short (a run stopped mid-write?); dropped", file=sys.stderr)
+        else:
+            raise UserError(f"{path} line {i} is not a train.py metrics row (JSON with an integer 'step'): the "
+                            "file is damaged")
+    return rows
 
 
 PROMPTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")

@@ -18,7 +18,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 import opensora as osr
-from inputs import UserError, check_safetensors, resolve
+from inputs import UserError, check_safetensors, read_json, resolve
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -93,17 +93,9 @@ DIT_ID, VAE_ID, T5_ID = "hpcai-tech/OpenSora-STDiT-v3", "hpcai-tech/OpenSora-VAE
 
 
 def read_config(folder: str) -> dict:
-    path = os.path.join(folder, "config.json")
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except FileNotFoundError:
-        raise UserError(f"{folder} has no config.json: not a model folder") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{path} is not a config (a JSON object)")
-    return config
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise UserError(f"{folder} has no config.json: not a model folder")
+    return read_json(os.path.join(folder, "config.json"), "model config")
 
 
 def load_state(module: nn.Module, file: str, what: str, fill_missing: tuple = ()):

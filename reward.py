@@ -10,7 +10,7 @@ import json
 import math
 import os
 
-from inputs import UserError, command, read_text, resolve
+from inputs import UserError, command, read_json, read_text, resolve
 
 import numpy as np  # noqa: E402  (inputs first: Ctrl-C during these slow imports is one line too)
 import torch  # noqa: E402
@@ -246,27 +246,26 @@ class Idefics2ForSequenceClassification(Idefics2PreTrainedModel):
         return self.score(hidden[torch.arange(len(hidden), device=hidden.device), last]).float()
 
 
-def read_json(folder: str, name: str, what: str) -> dict:
+def folder_json(folder: str, name: str, what: str) -> dict:
     path = os.path.join(folder, name)
     if not os.path.isfile(path):
         raise UserError(f"{what}: {folder} has no {name}")
-    with open(path) as f:
-        return json.load(f)
+    return read_json(path, what)
 
 
 def load_videoscore(path: str, hub_id: str, dtype: torch.dtype):
     """Model, tokenizer and processor settings from a VideoScore folder or Hub id, loaded as published."""
     what = "VideoScore"
     folder = resolve(path, what, hub_id, ["*.json", "*.safetensors"])
-    proc = read_json(folder, "preprocessor_config.json", what)
+    proc = folder_json(folder, "preprocessor_config.json", what)
     if proc.get("do_image_splitting") or proc.get("resample", 2) != 2:
         raise UserError(f"{what}: {folder} asks for image splitting or a non-bilinear resize; not supported")
-    config = Idefics2Config.from_dict(read_json(folder, "config.json", what))
+    config = Idefics2Config.from_dict(folder_json(folder, "config.json", what))
     # Mantis builds the perceiver's RMSNorms with the text model's eps (1e-5); transformers' perceiver config
     # defaults to 1e-6 and only copies it when the hidden sizes differ.
     config.perceiver_config.rms_norm_eps = config.text_config.rms_norm_eps
     config.perceiver_config.hidden_size = config.text_config.hidden_size
-    seq_len = read_json(folder, "processor_config.json", what).get("image_seq_len", 64)
+    seq_len = folder_json(folder, "processor_config.json", what).get("image_seq_len", 64)
     if seq_len != config.perceiver_config.resampler_n_latents:
         raise UserError(f"{what}: image_seq_len {seq_len} != resampler_n_latents in {folder}/config.json")
     try:
@@ -292,7 +291,7 @@ def load_idefics2_tokenizer(folder: str):
     tok.no_padding()
     tok.no_truncation()
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in (FAKE, IMAGE, "<end_of_utterance>")])
-    cfg = read_json(folder, "tokenizer_config.json", "VideoScore")
+    cfg = folder_json(folder, "tokenizer_config.json", "VideoScore")
     content = lambda t: t["content"] if isinstance(t, dict) else t
     head = [tok.token_to_id(content(cfg.get("bos_token", "<s>")))] if cfg.get("add_bos_token", True) else []
     tail = [tok.token_to_id(content(cfg.get("eos_token", "</s>")))] if cfg.get("add_eos_token", False) else []

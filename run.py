@@ -23,16 +23,16 @@ import zipfile
 import torch
 from tqdm import tqdm
 
+import dpo
 import parallel
-from inputs import UserError, check_safetensors, default_prompts, load_prompts, stream_seed, video_names, writable_dir
+from inputs import (UserError, check_safetensors, default_prompts, load_prompts, read_json, read_metrics, stream_seed,
+                    video_names, writable_dir)
 from model import MODELS
 from reward import REWARDS, build_reward
 from sample import add_model_args, check_model_args, model_from_args, sample_videos, write_video
 
 METHOD_NAMES = {"online": "OnlineVPO", "offline": "offline DPO", "refl": "ReFL"}
 LOG_KEYS = ("loss", "accuracy", "margin", "kl", "reward_mean", "reward_w", "reward_l", "gap")
-# seconds per phase; the metrics row has time_sample, time_decode, time_reward and time_train (the rest)
-PHASES = {"sample": "sample", "decode": "decode", "reward": "reward"}
 # the paper's reward for real models; the toy world's judge for the toy model; no weights at all for the test model
 DEFAULT_REWARDS = {"toy": "toy", "tiny": "pixel"}
 
@@ -235,15 +235,11 @@ def latest_checkpoint(out: str) -> str | None:
 def read_state(path: str) -> dict:
     """A checkpoint's state.json: a JSON object with an integer step; one line if it is anything else."""
     file = os.path.join(path, "state.json")
-    try:
-        with open(file) as f:
-            state = json.load(f)
-    except FileNotFoundError:
-        raise UserError(f"{path} is not a train.py checkpoint (no state.json)") from None
-    except (ValueError, UnicodeDecodeError):
-        raise UserError(f"{file} is damaged (not JSON: cut short?)") from None
-    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
-        raise UserError(f"{file} is damaged (not an object with an integer step)")
+    if not os.path.isfile(file):
+        raise UserError(f"{path} is not a train.py checkpoint (no state.json)")
+    state = read_json(file, "checkpoint state")
+    if not isinstance(state.get("step"), int):
+        raise UserError(f"checkpoint state {file!r} is damaged (no integer step)")
     return state
 
 
@@ -320,6 +316,8 @@ def claim(out: str, resume: bool, overwrite: bool):
         os.kill(pid, 0)  # raises if no such process: a stale lock from a killed run
         if pid != os.getpid():
             raise UserError(f"another run (pid {pid}) is writing to {out}; wait for it, or give another --out")
+    except PermissionError:  # alive, and another user's
+        raise UserError(f"another run (pid {pid}) is writing to {out}; wait for it, or give another --out") from None
     except (FileNotFoundError, ProcessLookupError, ValueError):
         pass
     with open(lock, "w") as f:
@@ -350,30 +348,6 @@ def set_aside_newer(out: str, step: int) -> list[str]:
         warn(f"resuming from step {step}: moved {', '.join(map(os.path.basename, newer))} to {folder}")
     parallel.barrier()
     return newer
-
-
-def read_metrics(path: str) -> list[str]:
-    """metrics.jsonl's whole rows. A last line cut short (a kill mid-write) is dropped with a warning; blank lines
-    are skipped; a damaged line before the end is an error naming it."""
-    if not os.path.isfile(path):
-        return []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        lines = f.read().split("\n")
-    rows = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
-                raise ValueError
-        except ValueError:
-            if i == len(lines) - 1:  # no newline after it: the write was cut
-                warn(f"{path} line {i + 1} is cut short (a run stopped mid-write); dropped")
-                continue
-            raise UserError(f"{path} line {i + 1} is not a metrics row: the file is damaged") from None
-        rows.append(line + "\n")
-    return rows
 
 
 def write_atomically(path: str, lines: list[str]):
@@ -516,8 +490,8 @@ class Run:
         if self.metrics_path is None or not parallel.is_main():
             return
         if resume:
-            rows = [line for line in read_metrics(self.metrics_path) if json.loads(line)["step"] <= self.step]
-            write_atomically(self.metrics_path, rows)
+            rows = read_metrics(self.metrics_path) if os.path.isfile(self.metrics_path) else []
+            write_atomically(self.metrics_path, [json.dumps(r) + "\n" for r in rows if r["step"] <= self.step])
         else:
             write_atomically(self.metrics_path, [])
             write_atomically(os.path.join(self.args.out, "args.json"), [json.dumps(vars(self.args), indent=1)])
@@ -534,7 +508,7 @@ class Run:
         """Seconds spent in a phase of the step (metrics time_*; sample, decode, reward, the rest is train)."""
         tic = time.perf_counter()
         yield
-        self.times[PHASES.get(phase, "train")] += time.perf_counter() - tic
+        self.times[phase if phase in self.times else "train"] += time.perf_counter() - tic
 
     def batches(self):
         """This rank's share of the step's global batch, every WORLD-th prompt counter (1 rank: all of them), in
@@ -583,8 +557,9 @@ class Run:
             finite = math.isfinite(self.grad_norm)  # identical on every rank: the gradients were reduced
         if self.pairs and finite:
             self.opt.step()
-            finite = parallel.all_true(all(bool(torch.isfinite(getattr(p, "_local_tensor", p)).all())
-                                           for p in self.model.dit.parameters()), device)  # --lr 1e30: inf weights
+            local = [getattr(p, "_local_tensor", p) for p in self.model.dit.parameters()]  # FSDP2: this rank's shard
+            finite = parallel.all_true(bool(torch.stack([torch.isfinite(p).all() for p in local]).all()),
+                                       device)  # --lr 1e30 gives inf weights: one device sync, not one per tensor
         if self.pairs and finite:
             state["bad_steps"] = 0
         elif not finite:
@@ -599,7 +574,7 @@ class Run:
     def update_reference(self):
         """Alg. 1 line 14, the curriculum update: G_ref <- G_theta, on every rank at the same step."""
         tic = time.perf_counter()
-        self.ref.load_state_dict(self.model.dit.state_dict())
+        dpo.update_reference(self.ref, self.model.dit)
         self.state["ref_updates"] += 1
         self.times["train"] += time.perf_counter() - tic
 

@@ -93,4 +93,4 @@ def test_damaged_state_json_is_named(tmp_path):
     (tmp_path / "checkpoint-1" / "state.json").write_text('{"step": ')
     with pytest.raises(SystemExit) as e:
         run(tmp_path, "--steps", "2", "--resume", str(tmp_path / "checkpoint-1"))
-    assert "state.json is damaged (not JSON: cut short?)" in str(e.value.code)
+    assert "state.json' is damaged (not JSON: cut short?)" in str(e.value.code)

@@ -1,4 +1,5 @@
 """The reference takes the policy's numeric path: equal weights give equal errors, under bf16 autocast too."""
+import json
 import math
 import os
 
@@ -39,7 +40,5 @@ def test_first_step_loss_is_log_2_in_bf16(tmp_path):
     """The audit's command: policy == reference at step 1, so the DPO logit is 0 and the loss log 2 exactly."""
     train.main(["--model", "tiny", "--reward", "pixel", "--n", "2", "--k", "1", "--batch-size", "2",
                 "--sample-steps", "4", "--steps", "1", "--dtype", "bf16", "--out", str(tmp_path)])
-    import json
-
     row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
     assert row["loss"] == pytest.approx(math.log(2), abs=1e-7) and row["margin"] == 0.0
