@@ -305,21 +305,30 @@ def release_locks():
             os.remove(lock)
 
 
+def live_holder(lock: str) -> int | None:
+    """The process id in OUT/.lock if that process is alive and not this one; None for no lock or a stale one."""
+    try:
+        with open(lock) as f:
+            pid = int(f.read().strip())
+        if pid <= 0 or pid == os.getpid():
+            return None
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except PermissionError:  # it exists, and is another user's
+        return pid
+    except (OSError, ValueError):  # no lock, an unreadable one, or a dead process: a killed run's stale lock
+        return None
+    return pid
+
+
 def claim(out: str, resume: bool, overwrite: bool):
     """--out is writable, no other live run writes to it (OUT/.lock holds the writer's pid), and a fresh run does
     not mix with an old one there."""
     writable_dir(out, "--out")
     lock = os.path.join(out, ".lock")
-    try:
-        with open(lock) as f:
-            pid = int(f.read().strip() or 0)
-        os.kill(pid, 0)  # raises if no such process: a stale lock from a killed run
-        if pid != os.getpid():
-            raise UserError(f"another run (pid {pid}) is writing to {out}; wait for it, or give another --out")
-    except PermissionError:  # alive, and another user's
-        raise UserError(f"another run (pid {pid}) is writing to {out}; wait for it, or give another --out") from None
-    except (FileNotFoundError, ProcessLookupError, ValueError):
-        pass
+    holder = live_holder(lock)
+    if holder is not None:
+        raise UserError(f"another run (pid {holder}) is writing to {out}; wait for it, or give another --out (if no "
+                        f"run is, delete {lock})")
     with open(lock, "w") as f:
         f.write(str(os.getpid()))
     HELD_LOCKS.append(lock)

@@ -94,3 +94,17 @@ def test_damaged_state_json_is_named(tmp_path):
     with pytest.raises(SystemExit) as e:
         run(tmp_path, "--steps", "2", "--resume", str(tmp_path / "checkpoint-1"))
     assert "state.json' is damaged (not JSON: cut short?)" in str(e.value.code)
+
+
+def test_a_second_live_run_on_the_same_folder_is_refused_and_a_stale_lock_is_not(tmp_path):
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / ".lock").write_text(str(other.pid))
+        with pytest.raises(SystemExit) as e:
+            run(tmp_path, "--steps", "1")
+        assert f"another run (pid {other.pid}) is writing to {tmp_path}" in str(e.value.code)
+    finally:
+        other.kill()
+        other.wait()
+    run(tmp_path, "--steps", "1")  # the same pid, now dead: a killed run's stale lock
+    assert rows(tmp_path) == [1] and not (tmp_path / ".lock").exists()
