@@ -345,18 +345,19 @@ def claim(out: str, resume: bool, overwrite: bool):
                 os.remove(os.path.join(out, name))
 
 
-def set_aside_newer(out: str, step: int) -> list[str]:
-    """Resuming from an older checkpoint: the newer ones belong to a timeline that is being replaced. They move to
-    OUT/superseded-<time>/, never deleted, so a later --resume cannot jump onto them."""
-    newer = [p for p in checkpoints(out) if step_of(p) > step]
+def set_aside_newer(out: str, step: int):
+    """Resuming from an older checkpoint: the newer checkpoints and eval samples belong to a timeline that is being
+    replaced. They move to OUT/superseded-<time>/, never deleted, so a later --resume cannot jump onto them."""
+    newer = [p for p in checkpoints(out) + glob.glob(os.path.join(out, "samples", "step-*"))
+             if re.fullmatch(r"(checkpoint|step)-\d+", os.path.basename(p)) and step_of(p) > step]
     if newer and parallel.is_main():
         folder = os.path.join(out, f"superseded-{time.strftime('%Y%m%d-%H%M%S')}")
-        os.makedirs(folder, exist_ok=True)
         for path in newer:
-            os.replace(path, os.path.join(folder, os.path.basename(path)))
-        warn(f"resuming from step {step}: moved {', '.join(map(os.path.basename, newer))} to {folder}")
+            target = os.path.join(folder, os.path.relpath(path, out))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.replace(path, target)
+        warn(f"resuming from step {step}: moved {', '.join(os.path.relpath(p, out) for p in newer)} to {folder}")
     parallel.barrier()
-    return newer
 
 
 def write_atomically(path: str, lines: list[str]):

@@ -108,3 +108,11 @@ def test_a_second_live_run_on_the_same_folder_is_refused_and_a_stale_lock_is_not
         other.wait()
     run(tmp_path, "--steps", "1")  # the same pid, now dead: a killed run's stale lock
     assert rows(tmp_path) == [1] and not (tmp_path / ".lock").exists()
+
+
+def test_eval_samples_of_a_replaced_timeline_are_set_aside_too(tmp_path, capsys):
+    run(tmp_path, "--steps", "2", "--save-every", "1", "--sample-every", "1")
+    run(tmp_path, "--steps", "2", "--save-every", "1", "--sample-every", "1", "--resume", str(tmp_path / "checkpoint-1"))
+    assert "moved checkpoint-2, samples/step-2 to" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path / "samples")) == ["step-1", "step-2"]  # step 2 sampled again
+    assert len(os.listdir(next(tmp_path.glob("superseded-*")) / "samples" / "step-2")) == 8  # the old ones kept
