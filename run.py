@@ -27,7 +27,6 @@ import dpo
 import parallel
 from inputs import (UserError, check_safetensors, default_prompts, load_prompts, read_json, read_metrics, stream_seed,
                     video_names, writable_dir)
-from model import MODELS
 from reward import REWARDS, build_reward
 from sample import add_model_args, check_model_args, model_from_args, sample_videos, write_video
 
@@ -106,8 +105,7 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
 
 
 def check_args(args):
-    if args.model not in MODELS:  # names first: loading a reward or a model takes minutes
-        raise UserError(f"unknown model {args.model!r}; choose one of {', '.join(MODELS)}")
+    check_model_args(args)  # names and sizes first: loading a reward or a model takes minutes
     if args.reward not in REWARDS:
         raise UserError(f"unknown reward {args.reward!r}; choose one of {', '.join(REWARDS)}")
     if args.n < 2 and args.method != "refl":
@@ -131,7 +129,6 @@ def check_args(args):
     if args.fsdp and args.ref_offload:
         raise UserError("--ref-offload and --fsdp do not combine: FSDP2 already shards the reference")
     check_values(args)
-    check_model_args(args)
 
 
 def check_values(args):
