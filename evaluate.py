@@ -21,7 +21,7 @@ import re
 import sys
 import types
 
-from inputs import UserError, command, read_metrics, read_text, writable_file
+from inputs import UserError, command, read_json, read_metrics, read_text, writable_file, write_atomically
 
 import torch  # noqa: E402  (inputs first: Ctrl-C during this slow import is one line too)
 import torch.nn.functional as F  # noqa: E402
@@ -461,9 +461,8 @@ def run_k(run_dir: str):
     if not os.path.isfile(path):
         return "?"
     try:
-        saved = json.loads(read_text(path, "args file"))
-        return saved.get("k", "?") if isinstance(saved, dict) else "?"
-    except (ValueError, UserError) as e:
+        return read_json(path, "args file").get("k", "?")
+    except UserError as e:
         print(f"warning: {path} is unreadable ({str(e).splitlines()[0]}); K shown as ?", file=sys.stderr)
         return "?"
 
@@ -563,8 +562,7 @@ def main(argv=None):
             raise UserError(f"{args.video_dir!r} is not a folder")
         out = writable_file(args.out or os.path.join(args.video_dir, "evaluation.json"), "--out")  # before scoring
         r = evaluate(args.video_dir, args)
-        with open(out, "w") as f:
-            json.dump(r, f, indent=1)
+        write_atomically(out, [json.dumps(r, indent=1)])
         print(f"{len(r['videos'])} videos scored, {len(r['skipped'])} skipped; results -> {out}")
         results = [r]
     print(table(results))

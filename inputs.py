@@ -203,6 +203,14 @@ def writable_dir(path: str, what: str) -> str:
     return path
 
 
+def write_atomically(path: str, lines: list[str]):
+    """The file whole or not at all: written beside it, then renamed over it (a kill leaves the old one)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(lines)
+    os.replace(tmp, path)
+
+
 def writable_file(path: str, what: str) -> str:
     """A file path whose folder exists and takes a new file, and that is not itself a folder; one line if not."""
     if os.path.isdir(path):

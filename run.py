@@ -26,7 +26,7 @@ from tqdm import tqdm
 import dpo
 import parallel
 from inputs import (UserError, check_safetensors, default_prompts, load_prompts, read_json, read_metrics, stream_seed,
-                    video_names, writable_dir)
+                    video_names, writable_dir, write_atomically)
 from reward import REWARDS, build_reward
 from sample import add_model_args, check_model_args, model_from_args, sample_videos, write_video
 
@@ -355,13 +355,6 @@ def set_aside_newer(out: str, step: int):
             os.replace(path, target)
         warn(f"resuming from step {step}: moved {', '.join(os.path.relpath(p, out) for p in newer)} to {folder}")
     parallel.barrier()
-
-
-def write_atomically(path: str, lines: list[str]):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(lines)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------------------
