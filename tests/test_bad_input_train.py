@@ -22,6 +22,11 @@ def cli(*args):
 
 
 @pytest.mark.parametrize("args, message", [
+    (["--prompts", "/nonexistent.txt"], "prompt file '/nonexistent.txt' not found"),
+    (["--n", "1"], "--n must be at least 2"),
+    (["--model", "sora9"], "unknown model 'sora9'"),
+    (["--reward", "oracle"], "unknown reward 'oracle'"),
+    (["--reward-dim", "beauty"], "unknown reward dimension 'beauty'"),
     (["--lr", "nan"], "--lr must be a finite number > 0"),
     (["--lr", "-1"], "--lr must be a finite number > 0"),
     (["--beta", "-1"], "--beta must be a finite number > 0"),
