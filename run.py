@@ -466,6 +466,9 @@ class Run:
         if not args.resume:
             return None
         path = args.resume
+        if args.resume == "latest" and not checkpoints(args.out):  # killed before its first checkpoint
+            warn(f"--resume: no checkpoint in {args.out} yet; starting from step 0")
+            return None
         if args.resume == "latest":
             path = None
             for candidate in reversed(checkpoints(args.out)):

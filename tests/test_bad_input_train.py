@@ -121,3 +121,9 @@ def test_eval_samples_of_a_replaced_timeline_are_set_aside_too(tmp_path, capsys)
     assert "moved checkpoint-2, samples/step-2 to" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path / "samples")) == ["step-1", "step-2"]  # step 2 sampled again
     assert len(os.listdir(next(tmp_path.glob("superseded-*")) / "samples" / "step-2")) == 8  # the old ones kept
+
+
+def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_it_again(tmp_path, capsys):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 0.69}\n{"st')  # what a kill at step 2 leaves
+    run(tmp_path, "--steps", "2", "--resume")
+    assert "no checkpoint in" in capsys.readouterr().err and rows(tmp_path) == [1, 2]
