@@ -10,6 +10,7 @@ import os
 import torch
 from tqdm import tqdm
 
+import dpo
 import parallel
 from inputs import UserError
 from reward import pick
@@ -40,7 +41,7 @@ def offline_pool(run: Run, sample_pairs) -> list:
     for first in tqdm(range(0, len(mine), args.sample_batch), desc="collecting offline pairs",
                       disable=not parallel.is_main()):
         counters = mine[first: first + args.sample_batch]
-        found = {c: (p, w.cpu(), l.cpu()) for c, p, w, l in sample_pairs(run, counters)}  # cached on disk
+        found = {c: (p, w.cpu(), l.cpu()) for c, p, w, l, _ in sample_pairs(run, counters)}  # cached on disk
         pairs += [found.get(c) for c in counters]
     everyone = parallel.gather((not run.finite, list(zip(mine, pairs))))
     run.new_step()  # the collection's rewards and ties are not the first step's
@@ -61,7 +62,7 @@ def pool_pairs(run: Run, pool: list, counters: list[int]) -> list[tuple]:
     """The pool's pairs for these prompt counters, cycling through it; a tied entry counts as a tie."""
     found = [(c, pool[c % len(pool)]) for c in counters]
     run.ties += sum(pair is None for _, pair in found)
-    return [(c, *pair) for c, pair in found if pair is not None]
+    return [dpo.video_pair(c, *pair) for c, pair in found if pair is not None]
 
 
 def refl_backward(run: Run, counters: list[int], sync: bool = True):

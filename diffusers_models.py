@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from inputs import UserError, resolve
-from model import size_for
+from model import mean_error, size_for
 
 COGVIDEOX_ID, WAN_ID = "THUDM/CogVideoX-2b", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 
@@ -160,6 +160,14 @@ class DiffusersVideoModel:
     dtype: torch.dtype = torch.float32
     _cache: dict = field(default_factory=dict, repr=False)
     vae_fp32 = False  # keep the VAE in fp32 whatever the compute dtype
+    segment_seconds = 1.0  # DenseDPO labels about 1 s subclips
+
+    @property
+    def latent_spans(self) -> list[tuple[int, int]]:
+        """The pixel frames (first, end) each latent frame encodes: both VAEs take 1 + k * time_factor frames to
+        1 + k latent frames, the first frame alone (causal), then time_factor frames each (DenseDPO's segments)."""
+        tf = self.time_factor
+        return [(0, 1)] + [(1 + tf * k, 1 + tf * (k + 1)) for k in range((self.frames - 1) // tf)]
 
     def to(self, device, dtype: torch.dtype = torch.float32) -> "DiffusersVideoModel":
         """Policy weights stay fp32 (autocast does bf16 compute); frozen parts are stored in `dtype`."""
@@ -192,10 +200,14 @@ class DiffusersVideoModel:
     # --- Alg. 1 line 4: N candidates per prompt from the current policy
     @torch.no_grad()
     def sample(self, prompts: list[str], n: int, seeds: list[int], net: nn.Module | None = None,
-               steps: int | None = None, cfg: float | None = None) -> torch.Tensor:
+               steps: int | None = None, cfg: float | None = None, source: torch.Tensor | None = None,
+               eta: float = 1.0) -> torch.Tensor:
         """Clean latents (len(prompts) * n, C, T, H, W), candidates of a prompt adjacent. All candidates and both CFG
         halves go through the transformer as ONE batch per step; candidate j uses seeds[j] for its initial noise.
-        The loop is the pipelines' own: scheduler.timesteps, uncond + cfg * (cond - uncond), scheduler.step."""
+        The loop is the pipelines' own: scheduler.timesteps, uncond + cfg * (cond - uncond), scheduler.step.
+        With `source` (len(prompts), C, T, H, W), DenseDPO's guided sampling as the pipelines' video-to-video mode
+        does it: the first sampling timestep at or below eta * 1000, each copy of the source noised to it by the
+        scheduler's add_noise with its own noise, then the remaining steps."""
         net = net or self.dit
         cfg = self.cfg if cfg is None else cfg
         assert len(seeds) == len(prompts) * n
@@ -207,11 +219,19 @@ class DiffusersVideoModel:
                          for s in seeds]).to(self.device)
         scheduler = copy.deepcopy(self.scheduler)  # multistep solvers keep a history: a fresh one per call
         scheduler.set_timesteps(steps or self.sample_steps, device=self.device)
-        if hasattr(scheduler, "set_begin_index"):  # as WanPipeline
-            scheduler.set_begin_index(0)
+        timesteps = scheduler.timesteps
+        begin = 0 if source is None else int((timesteps > eta * scheduler.config.num_train_timesteps).sum())
+        if hasattr(scheduler, "set_begin_index"):  # as WanPipeline (the video-to-video pipelines: the first step)
+            scheduler.set_begin_index(begin)
+        if source is not None:
+            source = source.to(z).repeat_interleave(n, 0)
+            if begin == len(timesteps):  # eta below the last step: nothing to denoise
+                return source
+            z = scheduler.add_noise(source, z, timesteps[begin: begin + 1].expand(z.shape[0]))
+            timesteps = timesteps[begin:]
         was_training = net.training
         net.eval()
-        for t in scheduler.timesteps:
+        for t in timesteps:
             z_in = torch.cat([z, z]) if guided else z
             with self.autocast():
                 pred = self.predict(net, z_in, t.expand(z_in.shape[0]), y).float()
@@ -284,8 +304,12 @@ class CogVideoX(DiffusersVideoModel):
         return 2 ** (len(self.vae.config.block_out_channels) - 1)  # CogVideoXPipeline.vae_scale_factor_spatial
 
     @property
+    def time_factor(self) -> int:
+        return self.vae.config.temporal_compression_ratio
+
+    @property
     def latent_shape(self) -> tuple:
-        s, tc = self.vae_spatial, self.vae.config.temporal_compression_ratio
+        s, tc = self.vae_spatial, self.time_factor
         return (self.dit.config.in_channels, (self.frames - 1) // tc + 1, self.height // s, self.width // s)
 
     def embed(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -319,15 +343,15 @@ class CogVideoX(DiffusersVideoModel):
         return torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), generator=generator).to(self.device)
 
     def errors(self, net: nn.Module, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
-               y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+               y: torch.Tensor, mask: torch.Tensor, segments: list[tuple[int, int]] | None = None) -> torch.Tensor:
         """Per-sample MSE to the v-prediction target v = sqrt(abar_t) noise - sqrt(1 - abar_t) x0, mean over all
-        non-batch dims, fp32. CogVideoX's own fine-tuning loss (x0 error weighted by 1 / (1 - abar_t)) is exactly this
-        v error, so e is the model's training loss per sample."""
+        non-batch dims (or per segment: model.mean_error), fp32. CogVideoX's own fine-tuning loss (x0 error weighted
+        by 1 / (1 - abar_t)) is exactly this v error, so e is the model's training loss per sample."""
         x_t = self.scheduler.add_noise(x0, noise, t)
         target = self.scheduler.get_velocity(x0, noise, t)
         with self.autocast():
             v = self.predict(net, x_t, t, y)
-        return (v.float() - target.float()).pow(2).flatten(1).mean(1)
+        return mean_error((v.float() - target.float()).pow(2), segments)
 
 
 def build_cogvideox(dit: str | None = None, vae: str | None = None, text_encoder: str | None = None,
@@ -366,8 +390,12 @@ class Wan(DiffusersVideoModel):
     vae_fp32 = True  # WanPipeline's example loads the VAE in fp32 next to a bf16 transformer
 
     @property
+    def time_factor(self) -> int:
+        return self.vae.config.scale_factor_temporal
+
+    @property
     def latent_shape(self) -> tuple:
-        st, s = self.vae.config.scale_factor_temporal, self.vae.config.scale_factor_spatial
+        st, s = self.time_factor, self.vae.config.scale_factor_spatial
         return (self.dit.config.in_channels, (self.frames - 1) // st + 1, self.height // s, self.width // s)
 
     def embed(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -402,14 +430,15 @@ class Wan(DiffusersVideoModel):
         return (sigma * self.scheduler.config.num_train_timesteps).to(self.device)
 
     def errors(self, net: nn.Module, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
-               y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+               y: torch.Tensor, mask: torch.Tensor, segments: list[tuple[int, int]] | None = None) -> torch.Tensor:
         """Per-sample MSE to the flow-matching velocity noise - x0 (what the transformer predicts:
-        flow_prediction), with x_t = (1 - sigma) x0 + sigma noise; mean over all non-batch dims, fp32."""
+        flow_prediction), with x_t = (1 - sigma) x0 + sigma noise; mean over all non-batch dims (or per segment),
+        fp32."""
         sigma = (t.float() / self.scheduler.config.num_train_timesteps).view(-1, 1, 1, 1, 1)
         x_t = (1 - sigma) * x0 + sigma * noise
         with self.autocast():
             v = self.predict(net, x_t, t, y)
-        return (v.float() - (noise - x0).float()).pow(2).flatten(1).mean(1)
+        return mean_error((v.float() - (noise - x0).float()).pow(2), segments)
 
 
 def build_wan(dit: str | None = None, vae: str | None = None, text_encoder: str | None = None,

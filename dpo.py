@@ -1,4 +1,7 @@
-"""The preference part of OnlineVPO: pair selection, the Diffusion-DPO loss, the curriculum reference update."""
+"""The preference part of OnlineVPO and DenseDPO: pair selection (per video or per segment), the Diffusion-DPO loss
+(per video or per segment), the curriculum reference update."""
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -12,6 +15,21 @@ def select_pair(scores: torch.Tensor, min_gap: float = 0.0) -> tuple[int, int] |
     if w == l or float(scores[w] - scores[l]) <= min_gap:
         return None
     return w, l
+
+
+class Pair(NamedTuple):
+    """One preference pair for the DPO step: candidates a and b of one prompt (their clean latents) and, per
+    segment, who won it: labels[s] = +1 a, -1 b, 0 a tie (masked out of the loss). A video-level pair (OnlineVPO,
+    StructuralDPO) has one segment and a is its winner: labels = [1]."""
+    counter: int  # the prompt's counter: the pair's DPO noise and t are drawn from it
+    prompt: str
+    a: torch.Tensor
+    b: torch.Tensor
+    labels: torch.Tensor
+
+
+def video_pair(counter: int, prompt: str, winner: torch.Tensor, loser: torch.Tensor) -> Pair:
+    return Pair(counter, prompt, winner, loser, torch.ones(1))
 
 
 def diffusion_dpo_loss(policy_err_w: torch.Tensor, policy_err_l: torch.Tensor, ref_err_w: torch.Tensor,
@@ -30,6 +48,65 @@ def diffusion_dpo_loss(policy_err_w: torch.Tensor, policy_err_l: torch.Tensor, r
         "accuracy": ((logits > 0).float() + 0.5 * (logits == 0).float()).mean().item(),
         "margin": logits.mean().item(),
         "kl": 0.5 * (w_diff + l_diff).mean().item(),  # how far the policy moved from the reference
+    }
+    return loss, metrics
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DenseDPO (Wu et al. 2025): preferences per short segment of aligned candidates
+
+
+def segments(spans: list[tuple[int, int]], frames_per_segment: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """Cut a video into segments of about `frames_per_segment` frames, along its latent frames.
+    `spans[j]` = the pixel frames latent frame j encodes (each VAE's own arithmetic: model.latent_spans).
+    A latent frame belongs to the segment holding its middle frame, and a segment's pixel frames are those its
+    latent frames encode, so the reward judges exactly the frames whose latents the loss sees. A tail shorter than
+    half a segment joins the segment before it (too short to judge on its own). Returns, per segment,
+    ((first frame, end frame), (first latent frame, end latent frame))."""
+    groups: dict[int, list[int]] = {}
+    for j, (lo, hi) in enumerate(spans):
+        groups.setdefault((lo + hi - 1) // 2 // frames_per_segment, []).append(j)
+    cut = [g for _, g in sorted(groups.items())]
+    if len(cut) > 1 and spans[cut[-1][-1]][1] - spans[cut[-1][0]][0] < frames_per_segment / 2:
+        tail = cut.pop()
+        cut[-1] += tail
+    return [((spans[g[0]][0], spans[g[-1]][1]), (g[0], g[-1] + 1)) for g in cut]
+
+
+def segment_pairs(scores: torch.Tensor, min_gap: float = 0.0) -> list[tuple[int, int, torch.Tensor]]:
+    """Per segment, the winner is the best candidate for that segment and the loser the worst (scores (N, S));
+    a segment whose best - worst <= min_gap is a tie, masked. Segments judged on the same two candidates share one
+    pair: returns (a, b, labels) per pair of candidates, labels (S,) +1 where a won, -1 where b won, 0 elsewhere;
+    a is the winner of the pair's first labelled segment. With one segment this is select_pair."""
+    scores = scores.float()
+    pairs: dict[frozenset, tuple[int, int, torch.Tensor]] = {}
+    for s in range(scores.shape[1]):
+        pair = select_pair(scores[:, s], min_gap)
+        if pair is None:
+            continue
+        w, l = pair
+        a, b, labels = pairs.setdefault(frozenset(pair), (w, l, torch.zeros(scores.shape[1])))
+        labels[s] = 1.0 if w == a else -1.0
+    return list(pairs.values())
+
+
+def segment_dpo_loss(policy_err_a: torch.Tensor, policy_err_b: torch.Tensor, ref_err_a: torch.Tensor,
+                     ref_err_b: torch.Tensor, labels: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict]:
+    """DenseDPO's segment form of Eq. 3: errors (P, S), each the mean over one segment's latent frames; one logit
+    per labelled segment with winner and loser set by that segment's label (+1: a won, -1: b won, 0: tie, masked);
+    the loss is the mean over the labelled segments. With one segment and a the winner it is diffusion_dpo_loss
+    exactly (the label multiplies by +-1, which rounds nothing)."""
+    a_diff = policy_err_a.float() - ref_err_a.float()
+    b_diff = policy_err_b.float() - ref_err_b.float()
+    logits = labels.to(a_diff) * (-0.5 * beta * (a_diff - b_diff))
+    labelled = labels != 0
+    logits, w_diff, l_diff = logits[labelled], a_diff[labelled], b_diff[labelled]  # w/l below only for the KL
+    loss = -F.logsigmoid(logits).mean()
+    metrics = {
+        "loss": loss.item(),
+        "accuracy": ((logits > 0).float() + 0.5 * (logits == 0).float()).mean().item(),
+        "margin": logits.mean().item(),
+        "kl": 0.5 * (w_diff + l_diff).mean().item(),
     }
     return loss, metrics
 

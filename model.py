@@ -39,6 +39,15 @@ def opensora_prompt(prompt: str, aes: float | None = 6.5) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
+def mean_error(sq: torch.Tensor, segments: list[tuple[int, int]] | None = None) -> torch.Tensor:
+    """Per-sample squared errors (B, C, T, ...) -> the mean over all non-batch dims (B,), or with `segments`
+    (latent-frame ranges, DenseDPO) the mean over each segment's latent frames (B, S). One segment spanning every
+    latent frame gives the per-sample mean bit for bit."""
+    if segments is None:
+        return sq.flatten(1).mean(1)
+    return torch.stack([sq[:, :, lo:hi].flatten(1).mean(1) for lo, hi in segments], 1)
+
+
 class ByteTokenizer:
     """A tokenizer with no files: UTF-8 bytes + 3 (0 = pad, 1 = eos, as T5), padded to max_length."""
 
@@ -80,6 +89,12 @@ class PixelSpace(nn.Module):
 
     def latent_frames(self, frames: int) -> int:
         return frames
+
+    def frame_spans(self, frames: int) -> list[tuple[int, int]]:
+        return [(f, f + 1) for f in range(frames)]
+
+    def encode(self, x):
+        return x
 
     def decode(self, z, num_frames: int):
         return z
@@ -158,6 +173,7 @@ class VideoModel:
     max_length: int = 300
     aes: float | None = 6.5
     use_timestep_transform: bool = True
+    segment_seconds: float = 1.0  # DenseDPO labels about 1 s subclips
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32
     _cache: dict = field(default_factory=dict, repr=False)
@@ -167,6 +183,11 @@ class VideoModel:
     def latent_shape(self) -> tuple:
         f = getattr(self.vae, "spatial_factor", 1)
         return (self.dit.in_channels, self.vae.latent_frames(self.frames), self.height // f, self.width // f)
+
+    @property
+    def latent_spans(self) -> list[tuple[int, int]]:
+        """The pixel frames (first, end) that each latent frame encodes (DenseDPO's segments: dpo.segments)."""
+        return self.vae.frame_spans(self.frames)
 
     def to(self, device, dtype: torch.dtype = torch.float32) -> "VideoModel":
         """Policy weights stay fp32 (autocast does bf16 compute); frozen parts are stored in `dtype`."""
@@ -229,18 +250,26 @@ class VideoModel:
 
     @torch.no_grad()
     def sample(self, prompts: list[str], n: int, seeds: list[int], net: nn.Module | None = None,
-               steps: int | None = None, cfg: float | None = None, until: int | None = None):
+               steps: int | None = None, cfg: float | None = None, until: int | None = None,
+               source: torch.Tensor | None = None, eta: float = 1.0):
         """Clean latents (len(prompts) * n, C, T, H, W), candidates of a prompt adjacent. All candidates and
         both CFG halves go through the network as ONE batch per step; candidate j uses seeds[j] for its noise.
-        With `until=i` it stops after i of the steps and returns (z_t, t): the partly denoised latents (ReFL)."""
+        With `until=i` it stops after i of the steps and returns (z_t, t): the partly denoised latents (ReFL).
+        With `source` (len(prompts), C, T, H, W), DenseDPO's guided sampling: candidate j is prompt i's source
+        corrupted with its own noise to the state at t = eta * 1000, x_t = (1 - eta) x + eta noise, and denoised
+        from there over the sampler's remaining steps; eta = 1 is plain sampling."""
         net = net or self.dit
-        assert len(seeds) == len(prompts) * n
+        assert len(seeds) == len(prompts) * n and (source is None or until is None)
         y_all, mask, kw = self._conditioning(net, prompts, n)
         z = torch.stack([torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(s))
                          for s in seeds]).to(self.device)
         was_training = net.training
         net.eval()
         ts = osr.sampling_timesteps(steps or self.sample_steps, self.transform)
+        if source is not None:
+            t0 = eta * osr.NUM_TIMESTEPS
+            z = osr.add_noise(source.to(z).repeat_interleave(n, 0), z, torch.tensor(t0))
+            ts = [t0] + [t for t in ts if t < t0]
         end = 0.0 if until is None else ts[until]  # ts[:None] is every step
         z = osr.euler_cfg_sample(self._cfg_velocity(net, y_all, mask, kw), z, ts[:until],
                                  self.cfg if cfg is None else cfg, end=end)
@@ -282,13 +311,14 @@ class VideoModel:
         return self.transform(osr.training_timesteps(b, generator, self.device))
 
     def errors(self, net: nn.Module, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
-               y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+               y: torch.Tensor, mask: torch.Tensor, segments: list[tuple[int, int]] | None = None) -> torch.Tensor:
         """Per-sample MSE between the net's velocity and the rectified-flow target x0 - noise, mean over all
-        non-batch dims, fp32. Captions are never dropped here (Open-Sora would drop them in train mode)."""
+        non-batch dims (or per segment of latent frames: mean_error), fp32. Captions are never dropped here (Open-Sora
+        would drop them in train mode)."""
         x_t = osr.add_noise(x0, noise, t)
         with self.autocast():
             v = net(x_t, t, y, mask=mask, **self.model_kwargs(x0.shape[0]))[:, : self.dit.in_channels]
-        return (v.float() - osr.velocity_target(x0, noise).float()).pow(2).flatten(1).mean(1)
+        return mean_error((v.float() - osr.velocity_target(x0, noise).float()).pow(2), segments)
 
     # --- memory and weights
     def set_grad_checkpointing(self, on: bool):
@@ -374,7 +404,8 @@ def build_tiny(size: str | None = None, frames: int | None = None, dit: str | No
             net = osr.STDiT3(**TINY_DIT)
     return VideoModel("tiny", net, PixelSpace(), tiny_t5(TINY_DIT["caption_channels"]), ByteTokenizer(),
                       height, width, frames or 8, fps=8, sample_steps=20, cfg=4.0, beta=500.0,
-                      max_length=TINY_DIT["model_max_length"], aes=None, use_timestep_transform=False)
+                      max_length=TINY_DIT["model_max_length"], aes=None, use_timestep_transform=False,
+                      segment_seconds=0.25)
 
 
 def lazy(module: str, builder: str):

@@ -462,6 +462,13 @@ class TemporalVAE(nn.Module):
     def latent_frames(self, frames: int) -> int:
         return (frames + self.front_pad(frames)) // self.time_factor
 
+    def frame_spans(self, frames: int) -> list[tuple[int, int]]:
+        """The pixel frames each latent frame encodes: the front padding makes latent frame 0 the first frame
+        alone (17 frames -> 1 + 4 + 4 + 4 + 4), then time_factor frames each."""
+        pad = self.front_pad(frames)
+        return [(max(0, k * self.time_factor - pad), (k + 1) * self.time_factor - pad)
+                for k in range(self.latent_frames(frames))]
+
     def encode(self, x, generator=None):
         """Returns (mean, std) of the diagonal Gaussian posterior."""
         x = F.pad(x, (0, 0, 0, 0, self.front_pad(x.shape[2]), 0))
@@ -501,6 +508,11 @@ class OpenSoraVAE(nn.Module):
         """Frames are cut into 17-frame chunks, each encoded on its own (51 -> 3 x 5 = 15)."""
         full, rest = divmod(frames, self.micro_frame_size)
         return full * self.micro_z_frames + (self.temporal_vae.latent_frames(rest) if rest else 0)
+
+    def frame_spans(self, frames: int) -> list[tuple[int, int]]:
+        """The pixel frames each latent frame encodes: every 17-frame chunk on its own (51 -> 3 x [1, 4, 4, 4, 4])."""
+        return [(start + lo, start + hi) for start in range(0, frames, self.micro_frame_size)
+                for lo, hi in self.temporal_vae.frame_spans(min(self.micro_frame_size, frames - start))]
 
     def _per_frame(self, fn, x):  # apply a 2D function to every frame, micro_batch_size frames at a time
         B = x.shape[0]

@@ -19,6 +19,8 @@ import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 
+import dpo
+
 WORLD = int(os.environ.get("WORLD_SIZE", "1"))
 RANK = int(os.environ.get("RANK", "0"))
 LOCAL_RANK = int(os.environ.get("LOCAL_RANK", "0"))
@@ -81,13 +83,13 @@ def merge_logs(per_rank: list[tuple[dict, dict]]) -> tuple[dict, dict]:
     return log, {key: max(one[key] for one in times) for key in times[0]}
 
 
-def stand_in(pairs: list, prompt: str, shape: tuple) -> tuple[list, float]:
+def stand_in(pairs: list, prompt: str, shape: tuple, segments: int = 1) -> tuple[list, float]:
     """(pairs, weight) for the DPO step. A rank whose prompts all tied (or sampled NaN) still makes the step's
     network calls, on one zero-weight pair of zeros: otherwise DDP's and FSDP2's collectives wait forever."""
     if pairs or WORLD == 1:
         return pairs, 1.0
     z = torch.zeros(shape)
-    return [(0, prompt, z, z)], 0.0
+    return [dpo.Pair(0, prompt, z, z, torch.ones(segments))], 0.0
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -30,8 +30,10 @@ from inputs import (UserError, check_safetensors, default_prompts, load_prompts,
 from reward import REWARDS, build_reward
 from sample import add_model_args, check_model_args, model_from_args, sample_videos, write_video
 
-METHOD_NAMES = {"online": "OnlineVPO", "offline": "offline DPO", "refl": "ReFL"}
-LOG_KEYS = ("loss", "accuracy", "margin", "kl", "reward_mean", "reward_w", "reward_l", "gap")
+METHOD_NAMES = {"online": "OnlineVPO", "offline": "offline DPO", "refl": "ReFL", "dense": "DenseDPO",
+                "structural": "StructuralDPO"}
+GUIDED = ("dense", "structural")  # DenseDPO's aligned candidates: corrupted copies of one video, denoised again
+LOG_KEYS = ("loss", "accuracy", "margin", "kl", "reward_mean", "reward_w", "reward_l", "gap", "labelled")
 # the paper's reward for real models; the toy world's judge for the toy model; no weights at all for the test model
 DEFAULT_REWARDS = {"toy": "toy", "tiny": "pixel"}
 
@@ -41,7 +43,8 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
     g = p.add_argument_group("Algorithm 1 (the paper's hyperparameters)")
     g.add_argument("--method", default="online", choices=list(METHOD_NAMES),
                    help="online: OnlineVPO (Alg. 1); offline: DPO on pairs sampled once from the initial policy, "
-                   "fixed reference (Table 4d); refl: reward feedback learning (Table 4c)")
+                   "fixed reference (Table 4d); refl: reward feedback learning (Table 4c); dense: DenseDPO (aligned "
+                   "candidates, a preference per segment); structural: aligned candidates, one label per video")
     g.add_argument("-n", "--n", type=int, default=4, help="candidates sampled per prompt (paper: 4); under torchrun "
                    "write -n: torchrun's own parser takes --n for an abbreviation of its --nnodes/--nproc-per-node")
     g.add_argument("--k", type=int, default=200, help="reference update every K optimizer steps; 0 = never "
@@ -60,6 +63,12 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
     g.add_argument("--offline-pairs", type=int, default=200, help="--method offline: prompts sampled for pairs")
     g.add_argument("--refl-latent-frames", type=int, default=None,
                    help="--method refl: latent frames decoded for the reward (default: all)")
+    g = p.add_argument_group("DenseDPO (--method dense, structural)")
+    g.add_argument("--eta", type=float, default=0.7, help="guidance level: each candidate is the source video "
+                   "corrupted to the state at t = eta * 1000 and denoised again; lower keeps more of the source's "
+                   "motion, 1 is plain sampling (see README: DenseDPO)")
+    g.add_argument("--segment-seconds", type=float, default=None, help="--method dense: seconds per labelled "
+                   "segment (default: the model's; 1 s as DenseDPO, 0.25 s in the 1-second toy world)")
     g = p.add_argument_group("rewards")
     g.add_argument("--reward", default=None, help=f"video reward: {', '.join(REWARDS)} (default: toy for the toy "
                    "model, pixel for tiny, videoscore otherwise)")
@@ -147,6 +156,10 @@ def check_values(args):
     for name, low in (("save_every", 1), ("max_bad_steps", 1), ("reward_batch", 1), ("sample_every", 0)):
         if getattr(args, name) < low:
             raise UserError(f"--{name.replace('_', '-')} must be at least {low}")
+    if not math.isfinite(args.eta) or not 0 < args.eta <= 1:
+        raise UserError(f"--eta must be in (0, 1] (the noise level of the corrupted copies), got {args.eta}")
+    if args.segment_seconds is not None and (not math.isfinite(args.segment_seconds) or args.segment_seconds <= 0):
+        raise UserError(f"--segment-seconds must be a finite number > 0, got {args.segment_seconds}")
     if args.resume and args.overwrite:
         raise UserError("--resume continues the run in --out and --overwrite deletes it: give one of them")
 
@@ -168,9 +181,10 @@ def prompt_at(prompts: list[str], seed: int, counter: int) -> str:
     return prompts[order[pos]]
 
 
-def candidate_seeds(seed: int, counter: int, n: int) -> list[int]:
-    """The starting noise of prompt `counter`'s N candidates (Alg. 1 line 4)."""
-    return [stream_seed("candidate", seed, counter, j) for j in range(n)]
+def candidate_seeds(seed: int, counter: int, n: int, stream: str = "candidate") -> list[int]:
+    """The starting noise of prompt `counter`'s N candidates (Alg. 1 line 4); DenseDPO's source video ("source")
+    and its corrupted copies ("guided") have their own streams."""
+    return [stream_seed(stream, seed, counter, j) for j in range(n)]
 
 
 def dpo_generator(seed: int, counter: int) -> torch.Generator:
@@ -424,6 +438,7 @@ class Run:
         # Stored as the policy is (fp32), so both take the same numeric path: equal weights give equal errors under
         # bf16 autocast too (a bf16-stored copy would see a rounded timestep and a bf16 residual stream).
         self.ref = model.frozen_copy() if args.method != "refl" else None
+        self.segments = self.segments_of(model)
         self.state = {"model": args.model, "step": 0, "prompts_seen": 0, "ties": 0, "bad_steps": 0,
                       "skipped_nan": 0, "ref_updates": 0}
         resume = self.resume_from()
@@ -457,6 +472,14 @@ class Run:
             model.vae.micro_batch_size = args.vae_micro_batch
         model.set_grad_checkpointing(not args.no_grad_checkpointing)
         cache_prompts(model, self.prompts + self.eval_prompts, args.text_encoder_offload)
+
+    def segments_of(self, model) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+        """The ((frames), (latent frames)) ranges labelled one by one: DenseDPO's segments of --segment-seconds,
+        mapped through the VAE's frame arithmetic (dpo.segments); one segment, the whole video, otherwise."""
+        if self.args.method != "dense":
+            return [((0, model.frames), (0, model.latent_shape[1]))]
+        seconds = self.args.segment_seconds or model.segment_seconds
+        return dpo.segments(model.latent_spans, max(1, round(seconds * model.fps)))
 
     # --- resume and the metrics file
     def resume_from(self) -> str | None:
@@ -532,8 +555,13 @@ class Run:
     def prompt(self, counter: int) -> str:
         return prompt_at(self.prompts, self.args.seed, counter)
 
-    def candidate_seeds(self, counter: int, n: int | None = None) -> list[int]:
-        return candidate_seeds(self.args.seed, counter, n or self.args.n)
+    def candidate_seeds(self, counter: int, n: int | None = None, stream: str = "candidate") -> list[int]:
+        return candidate_seeds(self.args.seed, counter, n or self.args.n, stream)
+
+    def source(self, counters: list[int]) -> torch.Tensor:
+        """DenseDPO's source videos, one per prompt: online, the current policy's own fresh sample."""
+        prompts = [self.prompt(c) for c in counters]
+        return self.model.sample(prompts, 1, [self.candidate_seeds(c, 1, "source")[0] for c in counters])
 
     def dpo_generator(self, counter: int) -> torch.Generator:
         return dpo_generator(self.args.seed, counter)

@@ -4,6 +4,7 @@
     python train.py --steps 40 --batch-size 4 --k 20                        # the shipped toy model, CPU, minutes
     python train.py --method offline                                        # Table 4d: offline DPO (baselines.py)
     python train.py --method refl                                           # Table 4c: ReFL (baselines.py)
+    python train.py --method dense                                          # DenseDPO: aligned pairs, per segment
     torchrun --nproc_per_node 8 train.py --model opensora ...               # many GPUs (parallel.py)
 
 For each prompt: sample N videos from the current policy, score them with the video reward, take best vs worst,
@@ -20,77 +21,103 @@ import baselines  # noqa: E402
 import dpo  # noqa: E402
 import parallel  # noqa: E402
 from reward import pick  # noqa: E402
-from run import Run, parse_args, release_locks  # noqa: E402
+from run import GUIDED, Run, parse_args, release_locks  # noqa: E402
 
 
-def online_pairs(run: Run, counters: list[int]) -> list[tuple]:
+def online_pairs(run: Run, counters: list[int]) -> list[dpo.Pair]:
     """Alg. 1 lines 4-6: N videos per prompt from the current policy (one batched call), scored by the reward;
-    best vs worst. Returns (counter, prompt, winner latents, loser latents) per prompt that is not a tie. The
-    latents are the sampler's own: no VAE re-encode."""
-    args, model, n = run.args, run.model, run.args.n
+    best vs worst. The latents are the sampler's own: no VAE re-encode."""
     prompts = [run.prompt(c) for c in counters]
     with run.clock("sample"):  # Alg. 1 line 4
-        latents = model.sample(prompts, n, [s for c in counters for s in run.candidate_seeds(c)])
+        latents = run.model.sample(prompts, run.args.n, [s for c in counters for s in run.candidate_seeds(c)])
+    return judged_pairs(run, counters, prompts, latents)
+
+
+def guided_pairs(run: Run, counters: list[int]) -> list[dpo.Pair]:
+    """DenseDPO: N candidates that share their motion. Each prompt's source video (the current policy's own fresh
+    sample) is corrupted N times with independent noise to level eta and denoised again by the current policy;
+    the copies keep the source's layout and motion and differ in local detail, so a preference between them is
+    about quality, not about how much moves."""
+    prompts = [run.prompt(c) for c in counters]
+    with run.clock("sample"):
+        source = run.source(counters)
+        seeds = [s for c in counters for s in run.candidate_seeds(c, stream="guided")]
+        latents = run.model.sample(prompts, run.args.n, seeds, source=source, eta=run.args.eta)
+    return judged_pairs(run, counters, prompts, latents)
+
+
+def judged_pairs(run: Run, counters: list[int], prompts: list[str], latents: torch.Tensor) -> list[dpo.Pair]:
+    """Alg. 1 lines 5-6: decode, score, best vs worst; per segment for DenseDPO (run.segments, one segment, the
+    whole video, otherwise). Returns the pairs of the prompts that are not ties (counted in run.ties)."""
+    args, n = run.args, run.args.n
     if not torch.isfinite(latents).all():  # a broken policy: NaN videos would all tie, silently
         run.finite = False
         return []
     with run.clock("decode"):
-        videos = model.decode(latents)
-    with run.clock("reward"):  # Alg. 1 line 5
-        scores = pick(run.reward.score(videos, [p for p in prompts for _ in range(n)]), run.dim).view(-1, n)
+        videos = run.model.decode(latents)
+    with run.clock("reward"):  # Alg. 1 line 5: each segment's frames judged on their own
+        each = [p for p in prompts for _ in range(n)]
+        scores = torch.stack([pick(run.reward.score(videos[:, lo:hi], each), run.dim)
+                              for (lo, hi), _ in run.segments], 1).view(len(prompts), n, -1)
     pairs = []
     for i, (counter, prompt) in enumerate(zip(counters, prompts)):
         run.log["reward_mean"].append(scores[i].mean().item())
-        pair = dpo.select_pair(scores[i], args.min_gap)  # Alg. 1 line 6; ties give no pair
-        if pair is None:
+        found = dpo.segment_pairs(scores[i], args.min_gap)  # Alg. 1 line 6; ties give no pair
+        if not found:
             run.ties += 1
             continue
-        w, l = pair
-        run.log["reward_w"].append(scores[i, w].item())
-        run.log["reward_l"].append(scores[i, l].item())
-        run.log["gap"].append((scores[i, w] - scores[i, l]).item())
-        pairs.append((counter, prompt, latents[i * n + w], latents[i * n + l]))
+        for a, b, labels in found:
+            w = torch.where(labels > 0, scores[i, a], scores[i, b])[labels != 0]  # each labelled segment's winner
+            l = torch.where(labels > 0, scores[i, b], scores[i, a])[labels != 0]
+            run.log["reward_w"].append(w.mean().item())
+            run.log["reward_l"].append(l.mean().item())
+            run.log["gap"].append((w - l).mean().item())
+            run.log["labelled"].append(len(w) / len(labels))
+            pairs.append(dpo.Pair(counter, prompt, latents[i * n + a], latents[i * n + b], labels))
     return pairs
 
 
-def dpo_step(run: Run, pairs: list[tuple], sync: bool = True):
-    """Alg. 1 lines 7-8: the Diffusion-DPO loss of (counter, prompt, winner, loser) pairs and its backward.
-    Winner and loser share one noise and one t, drawn from the pair's prompt counter. `sync`: reduce gradients
-    across ranks in this backward (the step's last one). The gradients sum to the mean over the step's global
-    batch, so ties lower the step's weight instead of re-weighting the other pairs (DDP/FSDP2 average over ranks,
-    hence the factor WORLD)."""
-    model, args = run.model, run.args
-    pairs, weight = parallel.stand_in(pairs, run.prompts[0], model.latent_shape)
+def dpo_step(run: Run, pairs: list[dpo.Pair], sync: bool = True):
+    """Alg. 1 lines 7-8: the Diffusion-DPO loss of the pairs and its backward; per segment of latent frames for
+    DenseDPO (dpo.segment_dpo_loss; one segment, the video-level loss, otherwise). Both candidates of a pair share
+    one noise and one t, drawn from the pair's prompt counter. `sync`: reduce gradients across ranks in this
+    backward (the step's last one). The gradients sum to the mean over the step's global batch, a labelled
+    segment weighing 1/S of a video, so ties lower the step's weight instead of re-weighting the other pairs
+    (DDP/FSDP2 average over ranks, hence the factor WORLD)."""
+    model, args, segments = run.model, run.args, [lat for _, lat in run.segments]
+    pairs, weight = parallel.stand_in(pairs, run.prompts[0], model.latent_shape, len(segments))
     if not pairs:
         return
     P = len(pairs)
-    gens = [run.dpo_generator(c) for c, *_ in pairs]
-    prompts = [p for _, p, _, _ in pairs]
+    gens = [run.dpo_generator(p.counter) for p in pairs]
+    prompts = [p.prompt for p in pairs]
+    labels = torch.stack([p.labels for p in pairs])
     with run.clock("DPO forward"):
-        x0 = torch.stack([w for *_, w, _ in pairs] + [l for *_, l in pairs]).to(model.device)
+        x0 = torch.stack([p.a for p in pairs] + [p.b for p in pairs]).to(model.device)
         noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(x0.device).repeat(2, 1, 1, 1, 1)
         t = torch.cat([model.training_timesteps(1, g) for g in gens]).repeat(2)
         y, mask = model.encode_prompts(prompts + prompts)
         with torch.no_grad(), run.reference() as ref:
-            ref_err = model.errors(ref, x0, noise, t, y, mask)
-    scale = weight * P * parallel.WORLD / args.batch_size
+            ref_err = model.errors(ref, x0, noise, t, y, mask, segments)
+    scale = weight * int((labels != 0).sum()) / len(segments) * parallel.WORLD / args.batch_size
     # a NaN loss still runs backward: the ranks stay in step, and its NaN gradient skips the step on every rank
     if not args.split_pair:
         with parallel.gradient_sync(run.net, sync):
             with run.clock("DPO forward"):
-                policy_err = model.errors(run.net, x0, noise, t, y, mask)
-                loss, m = dpo.diffusion_dpo_loss(policy_err[:P], policy_err[P:], ref_err[:P], ref_err[P:], run.beta)
+                policy_err = model.errors(run.net, x0, noise, t, y, mask, segments)
+                loss, m = dpo.segment_dpo_loss(policy_err[:P], policy_err[P:], ref_err[:P], ref_err[P:], labels,
+                                               run.beta)
             with run.clock("DPO backward"):
                 (loss * scale).backward()
-    else:  # --split-pair: dL/de from a no-grad pass, then sum_i dL/de_i * de_i/dtheta, winners then losers
+    else:  # --split-pair: dL/de from a no-grad pass, then sum_i dL/de_i * de_i/dtheta, a's then b's
         with run.clock("DPO forward"), torch.no_grad():
-            policy_err = model.errors(run.net, x0, noise, t, y, mask)
+            policy_err = model.errors(run.net, x0, noise, t, y, mask, segments)
         policy_err.requires_grad_(True)
-        loss, m = dpo.diffusion_dpo_loss(policy_err[:P], policy_err[P:], ref_err[:P], ref_err[P:], run.beta)
+        loss, m = dpo.segment_dpo_loss(policy_err[:P], policy_err[P:], ref_err[:P], ref_err[P:], labels, run.beta)
         (coef,) = torch.autograd.grad(loss * scale, policy_err)
         for half, last in ((slice(0, P), False), (slice(P, 2 * P), True)):
             with run.clock("DPO backward"), parallel.gradient_sync(run.net, sync and last):
-                e = model.errors(run.net, x0[half], noise[half], t[half], y[half], mask[half])
+                e = model.errors(run.net, x0[half], noise[half], t[half], y[half], mask[half], segments)
                 (e * coef[half]).sum().backward()
     if weight == 0:
         return
@@ -107,9 +134,10 @@ def train(args) -> dict:
     # Table 4d: offline DPO is this loop on pairs sampled once from the initial policy, with a fixed reference
     pool = baselines.offline_pool(run, online_pairs) if args.method == "offline" else None
     K = 0 if pool else args.k
+    sample_pairs = guided_pairs if args.method in GUIDED else online_pairs  # DenseDPO / StructuralDPO: aligned
     while run.step < args.steps:  # Alg. 1 line 2
         for counters, last in run.batches():  # this rank's share of the step's --batch-size prompts (line 3)
-            pairs = baselines.pool_pairs(run, pool, counters) if pool else online_pairs(run, counters)  # lines 4-6
+            pairs = baselines.pool_pairs(run, pool, counters) if pool else sample_pairs(run, counters)  # lines 4-6
             dpo_step(run, pairs, sync=last)  # lines 7-8
         run.optimizer_step()  # line 10
         if K and run.step % K == 0:  # lines 13-14: the curriculum update G_ref <- G_theta
