@@ -243,6 +243,16 @@ class DiffusersVideoModel:
         return z
 
     @torch.no_grad()
+    def encode(self, videos: torch.Tensor) -> torch.Tensor:
+        """uint8 videos (B, T, H, W, 3) -> latents (B, C, T', H', W'): the posterior mode, normalised as the
+        pipelines' video-to-video modes do (DenseDPO's sources)."""
+        out = []
+        for v in videos.split(1):
+            x = v.permute(0, 4, 1, 2, 3).to(self.device, self.vae.dtype) / 127.5 - 1
+            out.append(self.vae_encode(x).float())
+        return torch.cat(out)
+
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> uint8 videos (B, T, H, W, 3), one video at a time to bound memory; pixel values as the
         pipelines' postprocess (x / 2 + 0.5 clamped) rounded to 8 bits as their PIL output is."""
@@ -337,6 +347,10 @@ class CogVideoX(DiffusersVideoModel):
     def vae_decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.vae.decode(z / self.vae.config.scaling_factor).sample  # CogVideoXPipeline.decode_latents
 
+    def vae_encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(x).latent_dist.mode() * self.vae.config.scaling_factor  # its video2video samples; we
+        # take the mode, so a resumed run re-encodes the same latents
+
     # --- the Diffusion-DPO error (Alg. 1 line 7)
     def training_timesteps(self, b: int, generator: torch.Generator) -> torch.Tensor:
         """Uniform over the 1000 training steps, as CogVideoX is fine-tuned (diffusers' CogVideoX training example)."""
@@ -415,6 +429,13 @@ class Wan(DiffusersVideoModel):
         mean = torch.tensor(c.latents_mean).view(1, -1, 1, 1, 1).to(z)
         std = torch.tensor(c.latents_std).view(1, -1, 1, 1, 1).to(z)
         return self.vae.decode(z * std + mean, return_dict=False)[0]
+
+    def vae_encode(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.vae.config  # WanVideoToVideoPipeline: normalise with the per-channel latent mean and std
+        z = self.vae.encode(x).latent_dist.mode()
+        mean = torch.tensor(c.latents_mean).view(1, -1, 1, 1, 1).to(z)
+        std = torch.tensor(c.latents_std).view(1, -1, 1, 1, 1).to(z)
+        return (z - mean) / std
 
     # --- the Diffusion-DPO error (Alg. 1 line 7)
     @property

@@ -287,6 +287,15 @@ class VideoModel:
         return z + (t / osr.NUM_TIMESTEPS) * v
 
     @torch.no_grad()
+    def encode(self, videos: torch.Tensor) -> torch.Tensor:
+        """uint8 videos (B, T, H, W, 3) -> latents (B, C, T', H', W'), the posterior means (DenseDPO's sources)."""
+        out = []
+        for v in videos.split(1):
+            x = v.permute(0, 4, 1, 2, 3).to(self.device, self.dtype) / 127.5 - 1
+            out.append(self.vae.encode(x).float())
+        return torch.cat(out)
+
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> uint8 videos (B, T, H, W, 3), one video at a time to bound memory."""
         out = []

@@ -23,6 +23,7 @@ import zipfile
 import torch
 from tqdm import tqdm
 
+import dataset
 import dpo
 import parallel
 from inputs import (UserError, check_safetensors, default_prompts, load_prompts, read_json, read_metrics, stream_seed,
@@ -69,6 +70,10 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
                    "motion, 1 is plain sampling (see README: DenseDPO)")
     g.add_argument("--segment-seconds", type=float, default=None, help="--method dense: seconds per labelled "
                    "segment (default: the model's; 1 s as DenseDPO, 0.25 s in the 1-second toy world)")
+    g.add_argument("--videos", default=None, help="a folder of real videos to corrupt and denoise (with --captions; "
+                   "their captions replace --prompts); default: the policy's own fresh sample of each prompt")
+    g.add_argument("--captions", default=None, help="csv or jsonl: a clip's file (video/path/file, or WebVid's "
+                   "videoid) and its caption (caption/text/prompt, or WebVid's name) per row")
     g = p.add_argument_group("rewards")
     g.add_argument("--reward", default=None, help=f"video reward: {', '.join(REWARDS)} (default: toy for the toy "
                    "model, pixel for tiny, videoscore otherwise)")
@@ -160,6 +165,11 @@ def check_values(args):
         raise UserError(f"--eta must be in (0, 1] (the noise level of the corrupted copies), got {args.eta}")
     if args.segment_seconds is not None and (not math.isfinite(args.segment_seconds) or args.segment_seconds <= 0):
         raise UserError(f"--segment-seconds must be a finite number > 0, got {args.segment_seconds}")
+    if (args.videos is None) != (args.captions is None):
+        raise UserError("--videos and --captions go together: a folder of clips and the file that captions them")
+    if args.videos and args.method not in GUIDED:
+        raise UserError(f"--videos are the sources of guided candidates: use them with --method dense or structural, "
+                        f"not {args.method}")
     if args.resume and args.overwrite:
         raise UserError("--resume continues the run in --out and --overwrite deletes it: give one of them")
 
@@ -174,11 +184,15 @@ def warn(message: str):
 # run draws exactly what an uninterrupted one would, and no two streams draw the same numbers (inputs.stream_seed).
 
 
+def prompt_index(count: int, seed: int, counter: int) -> int:
+    """Which of `count` prompts is prompt `counter` of the run: each pass over the file in its own random order."""
+    epoch, pos = divmod(counter, count)
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(stream_seed("order", seed, epoch)))
+    return int(order[pos])
+
+
 def prompt_at(prompts: list[str], seed: int, counter: int) -> str:
-    """Prompt `counter` of the run: each pass over the prompt file in its own random order."""
-    epoch, pos = divmod(counter, len(prompts))
-    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(stream_seed("order", seed, epoch)))
-    return prompts[order[pos]]
+    return prompts[prompt_index(len(prompts), seed, counter)]
 
 
 def candidate_seeds(seed: int, counter: int, n: int, stream: str = "candidate") -> list[int]:
@@ -418,7 +432,9 @@ class Run:
         self.args = args
         if args.out is not None and parallel.is_main():  # before minutes of loading: a bad --out fails now
             claim(args.out, bool(args.resume), args.overwrite)
-        self.prompts = prompts or load_prompts(args.prompts, args.prompt_column)
+        # DenseDPO from real videos: (file, caption) per clip, the captions are the prompts
+        self.clips = dataset.list_clips(args.videos, args.captions) if args.videos else None
+        self.prompts = prompts or (None if self.clips else load_prompts(args.prompts, args.prompt_column))
         self.eval_prompts = load_prompts(args.eval_prompts)[:4] if args.sample_every else []
         self.reward = reward or build_reward(args.reward, device=args.device, path=args.reward_path,
                                              batch_size=args.reward_batch, offload=args.reward_offload)
@@ -432,6 +448,13 @@ class Run:
             if isinstance(part, torch.nn.Module):
                 part.requires_grad_(False)
         self.model = model = model or model_from_args(args)
+        if self.clips:  # probed now that the model's frames and fps are known
+            self.clips, skipped = dataset.usable(self.clips, model.frames, model.fps)
+            for line in skipped:
+                warn(line)
+            if skipped:
+                warn(f"{len(skipped)} of {len(skipped) + len(self.clips)} clips skipped; training on {len(self.clips)}")
+            self.prompts = [caption for _, caption in self.clips]
         self.memory_levers()
         self.beta = args.beta if args.beta is not None else model.beta
         # G_ref <- G_theta at the start (Alg. 1 line 1); ReFL has no reference, and holds no copy (Fig. 7 memory).
@@ -559,9 +582,15 @@ class Run:
         return candidate_seeds(self.args.seed, counter, n or self.args.n, stream)
 
     def source(self, counters: list[int]) -> torch.Tensor:
-        """DenseDPO's source videos, one per prompt: online, the current policy's own fresh sample."""
+        """DenseDPO's source videos, one per prompt: the prompt's own clip of --videos, encoded; without a dataset,
+        the current policy's own fresh sample."""
+        model = self.model
+        if self.clips:
+            files = [self.clips[prompt_index(len(self.clips), self.args.seed, c)][0] for c in counters]
+            return model.encode(torch.stack([dataset.read_clip(f, model.frames, model.fps, model.height, model.width)
+                                             for f in files]))
         prompts = [self.prompt(c) for c in counters]
-        return self.model.sample(prompts, 1, [self.candidate_seeds(c, 1, "source")[0] for c in counters])
+        return model.sample(prompts, 1, [self.candidate_seeds(c, 1, "source")[0] for c in counters])
 
     def dpo_generator(self, counter: int) -> torch.Generator:
         return dpo_generator(self.args.seed, counter)
