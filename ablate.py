@@ -1,5 +1,6 @@
 """The paper's comparisons, replayed in the toy world (toy.py) on a CPU: online vs offline DPO (Table 4d),
-ReFL (Table 4c), the reference-update period K and the candidate count N (Table 5), over several seeds.
+ReFL (Table 4c), the reference-update period K and the candidate count N (Table 5), and DenseDPO's vanilla vs
+structural vs dense, over several seeds.
 
     python ablate.py                                  # all runs below, 2 seeds: about 35 min of 2 CPU cores
     python ablate.py --runs online-K5 offline --seeds 2   # sweeps in parallel processes share --out
@@ -33,6 +34,10 @@ RUNS = {
     "online-K5-N2": ["--method", "online", "--k", "5", "--n", "2"],
     "online-K5-N8": ["--method", "online", "--k", "5", "--n", "8"],
     "refl": ["--method", "refl"],  # Table 4c: the reward's gradient instead of preferences
+    # DenseDPO: the same budget of prompts and candidates as online-K5, the candidates corrupted copies of the
+    # policy's own sample (--eta 0.7), labelled once per video (structural) or per 2-frame segment (dense)
+    "structural": ["--method", "structural", "--k", "5", "--n", "4"],
+    "dense": ["--method", "dense", "--k", "5", "--n", "4"],
 }
 
 
