@@ -2,7 +2,7 @@
 ReFL (Table 4c), the reference-update period K and the candidate count N (Table 5), and DenseDPO's vanilla vs
 structural vs dense, over several seeds.
 
-    python ablate.py                                  # all runs below, 2 seeds: about 35 min of 2 CPU cores
+    python ablate.py                                  # all runs below, 2 seeds: about 2 h of 2 shared CPU cores
     python ablate.py --runs online-K5 offline --seeds 2   # sweeps in parallel processes share --out
 
 Every run starts from the shipped toy weights and trains with the toy reward's temporal consistency (the
