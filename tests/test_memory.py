@@ -5,6 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import dpo
 import run
 import train
 from model import UserError, build_model
@@ -85,7 +86,7 @@ def test_split_pair_gives_the_joint_gradient(tmp_path):
             for p in job.ref.parameters():
                 p.add_(0.01 * torch.randn_like(p))
         g = torch.Generator().manual_seed(0)
-        pairs = [(c, p, torch.randn(3, 4, 16, 16, generator=g), torch.randn(3, 4, 16, 16, generator=g))
+        pairs = [dpo.video_pair(c, p, torch.randn(3, 4, 16, 16, generator=g), torch.randn(3, 4, 16, 16, generator=g))
                  for c, p in enumerate(job.prompts[:3])]
         train.dpo_step(job, pairs)
         assert job.pairs == 3 and job.finite
