@@ -348,8 +348,8 @@ class CogVideoX(DiffusersVideoModel):
         return self.vae.decode(z / self.vae.config.scaling_factor).sample  # CogVideoXPipeline.decode_latents
 
     def vae_encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.vae.encode(x).latent_dist.mode() * self.vae.config.scaling_factor  # its video2video samples; we
-        # take the mode, so a resumed run re-encodes the same latents
+        # CogVideoXVideoToVideoPipeline samples the posterior; the mode makes a resumed run re-encode the same latents
+        return self.vae.encode(x).latent_dist.mode() * self.vae.config.scaling_factor
 
     # --- the Diffusion-DPO error (Alg. 1 line 7)
     def training_timesteps(self, b: int, generator: torch.Generator) -> torch.Tensor:

@@ -37,19 +37,11 @@ def diffusion_dpo_loss(policy_err_w: torch.Tensor, policy_err_l: torch.Tensor, r
     """Paper Eq. 3 in the Diffusion-DPO form (Wallace et al.), per-sample denoising errors in, fp32:
         loss = -log sigmoid(-beta/2 * ((e_pol_w - e_ref_w) - (e_pol_l - e_ref_l))), mean over pairs.
     The policy gains when it lowers its error on the winner, relative to the reference, more than on the loser.
-    beta is used exactly as written: no other constant is folded into it."""
-    w_diff = policy_err_w.float() - ref_err_w.float()
-    l_diff = policy_err_l.float() - ref_err_l.float()
-    logits = -0.5 * beta * (w_diff - l_diff)
-    loss = -F.logsigmoid(logits).mean()
-    metrics = {
-        "loss": loss.item(),
-        # implicit reward prefers the winner; an exact tie (policy == reference) counts as a coin flip
-        "accuracy": ((logits > 0).float() + 0.5 * (logits == 0).float()).mean().item(),
-        "margin": logits.mean().item(),
-        "kl": 0.5 * (w_diff + l_diff).mean().item(),  # how far the policy moved from the reference
-    }
-    return loss, metrics
+    beta is used exactly as written: no other constant is folded into it. It is segment_dpo_loss with one segment
+    that the winner won."""
+    one = lambda e: e[:, None]
+    return segment_dpo_loss(one(policy_err_w), one(policy_err_l), one(ref_err_w), one(ref_err_l),
+                            torch.ones(len(policy_err_w), 1), beta)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -94,19 +86,20 @@ def segment_dpo_loss(policy_err_a: torch.Tensor, policy_err_b: torch.Tensor, ref
                      ref_err_b: torch.Tensor, labels: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict]:
     """DenseDPO's segment form of Eq. 3: errors (P, S), each the mean over one segment's latent frames; one logit
     per labelled segment with winner and loser set by that segment's label (+1: a won, -1: b won, 0: tie, masked);
-    the loss is the mean over the labelled segments. With one segment and a the winner it is diffusion_dpo_loss
-    exactly (the label multiplies by +-1, which rounds nothing)."""
+    the loss is the mean over the labelled segments. With one segment and a the winner it is Eq. 3 exactly (the
+    label multiplies by +-1, which rounds nothing): diffusion_dpo_loss."""
     a_diff = policy_err_a.float() - ref_err_a.float()
     b_diff = policy_err_b.float() - ref_err_b.float()
     logits = labels.to(a_diff) * (-0.5 * beta * (a_diff - b_diff))
     labelled = labels != 0
-    logits, w_diff, l_diff = logits[labelled], a_diff[labelled], b_diff[labelled]  # w/l below only for the KL
+    logits, a_diff, b_diff = logits[labelled], a_diff[labelled], b_diff[labelled]
     loss = -F.logsigmoid(logits).mean()
     metrics = {
         "loss": loss.item(),
+        # implicit reward prefers the winner; an exact tie (policy == reference) counts as a coin flip
         "accuracy": ((logits > 0).float() + 0.5 * (logits == 0).float()).mean().item(),
         "margin": logits.mean().item(),
-        "kl": 0.5 * (w_diff + l_diff).mean().item(),
+        "kl": 0.5 * (a_diff + b_diff).mean().item(),  # how far the policy moved from the reference
     }
     return loss, metrics
 

@@ -10,6 +10,7 @@ Also here: the flags (`parse_args`), deterministic prompts and seeds, checkpoint
 import argparse
 import atexit
 import contextlib
+import functools
 import glob
 import json
 import math
@@ -184,11 +185,16 @@ def warn(message: str):
 # run draws exactly what an uninterrupted one would, and no two streams draw the same numbers (inputs.stream_seed).
 
 
+@functools.lru_cache(maxsize=2)
+def epoch_order(count: int, seed: int, epoch: int) -> torch.Tensor:
+    """One pass over `count` prompts in its own random order (cached: a 10M-clip dataset is one randperm per pass)."""
+    return torch.randperm(count, generator=torch.Generator().manual_seed(stream_seed("order", seed, epoch)))
+
+
 def prompt_index(count: int, seed: int, counter: int) -> int:
     """Which of `count` prompts is prompt `counter` of the run: each pass over the file in its own random order."""
     epoch, pos = divmod(counter, count)
-    order = torch.randperm(count, generator=torch.Generator().manual_seed(stream_seed("order", seed, epoch)))
-    return int(order[pos])
+    return int(epoch_order(count, seed, epoch)[pos])
 
 
 def prompt_at(prompts: list[str], seed: int, counter: int) -> str:

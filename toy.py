@@ -56,7 +56,7 @@ def build_toy(size: str | None = None, frames: int | None = None, dit: str | Non
     return VideoModel("toy", net, PixelSpace(), tiny_t5(TOY_DIT["caption_channels"]), ByteTokenizer(),
                       height, width, frames or FRAMES, fps=FPS, sample_steps=10, cfg=4.0, beta=500.0,
                       max_length=TOY_DIT["model_max_length"], aes=None, use_timestep_transform=False,
-                      segment_seconds=0.25)  # DenseDPO's 1 s of a 5 s clip; here 4 segments of 2 frames
+                      segment_seconds=0.25)  # DenseDPO: 4 segments of 2 frames in the 1 s toy clip
 
 
 def prompt_for(color: str, shape: str, direction: str) -> str:

@@ -35,9 +35,9 @@ def online_pairs(run: Run, counters: list[int]) -> list[dpo.Pair]:
 
 def guided_pairs(run: Run, counters: list[int]) -> list[dpo.Pair]:
     """DenseDPO: N candidates that share their motion. Each prompt's source video (its --videos clip, or the current
-    policy's own fresh sample) is corrupted N times with independent noise to level eta and denoised again by the current policy;
-    the copies keep the source's layout and motion and differ in local detail, so a preference between them is
-    about quality, not about how much moves."""
+    policy's own fresh sample) is corrupted N times with independent noise to level eta and denoised again by the
+    current policy; the copies keep the source's layout and motion and differ in local detail, so a preference
+    between them is about quality, not about how much moves."""
     prompts = [run.prompt(c) for c in counters]
     with run.clock("sample"):
         source = run.source(counters)
