@@ -38,17 +38,23 @@ RUNS = {
     # policy's own sample (--eta 0.7), labelled once per video (structural) or per 2-frame segment (dense)
     "structural": ["--method", "structural", "--k", "5", "--n", "4"],
     "dense": ["--method", "dense", "--k", "5", "--n", "4"],
+    # DenseDPO's data-efficiency claim: dense with a third of its labelled pairs (about as many as online-K5 has)
+    "dense-third": ["--method", "dense", "--k", "5", "--n", "4", "--label-fraction", "0.333"],
 }
 
 
 @torch.no_grad()
 def evaluate_policy(model, reward, prompts: list[str], videos_per_prompt: int = 2, seed: int = 12345) -> dict:
-    """Mean toy reward per dimension over every prompt, fixed seeds (the same for every policy)."""
-    totals = {}
+    """Mean toy reward per dimension over every prompt, fixed seeds (the same for every policy), and the shape
+    judge's verdicts (toy.judge): the share of videos showing the prompted shape as one object, and its colour."""
+    totals, judged = {}, {"judged_shape": [], "judged_color": []}
     for prompt, videos in sample_videos(model, prompts, videos_per_prompt, seed):
         for dim, s in reward.score(videos, [prompt] * len(videos)).items():
             totals.setdefault(dim, []).extend(s.tolist())
-    return {dim: sum(v) / len(v) for dim, v in totals.items()}
+        rates = toy.judge_rates(videos, [prompt] * len(videos))
+        judged["judged_shape"].append(rates["shape"])
+        judged["judged_color"].append(rates["color"])
+    return {dim: sum(v) / len(v) for dim, v in {**totals, **judged}.items()}
 
 
 def run_one(name: str, seed: int, args, model, reward, prompts: list[str]) -> dict:
@@ -120,7 +126,7 @@ def main(argv=None):
     for per_seed in results.values():  # the mean of the five, as --reward-dim global
         for r in per_seed:
             r["global"] = sum(r[d] for d in reward.dims) / len(reward.dims)
-    table = summarise(results, reward.dims + ["global"])
+    table = summarise(results, reward.dims + ["global", "judged_shape", "judged_color"])
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"args": vars(args), "results": results}, f, indent=1)
     with open(os.path.join(args.out, "table.md"), "w") as f:

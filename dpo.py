@@ -82,6 +82,15 @@ def segment_pairs(scores: torch.Tensor, min_gap: float = 0.0) -> list[tuple[int,
     return list(pairs.values())
 
 
+def keep_labels(pairs: list, fraction: float, generator: torch.Generator) -> list:
+    """DenseDPO's data-efficiency setting (dense with a third of the labels): each labelled pair is kept with
+    probability `fraction`, the rest dropped as if never labelled. fraction = 1 keeps all and draws nothing."""
+    if fraction >= 1:
+        return pairs
+    keep = torch.rand(len(pairs), generator=generator) < fraction
+    return [p for p, k in zip(pairs, keep) if k]
+
+
 def segment_dpo_loss(policy_err_a: torch.Tensor, policy_err_b: torch.Tensor, ref_err_a: torch.Tensor,
                      ref_err_b: torch.Tensor, labels: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict]:
     """DenseDPO's segment form of Eq. 3: errors (P, S), each the mean over one segment's latent frames; one logit

@@ -71,6 +71,9 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
                    "motion, 1 is plain sampling (see README: DenseDPO)")
     g.add_argument("--segment-seconds", type=float, default=None, help="--method dense: seconds per labelled "
                    "segment (default: the model's; 1 s as DenseDPO, 0.25 s in the 1-second toy world)")
+    g.add_argument("--label-fraction", type=float, default=1.0, help="--method dense, structural: keep each "
+                   "labelled pair with this probability, drop the rest (DenseDPO's data-efficiency runs: 0.33 keeps "
+                   "about a third of the labels at the same sampling and reward cost)")
     g.add_argument("--videos", default=None, help="a folder of real videos to corrupt and denoise (with --captions; "
                    "their captions replace --prompts); default: the policy's own fresh sample of each prompt")
     g.add_argument("--captions", default=None, help="csv or jsonl: a clip's file (video/path/file, or WebVid's "
@@ -164,6 +167,11 @@ def check_values(args):
             raise UserError(f"--{name.replace('_', '-')} must be at least {low}")
     if not math.isfinite(args.eta) or not 0 < args.eta <= 1:
         raise UserError(f"--eta must be in (0, 1] (the noise level of the corrupted copies), got {args.eta}")
+    if not math.isfinite(args.label_fraction) or not 0 < args.label_fraction <= 1:
+        raise UserError(f"--label-fraction must be in (0, 1] (the share of labelled pairs kept), "
+                        f"got {args.label_fraction}")
+    if args.label_fraction < 1 and args.method not in GUIDED:
+        raise UserError("--label-fraction is for --method dense or structural (DenseDPO's data-efficiency runs)")
     if args.segment_seconds is not None and (not math.isfinite(args.segment_seconds) or args.segment_seconds <= 0):
         raise UserError(f"--segment-seconds must be a finite number > 0, got {args.segment_seconds}")
     if (args.videos is None) != (args.captions is None):
@@ -210,6 +218,11 @@ def candidate_seeds(seed: int, counter: int, n: int, stream: str = "candidate") 
 def dpo_generator(seed: int, counter: int) -> torch.Generator:
     """The DPO noise and t of the pair made from prompt `counter` (Alg. 1 line 7)."""
     return torch.Generator().manual_seed(stream_seed("dpo", seed, counter))
+
+
+def label_generator(seed: int, counter: int) -> torch.Generator:
+    """Which of prompt `counter`'s labelled pairs --label-fraction keeps."""
+    return torch.Generator().manual_seed(stream_seed("labels", seed, counter))
 
 
 def refl_generator(seed: int, counter: int) -> torch.Generator:
@@ -600,6 +613,9 @@ class Run:
 
     def dpo_generator(self, counter: int) -> torch.Generator:
         return dpo_generator(self.args.seed, counter)
+
+    def label_generator(self, counter: int) -> torch.Generator:
+        return label_generator(self.args.seed, counter)
 
     def refl_generator(self, counter: int) -> torch.Generator:
         return refl_generator(self.args.seed, counter)

@@ -66,7 +66,7 @@ def judged_pairs(run: Run, counters: list[int], prompts: list[str], latents: tor
         if not found:
             run.ties += 1
             continue
-        for a, b, labels in found:
+        for a, b, labels in dpo.keep_labels(found, args.label_fraction, run.label_generator(counter)):
             w = torch.where(labels > 0, scores[i, a], scores[i, b])[labels != 0]  # each labelled segment's winner
             l = torch.where(labels > 0, scores[i, b], scores[i, a])[labels != 0]
             run.log["reward_w"].append(w.mean().item())

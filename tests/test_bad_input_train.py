@@ -36,6 +36,8 @@ def cli(*args):
     (["--method", "dense", "--eta", "0"], "--eta must be in (0, 1]"),
     (["--method", "dense", "--eta", "1.5"], "--eta must be in (0, 1]"),
     (["--method", "dense", "--segment-seconds", "0"], "--segment-seconds must be a finite number > 0"),
+    (["--method", "dense", "--label-fraction", "0"], "--label-fraction must be in (0, 1]"),
+    (["--label-fraction", "0.5"], "--label-fraction is for --method dense or structural"),
     (["--frames", "-3"], "--frames must be at least 1"),
     (["--sample-steps", "-1"], "--sample-steps must be at least 1"),
     (["--device", "nope"], "--device 'nope': not a device name"),

@@ -156,6 +156,15 @@ def test_labels_per_segment_best_vs_worst_with_ties():
     assert dpo.segment_pairs(scores[:, :1]) == [(0, 2, torch.tensor([1.0]))] and dpo.select_pair(scores[:, 0]) == (0, 2)
 
 
+def test_label_fraction_keeps_that_share_of_the_pairs_and_all_at_1():
+    pairs = [(i, i + 1, torch.ones(4)) for i in range(3000)]
+    assert dpo.keep_labels(pairs, 1.0, None) is pairs  # the default draws nothing: runs stay bit-identical
+    kept = dpo.keep_labels(pairs, 1 / 3, torch.Generator().manual_seed(0))
+    assert abs(len(kept) / len(pairs) - 1 / 3) < 0.03 and set(map(id, kept)) <= set(map(id, pairs))
+    again = dpo.keep_labels(pairs, 1 / 3, torch.Generator().manual_seed(0))
+    assert [p[0] for p in again] == [p[0] for p in kept]  # the same counter keeps the same pairs (resume)
+
+
 def test_segment_errors_are_each_segments_mean_and_one_segment_is_the_whole():
     model = build_model("tiny")
     g = torch.Generator().manual_seed(0)

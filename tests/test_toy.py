@@ -92,3 +92,38 @@ def test_ablation_table_reports_mean_and_spread_over_seeds():
     table = ablate.summarise({"online-K5": [{"temporal_consistency": 0.9}, {"temporal_consistency": 0.8}]},
                              ["temporal_consistency"])
     assert table.splitlines()[-1] == "| online-K5 | 2 | 0.850 ± 0.071 |"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The shape judge (toy.judge): what a person would name, from pixels alone
+
+
+def test_judge_names_every_clean_render_and_survives_grain():
+    videos, prompts = toy.random_batch(120, torch.Generator().manual_seed(1))
+    assert toy.judge_rates(videos, prompts) == {"shape": 1.0, "color": 1.0}
+    grain = (videos.float() + 10 * torch.randn(videos.shape, generator=torch.Generator().manual_seed(2)))
+    rates = toy.judge_rates(grain.round().clamp(0, 255).to(torch.uint8), prompts)
+    assert rates["shape"] >= 0.95 and rates["color"] == 1.0
+
+
+def test_judge_tells_the_three_shapes_apart_at_every_size():
+    for shape in toy.SHAPES:
+        for r in (4.0, 5.0, 6.0):
+            py, px = torch.meshgrid(torch.arange(32) + 0.5, torch.arange(32) + 0.5, indexing="ij")
+            a = toy.coverage(shape, px, py, torch.tensor(15.3), torch.tensor(16.6), torch.tensor(r))[..., None]
+            frame = torch.tensor(toy.BACKGROUND) * (1 - a) + torch.tensor(toy.COLORS["green"]) * a
+            video = frame.round().to(torch.uint8).expand(8, 32, 32, 3)[None]
+            assert toy.judge(video) == [{"shape": shape, "color": "green", "coherent": True}]
+
+
+def test_judge_rejects_a_shape_in_pieces_and_an_empty_video():
+    videos, prompts = toy.random_batch(8, torch.Generator().manual_seed(3))
+    pieces = videos.clone()
+    pieces[..., ::4, :, :] = torch.tensor(toy.BACKGROUND, dtype=torch.uint8)  # background rows cut it in strips
+    assert toy.judge_rates(pieces, prompts)["shape"] == 0.0
+    scattered = torch.tensor(toy.BACKGROUND, dtype=torch.uint8).expand(1, 8, 32, 32, 3).clone()
+    for y, x in ((2, 2), (2, 20), (14, 10), (24, 26)):  # four separate 4x4 blocks, like the old toy model's
+        scattered[:, :, y:y + 4, x:x + 4] = torch.tensor(toy.COLORS["red"], dtype=torch.uint8)
+    assert toy.judge(scattered)[0]["coherent"] is False
+    empty = torch.tensor(toy.BACKGROUND, dtype=torch.uint8).expand(1, 8, 32, 32, 3)
+    assert toy.judge(empty) == [{"shape": None, "color": None, "coherent": False}]
