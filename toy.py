@@ -33,7 +33,6 @@ DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 BACKGROUND = (40, 40, 48)
 SIZE, FRAMES, FPS = 32, 8, 8
 SPEED = 2.0  # pixels per frame: the shape travels 14 px over 8 frames
-JITTER = 3.0  # pixels: how far a path's midpoint may lie from the centre of the frame
 
 TOY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy")
 # The toy denoiser: the tiny model's STDiT3, wider and deeper, still a few MB of fp32 weights.
@@ -95,16 +94,15 @@ def coverage(shape: str, px: torch.Tensor, py: torch.Tensor, cx: torch.Tensor, c
 
 def render(colors: list[str], shapes: list[str], directions: list[str], generator: torch.Generator,
            size: int = SIZE, frames: int = FRAMES) -> torch.Tensor:
-    """uint8 videos (B, T, H, W, 3): per video a random half-size (4..6 px) and a straight path through the
-    middle of the frame, its midpoint within JITTER px of the centre on each axis. A path anywhere in the frame
-    is a harder world than a 1 M-parameter model learns in minutes of CPU: it drew the shape in scattered
-    4x4-patch pieces (README: The toy world)."""
+    """uint8 videos (B, T, H, W, 3): per video a random half-size (4..6 px) and a random start that keeps the
+    whole path inside the frame."""
     b = len(colors)
     r = 4 + 2 * torch.rand(b, generator=generator)
     travel = SPEED * (frames - 1)
     d = torch.tensor([DIRECTIONS[k] for k in directions], dtype=torch.float)  # (B, 2)
-    mid = size / 2 + JITTER * (2 * torch.rand(b, 2, generator=generator) - 1)
-    start = mid - travel / 2 * d
+    lo = r[:, None] + 1 + travel * (d < 0)  # the start leaves room for the path
+    hi = size - 1 - r[:, None] - 1 - travel * (d > 0)
+    start = lo + (hi - lo).clamp(min=0) * torch.rand(b, 2, generator=generator)
     t = torch.arange(frames, dtype=torch.float)
     centre = start[:, None] + SPEED * t[None, :, None] * d[:, None]  # (B, T, 2)
     py, px = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")

@@ -127,3 +127,4 @@ def test_judge_rejects_a_shape_in_pieces_and_an_empty_video():
     assert toy.judge(scattered)[0]["coherent"] is False
     empty = torch.tensor(toy.BACKGROUND, dtype=torch.uint8).expand(1, 8, 32, 32, 3)
     assert toy.judge(empty) == [{"shape": None, "color": None, "coherent": False}]
+
