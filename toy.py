@@ -140,8 +140,8 @@ def components(mask: torch.Tensor) -> torch.Tensor:
 def judge(videos: torch.Tensor, min_share: float = 0.9, min_frames: float = 0.75) -> list[dict]:
     """Per uint8 video (B, T, H, W, 3), what a person would name: {"shape", "color", "coherent"}.
 
-    A pixel is the object's if it is more than 60 (RGB distance) from the background, a third of the way to the
-    nearest colour of the world. A frame is coherent if its largest 8-connected piece holds >= min_share of those
+    A pixel is the object's if it is more than 60 (RGB distance) from the background, two fifths of the way to
+    the world's colour closest to it (green, 153 away). A frame is coherent if its largest 8-connected piece holds >= min_share of those
     pixels and at least 12 of them; the piece's shape is the template (circle, square, triangle of the same area
     and centroid) it overlaps best (IoU). A video is coherent if >= min_frames of its frames are; its shape is the
     most frequent one over its coherent frames and its colour the world's colour nearest the piece's mean colour.
