@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 import dataset
 import dpo
+import lora
 import parallel
 from inputs import (UserError, check_safetensors, default_prompts, load_prompts, read_json, read_metrics, stream_seed,
                     video_names, writable_dir, write_atomically)
@@ -78,6 +79,16 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
                    "their captions replace --prompts); default: the policy's own fresh sample of each prompt")
     g.add_argument("--captions", default=None, help="csv or jsonl: a clip's file (video/path/file, or WebVid's "
                    "videoid) and its caption (caption/text/prompt, or WebVid's name) per row")
+    g = p.add_argument_group("LoRA (lora.py): train adapters, the base frozen; the reference is a second adapter")
+    g.add_argument("--lora-rank", type=int, default=0, help="LoRA rank r; 0 = full fine-tuning (Flow-GRPO: 32, "
+                   "Pref-GRPO: 64)")
+    g.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha: the update is (alpha / r) B A "
+                   "(default: r)")
+    g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input (policy only)")
+    g.add_argument("--lora-targets", default=None, help="regex over module names, full match (default: every "
+                   "block's attention and feed-forward linears)")
+    g.add_argument("--merge-lora", action="store_true", help="checkpoints also hold the merged full weights "
+                   "(model.safetensors, loadable as --dit without peft)")
     g = p.add_argument_group("rewards")
     g.add_argument("--reward", default=None, help=f"video reward: {', '.join(REWARDS)} (default: toy for the toy "
                    "model, pixel for tiny, videoscore otherwise)")
@@ -179,6 +190,20 @@ def check_values(args):
     if args.videos and args.method not in GUIDED:
         raise UserError(f"--videos are the sources of guided candidates: use them with --method dense or structural, "
                         f"not {args.method}")
+    if args.lora_rank < 0:
+        raise UserError(f"--lora-rank must be at least 1 (0 = full fine-tuning), got {args.lora_rank}")
+    if args.lora_alpha is not None and (not math.isfinite(args.lora_alpha) or args.lora_alpha <= 0):
+        raise UserError(f"--lora-alpha must be a finite number > 0, got {args.lora_alpha}")
+    if not math.isfinite(args.lora_dropout) or not 0 <= args.lora_dropout < 1:
+        raise UserError(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
+    lora_only = [f for f in ("lora_alpha", "lora_dropout", "lora_targets", "merge_lora")
+                 if getattr(args, f) not in (None, False, 0.0)]
+    if lora_only and not args.lora_rank:
+        raise UserError(f"--{lora_only[0].replace('_', '-')} needs --lora-rank (LoRA is off)")
+    if args.lora_rank and args.ref_offload:
+        raise UserError("--ref-offload has nothing to offload with --lora-rank: the reference is an adapter")
+    if args.merge_lora and args.fsdp:
+        raise UserError("--merge-lora does not combine with --fsdp yet (merging a sharded network's adapters)")
     if args.resume and args.overwrite:
         raise UserError("--resume continues the run in --out and --overwrite deletes it: give one of them")
 
@@ -235,16 +260,28 @@ def refl_generator(seed: int, counter: int) -> torch.Generator:
 # Full (unsharded) weights and optimizer state: a checkpoint resumes on any number of ranks, DDP or FSDP2.
 
 
-def save_checkpoint(out: str, model, ref, opt, state: dict, args) -> str:
+def save_checkpoint(out: str, model, ref, opt, state: dict, args, adapters: dict | None = None) -> str:
     """Every rank calls this (gathering sharded weights is collective); rank 0 writes. state.json, written last,
-    records every file's size, so a file cut short later (a full disk, a copy) is recognised, not half-loaded."""
-    policy, reference = parallel.savable(model.dit), parallel.savable(ref) if ref is not None else None
+    records every file's size, so a file cut short later (a full disk, a copy) is recognised, not half-loaded.
+    With LoRA (`adapters`, the adapter config) the folder holds the two adapters instead of the network, the
+    policy's in diffusers' layout (load_lora_weights), and with --merge-lora also the merged full weights."""
+    if adapters:
+        policy = reference = None
+        states = {name: lora.adapter_state(model.dit, name) for name in (lora.POLICY, lora.REFERENCE)}
+        merged = lora.merged_network(model.dit) if args.merge_lora else None
+    else:
+        policy, reference = parallel.savable(model.dit), parallel.savable(ref) if ref is not None else None
     opt_state = parallel.optimizer_state(model.dit, opt)
     final = os.path.join(out, f"checkpoint-{state['step']}")
     if parallel.is_main():
         tmp = os.path.join(out, f".tmp-checkpoint-{state['step']}")
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_weights(tmp, net=policy)  # policy: model.safetensors + config.json, loadable as --dit
+        if adapters:
+            lora.save_files(tmp, states, {**adapters, "base": args.dit}, model.name)
+            if merged is not None:
+                model.save_weights(tmp, net=merged)  # loadable as --dit, like a full fine-tuning checkpoint
+        else:
+            model.save_weights(tmp, net=policy)  # policy: model.safetensors + config.json, loadable as --dit
         if reference is not None:
             model.save_weights(tmp, net=reference, file="ref.safetensors")
         torch.save(opt_state, os.path.join(tmp, "optimizer.pt"))
@@ -305,9 +342,20 @@ def check_checkpoint(path: str) -> dict:
     return state
 
 
-def load_checkpoint(path: str, model, ref) -> dict:
-    """Weights into the plain (not yet wrapped or sharded) networks; the optimizer follows in load_optimizer."""
+def load_checkpoint(path: str, model, ref, adapters: dict | None = None) -> dict:
+    """Weights into the plain (not yet wrapped or sharded) networks; the optimizer follows in load_optimizer.
+    With LoRA, the two adapters; a checkpoint of the other kind, or of other adapters, is refused in one line."""
     state = check_checkpoint(path)
+    saved = lora.read_config(path) if os.path.isfile(os.path.join(path, lora.CONFIG_FILE)) else None
+    if saved and not adapters:
+        raise UserError(f"{path} holds LoRA adapters (rank {saved['rank']}): resume with --lora-rank {saved['rank']}")
+    if adapters and not saved:
+        raise UserError(f"{path} holds full weights, not LoRA adapters: resume it without --lora-rank")
+    if adapters:
+        lora.check_same(saved, adapters, path)
+        lora.load_adapter(os.path.join(path, lora.ADAPTER_FILE), model.dit, model.name, lora.POLICY)
+        lora.load_adapter(os.path.join(path, lora.REFERENCE_FILE), model.dit, model.name, lora.REFERENCE)
+        return state
     model.load_weights(os.path.join(path, "model.safetensors"))
     if ref is not None:
         model.load_weights(os.path.join(path, "ref.safetensors"), net=ref)
@@ -323,7 +371,9 @@ def finite_weights(path: str) -> bool:
     from safetensors.torch import load_file
 
     try:
-        return all(bool(torch.isfinite(t).all()) for t in load_file(os.path.join(path, "model.safetensors")).values())
+        adapter = os.path.join(path, lora.ADAPTER_FILE)
+        file = adapter if os.path.isfile(adapter) else os.path.join(path, "model.safetensors")
+        return all(bool(torch.isfinite(t).all()) for t in load_file(file).values())
     except Exception:  # noqa: BLE001 - a damaged file is not a good checkpoint
         return False
 
@@ -479,7 +529,10 @@ class Run:
         # G_ref <- G_theta at the start (Alg. 1 line 1); ReFL has no reference, and holds no copy (Fig. 7 memory).
         # Stored as the policy is (fp32), so both take the same numeric path: equal weights give equal errors under
         # bf16 autocast too (a bf16-stored copy would see a rounded timestep and a bf16 residual stream).
-        self.ref = model.frozen_copy() if args.method != "refl" else None
+        # With LoRA the reference is a second adapter on the same network (lora.py): no copy of the network.
+        self.adapters = lora.add_adapters(model.dit, args.lora_rank, args.lora_alpha, args.lora_dropout,
+                                          args.lora_targets, args.seed) if args.lora_rank else None
+        self.ref = model.frozen_copy() if args.method != "refl" and not self.adapters else None
         self.segments = self.segments_of(model)
         self.state = {"model": args.model, "step": 0, "prompts_seen": 0, "ties": 0, "bad_steps": 0,
                       "skipped_nan": 0, "ref_updates": 0}
@@ -490,7 +543,8 @@ class Run:
             parallel.shard(self.ref, model.dtype)
         if self.ref is not None and args.ref_offload:
             self.ref.to("cpu")
-        self.opt = torch.optim.AdamW(model.dit.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        params = lora.trainable(model.dit) if self.adapters else model.dit.parameters()
+        self.opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
         if resume:
             load_optimizer(resume, model, self.opt)
             for group in self.opt.param_groups:  # flags given now win over the saved optimizer's
@@ -545,7 +599,7 @@ class Run:
                     warn(f"{e}; trying the checkpoint before it")
             if path is None:
                 raise UserError(f"--resume: no intact checkpoint-<step> folder in {args.out}")
-        self.state = load_checkpoint(path, self.model, self.ref)
+        self.state = load_checkpoint(path, self.model, self.ref, self.adapters)
         if self.state.get("model") != args.model:
             raise UserError(f"{path} is a checkpoint of model {self.state.get('model')!r}, not {args.model!r}")
         set_aside_newer(args.out, self.step)
@@ -621,7 +675,10 @@ class Run:
         return refl_generator(self.args.seed, counter)
 
     def reference(self):
-        """The reference network, on the accelerator for the duration (--ref-offload keeps it on the CPU)."""
+        """The reference network, on the accelerator for the duration (--ref-offload keeps it on the CPU); with
+        LoRA, the network itself through the reference adapter."""
+        if self.adapters:
+            return lora.reference(self.model.dit)
         return borrowed(self.ref, self.model.device, self.args.ref_offload)
 
     def optimizer_step(self):
@@ -656,7 +713,10 @@ class Run:
     def update_reference(self):
         """Alg. 1 line 14, the curriculum update: G_ref <- G_theta, on every rank at the same step."""
         tic = time.perf_counter()
-        dpo.update_reference(self.ref, self.model.dit)
+        if self.adapters:
+            lora.update_reference(self.model.dit)
+        else:
+            dpo.update_reference(self.ref, self.model.dit)
         self.state["ref_updates"] += 1
         self.times["train"] += time.perf_counter() - tic
 
@@ -686,7 +746,7 @@ class Run:
         if args.sample_every and state["step"] % args.sample_every == 0:  # before the checkpoint: the step is done
             self.write_eval_samples()                                      # when both are on disk
         if state["bad_steps"] == 0 and (state["step"] % args.save_every == 0 or state["step"] == args.steps):
-            save_checkpoint(args.out, self.model, self.ref, self.opt, state, args)
+            save_checkpoint(args.out, self.model, self.ref, self.opt, state, args, self.adapters)
 
     def write_eval_samples(self):
         """Every rank samples (a sharded network needs all ranks in every forward); rank 0 writes."""

@@ -14,6 +14,7 @@ from inputs import (UserError, check_safetensors, command, default_prompts, load
 
 import torch  # noqa: E402  (inputs first: Ctrl-C during this slow import is one line too)
 
+import lora  # noqa: E402
 from model import MODELS, build_model
 
 
@@ -128,6 +129,10 @@ def checkpoint_weights(folder: str) -> str:
     if not os.path.isdir(folder):
         raise UserError(f"--checkpoint {folder!r} is not a folder (give a train.py checkpoint-<step> folder)")
     path = os.path.join(folder, "model.safetensors")
+    adapter = os.path.join(folder, lora.ADAPTER_FILE)
+    if not os.path.isfile(path) and os.path.isfile(adapter):  # a LoRA run's checkpoint (without --merge-lora)
+        lora.read_config(folder)
+        return check_safetensors(adapter, "--checkpoint adapter")
     if not os.path.isfile(path):
         raise UserError(f"--checkpoint {folder!r} holds no model.safetensors: not a train.py checkpoint folder")
     return check_safetensors(path, "--checkpoint weights")
@@ -153,8 +158,14 @@ def main(argv=None):
     writable_dir(args.out, "--out")  # before the sampling, not after it
     if args.strip:
         writable_file(args.strip, "--strip")
+    adapter = lora.read_config(args.checkpoint) if weights and weights.endswith(lora.ADAPTER_FILE) else None
+    if adapter and args.dit is None:
+        args.dit = adapter["base"]  # the network the adapter was trained on
     model = model_from_args(args)
-    if weights:
+    if adapter:
+        lora.add_adapters(model.dit, adapter["rank"], adapter["alpha"], 0.0, adapter["targets"])
+        lora.load_adapter(weights, model.dit, model.name)
+    elif weights:
         model.load_weights(weights)
     strip, names = [], video_names(prompts, args.n)
     for k, (prompt, videos) in enumerate(sample_videos(model, prompts, args.n, args.seed)):

@@ -153,3 +153,31 @@ def test_fsdp_needs_torchrun(tmp_path):
         train.main([*RUN, "--fsdp", "--out", str(tmp_path)])
     assert str(e.value.code) == ("error: --fsdp shards the model across processes: start the run with torchrun "
                                  "--nproc_per_node G")
+
+
+def test_lora_under_ddp_and_fsdp_follows_one_process_and_resumes(tmp_path):
+    """--lora-rank on two ranks: DDP and FSDP2 (resuming DDP's checkpoint-2) compute the one process's gradient
+    norms and adapters; the reference adapter is updated on every rank at the same step."""
+    import train
+
+    lora_run = [*RUN, "--lora-rank", "4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = lambda *a: subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                     "2", os.path.join(REPO, "train.py"), *lora_run, *a], cwd=REPO, env=env,
+                                    capture_output=True, text=True, timeout=600)
+    assert two("--out", str(tmp_path / "ddp")).returncode == 0
+    train.train(train.parse_args([*lora_run, "--out", str(tmp_path / "one")]))
+    shutil.copytree(tmp_path / "ddp", tmp_path / "fsdp")
+    shutil.rmtree(tmp_path / "fsdp" / "checkpoint-4")
+    r = two("--fsdp", "--out", str(tmp_path / "fsdp"), "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    norms = [[row["grad_norm"] for row in metrics(tmp_path / x)] for x in ("one", "ddp", "fsdp")]
+    assert norms[1] == pytest.approx(norms[0], rel=1e-4) and norms[2] == pytest.approx(norms[0], rel=1e-4)
+    assert metrics(tmp_path / "one")[-1]["ref_updates"] == 1
+    for file in ("pytorch_lora_weights.safetensors", "reference_lora.safetensors"):
+        one = load_file(tmp_path / "one" / "checkpoint-4" / file)
+        for x in ("ddp", "fsdp"):
+            other = load_file(tmp_path / x / "checkpoint-4" / file)
+            assert one.keys() == other.keys()
+            for key in one:
+                torch.testing.assert_close(other[key], one[key], atol=2e-5, rtol=0, msg=f"{x} {file} {key}")

@@ -1,0 +1,212 @@
+"""LoRA adapters (peft) on any backend's network, and the DPO reference as a second adapter instead of a copy.
+
+    python train.py --lora-rank 64 ...            # train adapters; the base weights stay frozen
+
+The network carries two adapters of the same shape on the same layers: "policy", the one the optimizer trains,
+and "reference", G_ref. Both start at B = 0, so at step 0 each adds exactly nothing: the reference is the base
+network, as with the adapters disabled (Alg. 1 line 1). The curriculum update (Alg. 1 line 14) copies the policy
+adapter into the reference adapter, so the reference becomes exactly the policy without a second copy of the
+network: the reference costs 2 * rank * (d_in + d_out) numbers per adapted layer.
+
+Checkpoints hold the adapters in the layout diffusers' `load_lora_weights` reads (keys `transformer.<module>.
+lora_A.weight`), so a CogVideoX or Wan adapter loads straight into the diffusers pipeline.
+"""
+import contextlib
+import json
+import os
+import warnings
+
+import torch
+import torch.nn as nn
+
+from inputs import UserError
+
+POLICY, REFERENCE = "policy", "reference"
+ADAPTER_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default name: load_lora_weights(folder) finds it
+REFERENCE_FILE = "reference_lora.safetensors"
+CONFIG_FILE = "lora_config.json"
+# Attention and feed-forward linears of every block (not the embedders, not the final layer).
+TARGETS = {
+    # our STDiT3 port: self-attention qkv/proj, cross-attention q/kv/proj, MLP fc1/fc2, spatial and temporal blocks
+    "stdit3": r".*blocks\.\d+\.(attn\.(qkv|proj)|cross_attn\.(q_linear|kv_linear|proj)|mlp\.(fc1|fc2))",
+    # diffusers CogVideoX (transformer_blocks.i.attn1, .ff) and Wan (blocks.i.attn1/attn2, .ffn)
+    "diffusers": r".*blocks\.\d+\.((attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)|(ff|ffn)\.net\.(0\.proj|2))",
+}
+
+
+def default_targets(net: nn.Module) -> str:
+    return TARGETS["diffusers" if hasattr(net, "add_adapter") else "stdit3"]
+
+
+def lora_layers(net: nn.Module) -> list[nn.Module]:
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in net.modules() if isinstance(m, LoraLayer)]
+
+
+def add_adapters(net: nn.Module, rank: int, alpha: float | None = None, dropout: float = 0.0,
+                 targets: str | None = None, seed: int = 0) -> dict:
+    """Freeze the network and give it the policy and reference adapters (peft; for a diffusers model through its own
+    PEFT integration, `add_adapter`). A is drawn from `seed` (peft's Kaiming init), B is 0. Returns the adapter
+    config, as saved next to the weights."""
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError:
+        raise UserError("--lora-rank needs peft: pip install peft") from None
+    if rank < 1:
+        raise UserError(f"--lora-rank must be at least 1, got {rank}")
+    config = dict(rank=rank, alpha=float(alpha if alpha is not None else rank), dropout=dropout,
+                  targets=targets or default_targets(net))
+    peft_config = LoraConfig(r=rank, lora_alpha=config["alpha"], lora_dropout=dropout,
+                             target_modules=config["targets"], init_lora_weights=True)
+    net.requires_grad_(False)
+    for name in (POLICY, REFERENCE):
+        try:
+            with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)  # the same adapters whatever ran before in this process
+                warnings.simplefilter("ignore")  # peft warns that a second adapter is a second adapter
+                if hasattr(net, "add_adapter"):  # diffusers ModelMixin (PeftAdapterMixin)
+                    net.add_adapter(peft_config, adapter_name=name)
+                else:
+                    inject_adapter_in_model(peft_config, net, adapter_name=name)
+        except ValueError as e:  # peft: "Target modules ... not found in the base model"
+            raise UserError(f"--lora-targets {config['targets']!r} matches no layer of the network "
+                            f"({str(e).splitlines()[0][:120]})") from None
+    for layer in lora_layers(net):  # the reference starts as the policy: both B = 0 (peft's default init)
+        copy_adapter(layer, POLICY, REFERENCE)
+    use(net, POLICY)
+    return config
+
+
+def use(net: nn.Module, name: str):
+    """Route every adapted layer through adapter `name`; only that adapter requires grad (peft's set_adapter), so
+    the policy's and the reference's forwards take the same numeric path under autocast."""
+    for layer in lora_layers(net):
+        layer.set_adapter(name)
+
+
+@contextlib.contextmanager
+def reference(net: nn.Module):
+    """G_ref for the duration: the same network through the reference adapter, in eval mode (no LoRA dropout)."""
+    was_training = net.training
+    use(net, REFERENCE)
+    net.eval()
+    try:
+        yield net
+    finally:
+        use(net, POLICY)
+        net.train(was_training)
+
+
+@torch.no_grad()
+def copy_adapter(layer: nn.Module, source: str, target: str):
+    for part in (layer.lora_A, layer.lora_B):
+        part[target].weight.copy_(part[source].weight)
+
+
+def update_reference(net: nn.Module):
+    """Alg. 1 line 14 with adapters: G_ref <- G_theta, the policy adapter copied into the reference adapter."""
+    for layer in lora_layers(net):
+        copy_adapter(layer, POLICY, REFERENCE)
+
+
+def trainable(net: nn.Module) -> list[nn.Parameter]:
+    return [p for p in net.parameters() if p.requires_grad]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Files: the adapter as diffusers saves it, and the merged full weights
+
+
+def adapter_state(net: nn.Module, name: str = POLICY) -> dict[str, torch.Tensor]:
+    """The adapter's weights under diffusers' keys: transformer.<module>.lora_A.weight / .lora_B.weight."""
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(net, adapter_name=name)
+    full = lambda v: v.full_tensor() if hasattr(v, "full_tensor") else v  # FSDP2: gathered on every rank
+    return {f"transformer.{k}": full(v).detach().contiguous().cpu() for k, v in state.items()}
+
+
+def save_files(folder: str, states: dict[str, dict], config: dict, model_name: str):
+    """A checkpoint's adapters (adapter_state of POLICY and REFERENCE) and their config (rank, alpha, dropout,
+    targets, and the base network they were trained on)."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    # the LoRA config as diffusers writes it (save_lora_weights' metadata), so load_lora_weights scales by alpha / r
+    peft_config = LoraConfig(r=config["rank"], lora_alpha=config["alpha"], lora_dropout=config["dropout"],
+                             target_modules=config["targets"]).to_dict()
+    packed = {f"transformer.{k}": list(v) if isinstance(v, set) else v for k, v in peft_config.items()}
+    metadata = {"format": "pt", "model": model_name, "lora_adapter_metadata": json.dumps(packed, indent=2,
+                                                                                         sort_keys=True)}
+    os.makedirs(folder, exist_ok=True)
+    for name, file in ((POLICY, ADAPTER_FILE), (REFERENCE, REFERENCE_FILE)):
+        save_file(states[name], os.path.join(folder, file), metadata=metadata)
+    with open(os.path.join(folder, CONFIG_FILE), "w") as f:
+        json.dump({**config, "model": model_name}, f, indent=1)
+
+
+def read_config(folder: str) -> dict:
+    file = os.path.join(folder, CONFIG_FILE)
+    try:
+        with open(file) as f:
+            config = json.load(f)
+        return {k: config[k] for k in ("rank", "alpha", "dropout", "targets", "model", "base")}
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{file} is missing or damaged: a LoRA checkpoint names its rank, alpha and targets there") \
+            from None
+
+
+def check_same(saved: dict, config: dict, path: str):
+    """Resume only into adapters of the same shape and placement."""
+    for key, flag in (("rank", "--lora-rank"), ("alpha", "--lora-alpha"), ("targets", "--lora-targets")):
+        if saved[key] != config[key]:
+            raise UserError(f"{path} holds adapters with {key} {saved[key]!r}, this run asks for {config[key]!r}: "
+                            f"resume with the same {flag}")
+
+
+def load_adapter(file: str, net: nn.Module, model_name: str, name: str = POLICY):
+    """An adapter saved by save_adapter (or by diffusers' save_lora_weights) into adapter `name`; refuses one made
+    for another model or for other layers."""
+    from peft import set_peft_model_state_dict
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(file):
+        raise UserError(f"no adapter file {file}")
+    with safe_open(file, "pt") as f:
+        made_for = (f.metadata() or {}).get("model")
+    if made_for is not None and made_for != model_name:
+        raise UserError(f"{file} is an adapter of model {made_for!r}, not {model_name!r}")
+    state = {k.removeprefix("transformer."): v for k, v in load_file(file).items()}
+    result = set_peft_model_state_dict(net, state, adapter_name=name)
+    expected = {k for k in adapter_state(net, name)}
+    if {f"transformer.{k}" for k in state} != expected or getattr(result, "unexpected_keys", None):
+        raise UserError(f"{file} does not fit this network's adapters (another model, rank or --lora-targets?)")
+
+
+def merged_network(net: nn.Module) -> nn.Module:
+    """A plain copy of the network (no adapters, on the CPU) holding the merged weights: what save_weights writes
+    as a full checkpoint."""
+    cls = type(net)
+    with torch.device("meta"):
+        twin = cls.from_config(net.config) if hasattr(cls, "from_config") else cls(**net.config)
+    twin.load_state_dict(merged_state(net), assign=True)
+    return twin
+
+
+@torch.no_grad()
+def merged_state(net: nn.Module) -> dict[str, torch.Tensor]:
+    """The plain network's state dict with the policy adapter merged in: W + (alpha / r) B A per adapted layer, the
+    layout of a full checkpoint (loadable as --dit, no peft needed)."""
+    deltas, adapted = {}, {id(m) for m in lora_layers(net)}
+    for module_name, module in net.named_modules():
+        if id(module) in adapted and POLICY in module.lora_A:
+            deltas[f"{module_name}.base_layer.weight"] = module.get_delta_weight(POLICY)
+    state = {}
+    for key, value in net.state_dict().items():
+        if ".lora_" in key:
+            continue
+        value = value + deltas[key].to(value) if key in deltas else value
+        state[key.replace(".base_layer.", ".")] = value.detach().contiguous().cpu()
+    return state

@@ -1,0 +1,162 @@
+"""LoRA (lora.py): the reference as a second adapter, checkpoints in diffusers' layout, resume, merge, bad input."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lora
+import sample
+import train
+from model import UserError, build_model
+from test_diffusers_models import SIZE, folders, pipeline  # noqa: F401  (the fixture of tiny diffusers pipelines)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["--model", "tiny", "--reward", "pixel", "--size", "16x16", "--frames", "4", "--sample-steps", "3", "--n", "2",
+        "--batch-size", "2", "--lr", "1e-3", "--prompts", os.path.join(ROOT, "prompts/train.txt")]
+
+
+def inputs(model, b=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(b, *model.latent_shape, generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    y, mask = model.encode_prompts(["a cat", "a dog"][:b])
+    return x0, noise, torch.tensor([300.0, 700.0][:b]), y, mask
+
+
+def nudge(net, scale=0.05, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lora.trainable(net):
+            p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_is_the_base_then_exactly_the_policy_after_an_update(dtype):
+    model = build_model("tiny", size="16x16")
+    base = model.frozen_copy()
+    lora.add_adapters(model.dit, 4)
+    model.dtype = dtype  # bf16 autocast on the CPU: equal weights must still give equal errors
+    x = inputs(model)
+    with lora.reference(model.dit) as ref:
+        start = model.errors(ref, *x)
+    assert torch.equal(start, model.errors(base, *x)) and torch.equal(start, model.errors(model.dit, *x))
+    nudge(model.dit)  # a few optimizer steps: the policy moves, the reference stays the base
+    policy = model.errors(model.dit, *x)
+    with lora.reference(model.dit) as ref:
+        assert torch.equal(model.errors(ref, *x), start) and not torch.equal(policy, start)
+    lora.update_reference(model.dit)  # Alg. 1 line 14
+    with lora.reference(model.dit) as ref:
+        assert torch.equal(model.errors(ref, *x), policy)
+    assert torch.equal(model.errors(model.dit, *x), policy)  # and the policy is routed back through its own adapter
+
+
+def test_only_the_policy_adapter_trains_and_the_reference_costs_no_network_copy():
+    model = build_model("toy")
+    total = sum(p.numel() for p in model.dit.parameters())
+    config = lora.add_adapters(model.dit, 8)
+    trained = lora.trainable(model.dit)
+    names = [n for n, p in model.dit.named_parameters() if p.requires_grad]
+    assert names and all(".lora_" in n and ".policy." in n for n in names)
+    # 3 spatial + 3 temporal blocks x 7 linears (qkv, proj, cross q, kv, proj, fc1, fc2), r (d_in + d_out) numbers each
+    layers = lora.lora_layers(model.dit)
+    assert len(layers) == 42 and len(trained) == 2 * 42
+    assert sum(p.numel() for p in trained) == sum(8 * (m.in_features + m.out_features) for m in layers) == 105984
+    assert total == 1041840  # the network itself, frozen, held once: policy and reference share it
+    assert config == dict(rank=8, alpha=8.0, dropout=0.0, targets=lora.TARGETS["stdit3"])
+
+
+def test_lora_run_starts_at_log_2_saves_adapters_and_resumes_exactly(tmp_path):
+    flags = FAST + ["--lora-rank", "4", "--k", "2"]
+    train.main(flags + ["--steps", "3", "--out", str(tmp_path / "a")])
+    train.main(flags + ["--steps", "1", "--out", str(tmp_path / "b")])
+    train.main(flags + ["--steps", "3", "--out", str(tmp_path / "b"), "--resume"])
+    rows = [[{k: v for k, v in json.loads(line).items() if not k.startswith("time_")}
+             for line in open(tmp_path / x / "metrics.jsonl")] for x in "ab"]
+    assert rows[0] == rows[1] and rows[0][0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    ckpt = tmp_path / "a" / "checkpoint-3"
+    assert sorted(os.listdir(ckpt)) == sorted([lora.ADAPTER_FILE, lora.REFERENCE_FILE, lora.CONFIG_FILE, "optimizer.pt",
+                                               "rng.pt", "state.json", "args.json"])
+    for file in (lora.ADAPTER_FILE, lora.REFERENCE_FILE):
+        a, b = load_file(ckpt / file), load_file(tmp_path / "b" / "checkpoint-3" / file)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(k.startswith("transformer.") and ".lora_" in k for k in a)  # diffusers' key layout
+    # step 2 updated the reference (K = 2), step 3 moved the policy on: they differ again
+    policy, ref = load_file(ckpt / lora.ADAPTER_FILE), load_file(ckpt / lora.REFERENCE_FILE)
+    assert not all(torch.equal(policy[k], ref[k]) for k in policy)
+
+
+def test_merged_weights_and_the_adapter_sample_the_same_videos(tmp_path):
+    train.main(FAST + ["--lora-rank", "4", "--steps", "2", "--merge-lora", "--out", str(tmp_path / "run")])
+    ckpt = str(tmp_path / "run" / "checkpoint-2")
+    assert {"model.safetensors", "config.json", lora.ADAPTER_FILE} <= set(os.listdir(ckpt))
+    (tmp_path / "p.txt").write_text("a cat\na dog\n")
+    common = ["--model", "tiny", "--size", "16x16", "--frames", "4", "--sample-steps", "3", "--n", "1",
+              "--prompts", str(tmp_path / "p.txt")]
+    adapter = build_model("tiny", size="16x16", frames=4)
+    lora.add_adapters(adapter.dit, 4)
+    lora.load_adapter(os.path.join(ckpt, lora.ADAPTER_FILE), adapter.dit, "tiny")
+    merged = build_model("tiny", size="16x16", frames=4, dit=ckpt)  # a merged checkpoint is a plain --dit
+    x = inputs(adapter)
+    assert torch.allclose(adapter.errors(adapter.dit, *x), merged.errors(merged.dit, *x), rtol=1e-5, atol=1e-7)
+    os.remove(os.path.join(ckpt, "model.safetensors"))  # sample.py then reads the adapter (and its base) itself
+    sample.main(common + ["--checkpoint", ckpt, "--out", str(tmp_path / "s")])
+    assert sorted(os.listdir(tmp_path / "s")) == ["a cat-0.mp4", "a dog-0.mp4"]
+
+
+@pytest.mark.parametrize("name", ["cogvideox", "wan"])
+def test_an_adapter_checkpoint_loads_in_the_diffusers_pipeline(folders, name, tmp_path):  # noqa: F811
+    model = build_model(name, dit=folders[name], **SIZE).to("cpu")
+    config = lora.add_adapters(model.dit, 4, alpha=8)  # alpha != r: the pipeline must read the scale from the file
+    nudge(model.dit, scale=0.2)
+    states = {n: lora.adapter_state(model.dit, n) for n in (lora.POLICY, lora.REFERENCE)}
+    lora.save_files(str(tmp_path), states, {**config, "base": folders[name]}, name)
+    pipe = pipeline(name, folders[name])
+    pipe.load_lora_weights(str(tmp_path))  # finds pytorch_lora_weights.safetensors, the policy adapter
+    prompts, seeds = ["a red ball rolls"], [3, 4]
+    ours = model.sample(prompts, 2, seeds, steps=3)
+    noise = torch.stack([torch.randn(model.latent_shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    layout = (lambda z: z.transpose(1, 2)) if name == "cogvideox" else (lambda z: z)  # CogVideoX: (B, T, C, H, W)
+    last = {}
+    pipe(prompt=prompts * 2, latents=layout(noise), height=32, width=32, num_frames=9, num_inference_steps=3,
+         guidance_scale=model.cfg, max_sequence_length=model.max_length, output_type="latent",
+         callback_on_step_end=lambda p, i, t, kw: last.update(kw) or {})
+    theirs = layout(last["latents"])
+    assert (ours - theirs).abs().max() < 1e-5 * theirs.abs().max()
+    plain = build_model(name, dit=folders[name], **SIZE).to("cpu").sample(prompts, 2, seeds, steps=3)
+    assert (plain - theirs).abs().max() > 1e-3 * theirs.abs().max()  # the adapter does change the output
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *FAST, *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lora-rank", "-1"], "error: --lora-rank must be at least 1 (0 = full fine-tuning), got -1"),
+    (["--lora-alpha", "8"], "error: --lora-alpha needs --lora-rank (LoRA is off)"),
+    (["--lora-rank", "4", "--lora-targets", "nothing_here"], "error: --lora-targets 'nothing_here' matches no layer"),
+    (["--lora-rank", "4", "--ref-offload"], "error: --ref-offload has nothing to offload with --lora-rank"),
+])
+def test_bad_lora_flags_are_one_line(tmp_path, flags, message):
+    r = cli("--steps", "1", "--out", str(tmp_path), *flags)
+    assert r.returncode != 0 and r.stderr.strip().startswith(message) and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_resuming_the_other_kind_of_checkpoint_or_another_models_adapter_is_one_line(tmp_path):
+    train.main(FAST + ["--lora-rank", "4", "--steps", "1", "--out", str(tmp_path / "lora")])
+    train.main(FAST + ["--steps", "1", "--out", str(tmp_path / "full")])
+    r = cli("--steps", "2", "--out", str(tmp_path / "lora"), "--resume")
+    assert r.returncode != 0 and "holds LoRA adapters (rank 4): resume with --lora-rank 4" in r.stderr
+    r = cli("--steps", "2", "--out", str(tmp_path / "full"), "--resume", "--lora-rank", "4")
+    assert r.returncode != 0 and "holds full weights, not LoRA adapters" in r.stderr
+    r = cli("--steps", "2", "--out", str(tmp_path / "lora"), "--resume", "--lora-rank", "8")
+    assert r.returncode != 0 and "holds adapters with rank 4, this run asks for 8" in r.stderr
+    toy = build_model("toy")
+    lora.add_adapters(toy.dit, 4)
+    with pytest.raises(UserError, match="is an adapter of model 'tiny', not 'toy'"):
+        lora.load_adapter(str(tmp_path / "lora" / "checkpoint-1" / lora.ADAPTER_FILE), toy.dit, "toy")
