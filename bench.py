@@ -52,6 +52,14 @@ T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24
               feed_forward_proj="gated-gelu", dropout_rate=0.0)
 TINY_DIT = dict(in_channels=4, patch_size=(1, 2, 2), hidden_size=64, depth=2, num_heads=4, pred_sigma=True,
                 caption_channels=32, model_max_length=48, input_sq_size=32, qk_norm=True)
+# The published denoisers' shapes (their Hub config.json), for the computed full vs LoRA memory table (--lora-memory)
+COGVIDEOX_2B = dict(num_attention_heads=30, attention_head_dim=64, in_channels=16, out_channels=16, num_layers=30,
+                    text_embed_dim=4096, time_embed_dim=512, sample_width=90, sample_height=60, sample_frames=49,
+                    patch_size=2)  # THUDM/CogVideoX-2b transformer/config.json
+WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+                text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads", eps=1e-6)  # Wan-AI/Wan2.1-T2V-1.3B-Diffusers
+WAN_14B = {**WAN_1_3B, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40}  # Wan-AI/Wan2.1-T2V-14B-Diffusers
 # The VAE's decoder is what ReFL backpropagates through; it is big enough here that its activations show in b.
 TINY_VAE = dict(micro_frame_size=17, micro_batch_size=4,
                 spatial_config=dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
@@ -447,6 +455,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the results to this file")
+    p.add_argument("--lora-memory", type=int, default=None, metavar="RANK", help="only print the computed table of "
+                   "policy + gradients + AdamW + reference memory, full fine-tuning vs LoRA of this rank, for the "
+                   "published denoisers (meta device: no memory, seconds)")
     args = p.parse_args(argv)
     args.reward = args.reward or ("videoscore" if args.size == "full" else "pixel")
     point, points, mfu_points = DEFAULTS[args.size]
@@ -481,6 +492,35 @@ def check_args(args) -> dict:
     return dict(parts=parts, device=device, peak=peak, point=parse_point(args.point),
                 points=[parse_point(p) for p in args.points.split(",")],
                 mfu_points=[parse_point(p) for p in args.mfu_points.split(",")])
+
+
+def lora_memory(rank: int) -> str:
+    """Computed, not measured: what the policy, its gradients, AdamW's two moments and the reference take in train.py
+    for the published denoisers, full fine-tuning vs --lora-rank. Parameters are counted on the meta device. Full:
+    fp32 policy 4 B, gradients 4 B, moments 8 B and an fp32 reference copy 4 B per parameter. LoRA: the frozen
+    fp32 network 4 B per parameter once, plus per adapter number the policy adapter, its gradient, its moments and
+    the reference adapter (4 + 4 + 8 + 4 B). Activations, the VAE, the text encoder and the reward come on top."""
+    import diffusers
+
+    import lora
+
+    nets = {"Open-Sora v1.2 (STDiT3-XL/2)": lambda: osr.STDiT3(**FULL_DIT),
+            "CogVideoX-2B": lambda: diffusers.CogVideoXTransformer3DModel(**COGVIDEOX_2B),
+            "Wan2.1-T2V-1.3B": lambda: diffusers.WanTransformer3DModel(**WAN_1_3B),
+            "Wan2.1-T2V-14B": lambda: diffusers.WanTransformer3DModel(**WAN_14B)}
+    gb = lambda n: n / 1e9
+    rows = []
+    for name, make in nets.items():
+        with building("meta"):
+            net = make()
+            params = sum(p.numel() for p in net.parameters())
+            lora.add_adapters(net, rank)
+            adapter = sum(p.numel() for p in lora.trainable(net))
+        full, low = 20 * params, 4 * params + 20 * adapter
+        rows.append([name, f"{params / 1e9:.2f} B", f"{adapter / 1e6:.1f} M", f"{gb(4 * params):.1f}",
+                     f"{gb(full):.1f}", f"{gb(low):.1f}", f"{low / full:.2f}"])
+    return table(["denoiser", "parameters", f"adapter (r={rank})", "weights GB", "full FT GB", f"LoRA r={rank} GB",
+                  "LoRA / full"], rows)
 
 
 def machine(device: torch.device) -> str:
@@ -582,6 +622,11 @@ def run(args) -> dict:
 def main(argv=None):
     args = parse_args(argv)
     try:
+        if args.lora_memory is not None:
+            if args.lora_memory < 1:
+                raise UserError(f"--lora-memory must be a rank of at least 1, got {args.lora_memory}")
+            print(lora_memory(args.lora_memory))
+            return
         results = run(args)
     except UserError as e:
         sys.exit(f"error: {e}")

@@ -190,3 +190,13 @@ def test_bad_flags_are_one_line_errors(argv, message):
         bench.main(argv + ["--device", "cpu"] if "--device" not in argv else argv)
     code = e.value.code  # a string: Python prints it to stderr and exits with status 1
     assert isinstance(code, str) and code.startswith("error: ") and message in code and "\n" not in code
+
+
+def test_computed_lora_memory_of_the_published_denoisers(capsys):
+    """--lora-memory: parameters counted on the meta device; an adapter is r (d_in + d_out) per adapted linear."""
+    bench.main(["--lora-memory", "64"])
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in capsys.readouterr().out.splitlines()[2:]}
+    assert [rows[k][:2] for k in rows] == [["1.21 B", "95.0 M"], ["1.69 B", "66.4 M"], ["1.42 B", "87.5 M"],
+                                           ["14.29 B", "306.7 M"]]
+    # STDiT3-XL/2 by hand: 56 blocks x 64 x (4608 + 2304 + 2304 + 3456 + 2304 + 5760 + 5760) = 94.96 M
+    assert rows["Wan2.1-T2V-14B"][3] == "285.8"  # 20 B per parameter: fp32 policy, grads, AdamW, fp32 reference
