@@ -27,8 +27,8 @@ import parallel, run, train
 
 save = run.save_checkpoint
 
-def save_and_dump(out, model, ref, opt, state, args):
-    path = save(out, model, ref, opt, state, args)
+def save_and_dump(out, model, ref, opt, state, args, *rest):
+    path = save(out, model, ref, opt, state, args, *rest)
     full = lambda net: {{k: v.detach().cpu().clone()
                         for k, v in get_model_state_dict(net, options=StateDictOptions(full_state_dict=True)).items()}}
     dump = {{"policy": full(model.dit), "ref": full(ref)}}
