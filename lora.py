@@ -166,7 +166,7 @@ def check_same(saved: dict, config: dict, path: str):
 
 
 def load_adapter(file: str, net: nn.Module, model_name: str, name: str = POLICY):
-    """An adapter saved by save_adapter (or by diffusers' save_lora_weights) into adapter `name`; refuses one made
+    """An adapter saved by save_files (or by diffusers' save_lora_weights) into adapter `name`; refuses one made
     for another model or for other layers."""
     from peft import set_peft_model_state_dict
     from safetensors import safe_open
