@@ -52,6 +52,9 @@ T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24
               feed_forward_proj="gated-gelu", dropout_rate=0.0)
 TINY_DIT = dict(in_channels=4, patch_size=(1, 2, 2), hidden_size=64, depth=2, num_heads=4, pred_sigma=True,
                 caption_channels=32, model_max_length=48, input_sq_size=32, qk_norm=True)
+# "medium": the tiny models around a STDiT3 whose weights and AdamW state outweigh a small step's activations on a
+# CPU (70 M parameters), for the full vs LoRA memory columns (--lora-rank)
+MEDIUM_DIT = dict(TINY_DIT, hidden_size=512, depth=8, num_heads=8)
 # The published denoisers' shapes (their Hub config.json), for the computed full vs LoRA memory table (--lora-memory)
 COGVIDEOX_2B = dict(num_attention_heads=30, attention_head_dim=64, in_channels=16, out_channels=16, num_layers=30,
                     text_embed_dim=4096, time_embed_dim=512, sample_width=90, sample_height=60, sample_frames=49,
@@ -144,7 +147,7 @@ def build(size: str, device: str, reward_name: str, seed: int = 0, reward_offloa
         # a byte-level tokenizer stands in for T5's sentencepiece (no files); the encoder always sees 300 tokens
         model = VideoModel("opensora", dit, vae, t5, ByteTokenizer(), 240, 426, 51, max_length=300)
     else:
-        dit = osr.STDiT3(**TINY_DIT)
+        dit = osr.STDiT3(**(MEDIUM_DIT if size == "medium" else TINY_DIT))
         vae = osr.OpenSoraVAE(**TINY_VAE)
         model = VideoModel("bench-tiny", dit, vae, tiny_t5(TINY_DIT["caption_channels"]), ByteTokenizer(),
                            32, 64, 17, sample_steps=10, max_length=TINY_DIT["model_max_length"])
@@ -211,16 +214,18 @@ class Clock:
 
 
 def make_run(model: VideoModel, reward, reward_name: str, method: str, n: int, seed: int = 0,
-             split: bool = False) -> Run:
+             split: bool = False, lora_rank: int = 0) -> Run:
     """The training job as train.py builds it from its flags, over bench's random model and reward: its reference
     G_ref (none for ReFL: Fig. 7 compares that memory too), AdamW, and train.py's default memory levers
     (gradient checkpointing, the reference stored like the policy, every prompt encoded once and the text encoder
-    freed). One prompt per step (--batch-size 1, --sample-batch 1); nothing is written (out None)."""
+    freed). One prompt per step (--batch-size 1, --sample-batch 1); nothing is written (out None). lora_rank > 0:
+    train.py --lora-rank, adapters on the model (the reference a second adapter, no copy)."""
     args = train.parse_args(["--method", method, "--n", str(n), "--batch-size", "1", "--seed", str(seed),
                              "--reward", reward_name, "--device", str(model.device),
                              # the name only passes run.check_args: the prebuilt model is what runs
                              "--model", "opensora" if model.name == "opensora" else "tiny"]
-                            + (["--split-pair"] if split else []))
+                            + (["--split-pair"] if split else [])
+                            + (["--lora-rank", str(lora_rank)] if lora_rank else []))
     args.out = None
     return Run(args, model=model, reward=reward, prompts=PROMPTS)
 
@@ -310,6 +315,7 @@ def mfu(run: Run, steps: int, peak_tflops: float) -> dict:
 
 
 METHODS = {"OnlineVPO": "online", "ReFL": "refl"}  # b's columns: train.py --method
+LORA = "OnlineVPO LoRA"  # b's column with --lora-rank: the online method with adapters
 MEMORY_STEPS = 2  # peak memory does not depend on the number of sampling steps (no gradients while sampling)
 
 
@@ -347,13 +353,16 @@ WARM_POINT = "8x8:17"  # the smallest step: it faults in the code of every kerne
 
 
 def child_memory(spec: dict, conn):
-    """b on a CPU, in a fresh process per (method, point): after a warm-up step at WARM_POINT, the step's peak
-    resident memory over the process's resident memory just before it (a CPU has no allocator peak)."""
+    """b on a CPU, in a fresh process per (method, point): after a warm-up step at WARM_POINT, the process's peak
+    resident memory and its resident memory just before the step, both over what it held before building anything
+    (torch and this file imported). A CPU has no allocator peak: the peak is the kernel's high-water mark."""
     try:
+        start = rss_bytes()
         model, reward, _ = build(spec["size"], "cpu", spec["reward"], spec["seed"])
-        run = make_run(model, reward, spec["reward"], METHODS[spec["method"]], spec["n"], spec["seed"],
-                       spec["split"])
-        step = online_step if spec["method"] == "OnlineVPO" else refl_step
+        lora = spec["method"] == LORA
+        run = make_run(model, reward, spec["reward"], "online" if lora else METHODS[spec["method"]], spec["n"],
+                       spec["seed"], spec["split"], spec["lora_rank"] if lora else 0)
+        step = refl_step if spec["method"] == "ReFL" else online_step
         set_point(model, parse_point(WARM_POINT))
         step(run, Clock(model.device), MEMORY_STEPS)
         set_point(model, parse_point(spec["point"]))
@@ -361,9 +370,13 @@ def child_memory(spec: dict, conn):
         before = rss_bytes()
         step(run, Clock(model.device), MEMORY_STEPS)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-        conn.send(max(0, peak - before) / 1e6)
+        conn.send(dict(peak=(peak - start) / 1e6, before=(before - start) / 1e6))
     except Exception as e:  # noqa: BLE001 - reported in the table's cell
         conn.send(f"failed: {type(e).__name__}: {e}")
+
+
+def memory_columns(args) -> list[str]:
+    return ["OnlineVPO"] + ([LORA] if args.lora_rank else []) + ["ReFL"]
 
 
 def cpu_memory(args, points: list) -> dict:
@@ -380,7 +393,7 @@ def cpu_memory(args, points: list) -> dict:
 
     def measure(method: str, point: tuple):
         spec = dict(method=method, point=point[0], size=args.size, reward=args.reward, seed=args.seed, n=args.n,
-                    split=args.split_pair)
+                    split=args.split_pair, lora_rank=args.lora_rank)
         receive, send = ctx.Pipe(duplex=False)
         proc = ctx.Process(target=this.child_memory, args=(spec, send))
         proc.start()
@@ -394,10 +407,11 @@ def cpu_memory(args, points: list) -> dict:
             value = "OOM" if proc.exitcode == -9 else f"failed: exit code {proc.exitcode}"
         return value
 
-    jobs = [(method, point) for method in ("OnlineVPO", "ReFL") for point in points]
+    methods = memory_columns(args)
+    jobs = [(method, point) for method in methods for point in points]
     with ThreadPoolExecutor(max(1, (os.cpu_count() or 1) // torch.get_num_threads())) as pool:
         values = list(pool.map(lambda job: measure(*job), jobs))
-    out = {"OnlineVPO": {}, "ReFL": {}}
+    out = {method: {} for method in methods}
     for (method, point), value in zip(jobs, values):
         out[method][point[0]] = value
     return out
@@ -430,13 +444,15 @@ DEFAULTS = {  # (a/c point, b points, d points)
     "tiny": ("64x128:51", "32x64:17,32x64:34,32x64:51,64x128:51", "32x64:17"),
     "full": ("240p:51", "240p:51,360p:51,480p:51,720p:51,720p:68", "240p:51,720p:68"),
 }
+DEFAULTS["medium"] = DEFAULTS["tiny"]
 PEAK_TFLOPS = [("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0)]  # dense bf16
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", default="tiny", choices=["tiny", "full"], help="tiny: small random models (CPU); "
-                   "full: Open-Sora v1.2's published sizes, random weights (GPU)")
+    p.add_argument("--size", default="tiny", choices=["tiny", "medium", "full"], help="tiny: small random models "
+                   "(CPU); medium: tiny with a 70 M-parameter STDiT3, whose weights and AdamW state dominate a CPU "
+                   "step's memory (for --lora-rank); full: Open-Sora v1.2's published sizes, random weights (GPU)")
     p.add_argument("--parts", default=",".join(PARTS), help="which tables: any of a,b,c,d (default: all)")
     p.add_argument("--n", type=int, default=4, help="candidates per prompt (paper: 4)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps in a, c, d (default: the model's; "
@@ -455,6 +471,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the results to this file")
+    p.add_argument("--lora-rank", type=int, default=0, help="b gets a column for OnlineVPO with LoRA adapters of "
+                   "this rank (train.py --lora-rank), next to full fine-tuning")
     p.add_argument("--lora-memory", type=int, default=None, metavar="RANK", help="only print the computed table of "
                    "policy + gradients + AdamW + reference memory, full fine-tuning vs LoRA of this rank, for the "
                    "published denoisers (meta device: no memory, seconds)")
@@ -475,6 +493,8 @@ def check_args(args) -> dict:
         raise UserError("--n must be at least 2: a preference pair needs two candidates")
     if args.steps is not None and args.steps < 1:
         raise UserError("--steps must be at least 1")
+    if args.lora_rank < 0:
+        raise UserError(f"--lora-rank must be at least 1 (0: no LoRA column), got {args.lora_rank}")
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -603,18 +623,28 @@ def run(args) -> dict:
             free_memory(dev)
             job = make_run(model, reward, args.reward, "refl", args.n, args.seed)
             mem["ReFL"] = gpu_memory(job, cfg["points"], refl_step)
+            if args.lora_rank:  # last: the adapters stay on the network, the frozen base takes no AdamW state
+                del job
+                free_memory(dev)
+                job = make_run(model, reward, args.reward, "online", args.n, args.seed, args.split_pair,
+                               args.lora_rank)
+                mem[LORA] = gpu_memory(job, cfg["points"], online_step)
             unit = "peak allocated GB (10^9 bytes; in brackets: allocated before the step, i.e. weights, " \
                    "AdamW state, reward)"
         else:
             del job, model, reward
             mem = cpu_memory(args, cfg["points"])
-            unit = f"peak resident MB over the process just before the step (a fresh process each, after a " \
-                   f"warm-up step at {WARM_POINT})"
-        print(f"### b. Memory of one step (Fig. 7): OnlineVPO (N = {args.n}) vs ReFL; {unit}\n"
+            unit = "peak resident MB (10^6 bytes; in brackets: resident just before the step, i.e. weights, AdamW " \
+                   f"state, reward), both over the process before it built anything; a fresh process each, after " \
+                   f"a warm-up step at {WARM_POINT}"
+        lora_note = f", OnlineVPO with LoRA r={args.lora_rank} adapters" if args.lora_rank else ""
+        print(f"### b. Memory of one step (Fig. 7): OnlineVPO (N = {args.n}){lora_note} vs ReFL; {unit}\n"
               f"Reward: {reward_label}. {MEMORY_STEPS} sampling steps.\n")
-        cell = lambda v: f"{v['peak']:.1f} ({v['before']:.1f})" if isinstance(v, dict) else v
-        print(table(["point (resolution:frames)", "OnlineVPO", "ReFL"],
-                    [[p[0], cell(mem["OnlineVPO"][p[0]]), cell(mem["ReFL"][p[0]])] for p in cfg["points"]]) + "\n")
+        digits = 1 if dev.type == "cuda" else 0  # GB on a GPU, MB on a CPU
+        cell = lambda v: f"{v['peak']:.{digits}f} ({v['before']:.{digits}f})" if isinstance(v, dict) else v
+        columns = memory_columns(args)
+        print(table(["point (resolution:frames)"] + [c.replace(LORA, f"{LORA} r={args.lora_rank}") for c in columns],
+                    [[p[0]] + [cell(mem[c][p[0]]) for c in columns] for p in cfg["points"]]) + "\n")
         results["b"] = dict(unit=unit, **mem)
     return results
 

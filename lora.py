@@ -185,28 +185,41 @@ def load_adapter(file: str, net: nn.Module, model_name: str, name: str = POLICY)
         raise UserError(f"{file} does not fit this network's adapters (another model, rank or --lora-targets?)")
 
 
-def merged_network(net: nn.Module) -> nn.Module:
+def merged_network(net: nn.Module) -> nn.Module | None:
     """A plain copy of the network (no adapters, on the CPU) holding the merged weights: what save_weights writes
-    as a full checkpoint."""
-    cls = type(net)
+    as a full checkpoint. For an FSDP2-sharded network every rank calls it (the weights are gathered) and rank 0
+    gets the copy, the others None."""
+    import parallel
+
+    state = merged_state(net)
+    if state is None:
+        return None
+    cls = parallel.plain_class(net)
     with torch.device("meta"):
         twin = cls.from_config(net.config) if hasattr(cls, "from_config") else cls(**net.config)
-    twin.load_state_dict(merged_state(net), assign=True)
+    twin.load_state_dict(state, assign=True)
     return twin
 
 
 @torch.no_grad()
-def merged_state(net: nn.Module) -> dict[str, torch.Tensor]:
-    """The plain network's state dict with the policy adapter merged in: W + (alpha / r) B A per adapted layer, the
-    layout of a full checkpoint (loadable as --dit, no peft needed)."""
-    deltas, adapted = {}, {id(m) for m in lora_layers(net)}
-    for module_name, module in net.named_modules():
+def merged_state(net: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The plain network's state dict with the policy adapter merged in: W + (alpha / r) B A per adapted linear, the
+    layout of a full checkpoint (loadable as --dit, no peft needed). Computed from the full state dict, so an
+    FSDP2-sharded network merges like a whole one (gathered on rank 0; the other ranks get None)."""
+    import parallel
+
+    if hasattr(net, "reshard"):  # FSDP2: the whole state on rank 0's CPU (collective)
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        state = get_model_state_dict(net, options=parallel.FULL)
+        if not parallel.is_main():
+            return None
+    else:
+        state = net.state_dict()
+    adapted = {id(m) for m in lora_layers(net)}
+    for name, module in net.named_modules():
         if id(module) in adapted and POLICY in module.lora_A:
-            deltas[f"{module_name}.base_layer.weight"] = module.get_delta_weight(POLICY)
-    state = {}
-    for key, value in net.state_dict().items():
-        if ".lora_" in key:
-            continue
-        value = value + deltas[key].to(value) if key in deltas else value
-        state[key.replace(".base_layer.", ".")] = value.detach().contiguous().cpu()
-    return state
+            a, b = state[f"{name}.lora_A.{POLICY}.weight"], state[f"{name}.lora_B.{POLICY}.weight"]
+            weight = state[f"{name}.base_layer.weight"]  # every target is a Linear (peft: W + scaling B A)
+            state[f"{name}.base_layer.weight"] = weight + (module.scaling[POLICY] * (b.float() @ a.float())).to(weight)
+    return {k.replace(".base_layer.", "."): v.detach().contiguous().cpu() for k, v in state.items() if ".lora_" not in k}

@@ -202,8 +202,6 @@ def check_values(args):
         raise UserError(f"--{lora_only[0].replace('_', '-')} needs --lora-rank (LoRA is off)")
     if args.lora_rank and args.ref_offload:
         raise UserError("--ref-offload has nothing to offload with --lora-rank: the reference is an adapter")
-    if args.merge_lora and args.fsdp:
-        raise UserError("--merge-lora does not combine with --fsdp yet (merging a sharded network's adapters)")
     if args.resume and args.overwrite:
         raise UserError("--resume continues the run in --out and --overwrite deletes it: give one of them")
 

@@ -90,6 +90,20 @@ def test_lora_run_starts_at_log_2_saves_adapters_and_resumes_exactly(tmp_path):
     assert not all(torch.equal(policy[k], ref[k]) for k in policy)
 
 
+@pytest.mark.parametrize("method", ["offline", "structural", "dense"])
+def test_every_dpo_method_trains_the_policy_adapter_from_log_2(tmp_path, method):
+    """--lora-rank with the other DPO methods: the first loss is log 2 (policy adapter == reference adapter == base),
+    and only the policy adapter moves (with --k 0 the reference adapter keeps its zero B)."""
+    train.main(FAST + ["--lora-rank", "4", "--method", method, "--offline-pairs", "2", "--k", "0", "--steps", "2",
+                       "--out", str(tmp_path)])
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert len(rows) == 2 and rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    policy = load_file(tmp_path / "checkpoint-2" / lora.ADAPTER_FILE)
+    ref = load_file(tmp_path / "checkpoint-2" / lora.REFERENCE_FILE)
+    assert all(not ref[k].any() for k in ref if "lora_B" in k)
+    assert any(policy[k].any() for k in policy if "lora_B" in k)
+
+
 def test_merged_weights_and_the_adapter_sample_the_same_videos(tmp_path):
     train.main(FAST + ["--lora-rank", "4", "--steps", "2", "--merge-lora", "--out", str(tmp_path / "run")])
     ckpt = str(tmp_path / "run" / "checkpoint-2")

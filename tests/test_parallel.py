@@ -166,10 +166,10 @@ def test_lora_under_ddp_and_fsdp_follows_one_process_and_resumes(tmp_path):
                                      "2", os.path.join(REPO, "train.py"), *lora_run, *a], cwd=REPO, env=env,
                                     capture_output=True, text=True, timeout=600)
     assert two("--out", str(tmp_path / "ddp")).returncode == 0
-    train.train(train.parse_args([*lora_run, "--out", str(tmp_path / "one")]))
+    train.train(train.parse_args([*lora_run, "--merge-lora", "--out", str(tmp_path / "one")]))
     shutil.copytree(tmp_path / "ddp", tmp_path / "fsdp")
     shutil.rmtree(tmp_path / "fsdp" / "checkpoint-4")
-    r = two("--fsdp", "--out", str(tmp_path / "fsdp"), "--resume")
+    r = two("--fsdp", "--merge-lora", "--out", str(tmp_path / "fsdp"), "--resume")
     assert r.returncode == 0, r.stderr[-2000:]
     norms = [[row["grad_norm"] for row in metrics(tmp_path / x)] for x in ("one", "ddp", "fsdp")]
     assert norms[1] == pytest.approx(norms[0], rel=1e-4) and norms[2] == pytest.approx(norms[0], rel=1e-4)
@@ -181,3 +181,8 @@ def test_lora_under_ddp_and_fsdp_follows_one_process_and_resumes(tmp_path):
             assert one.keys() == other.keys()
             for key in one:
                 torch.testing.assert_close(other[key], one[key], atol=2e-5, rtol=0, msg=f"{x} {file} {key}")
+    # --merge-lora on the sharded network: the merged full weights gathered from two FSDP2 shards equal one process's
+    one, other = (load_file(tmp_path / x / "checkpoint-4" / "model.safetensors") for x in ("one", "fsdp"))
+    assert one.keys() == other.keys() and not any(".lora_" in k or "base_layer" in k for k in one)
+    for key in one:
+        torch.testing.assert_close(other[key], one[key], atol=2e-5, rtol=0, msg=f"merged {key}")
