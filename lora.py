@@ -19,6 +19,7 @@ import warnings
 import torch
 import torch.nn as nn
 
+import parallel
 from inputs import UserError
 
 POLICY, REFERENCE = "policy", "reference"
@@ -180,8 +181,7 @@ def load_adapter(file: str, net: nn.Module, model_name: str, name: str = POLICY)
         raise UserError(f"{file} is an adapter of model {made_for!r}, not {model_name!r}")
     state = {k.removeprefix("transformer."): v for k, v in load_file(file).items()}
     result = set_peft_model_state_dict(net, state, adapter_name=name)
-    expected = {k for k in adapter_state(net, name)}
-    if {f"transformer.{k}" for k in state} != expected or getattr(result, "unexpected_keys", None):
+    if {f"transformer.{k}" for k in state} != set(adapter_state(net, name)) or getattr(result, "unexpected_keys", None):
         raise UserError(f"{file} does not fit this network's adapters (another model, rank or --lora-targets?)")
 
 
@@ -189,16 +189,8 @@ def merged_network(net: nn.Module) -> nn.Module | None:
     """A plain copy of the network (no adapters, on the CPU) holding the merged weights: what save_weights writes
     as a full checkpoint. For an FSDP2-sharded network every rank calls it (the weights are gathered) and rank 0
     gets the copy, the others None."""
-    import parallel
-
     state = merged_state(net)
-    if state is None:
-        return None
-    cls = parallel.plain_class(net)
-    with torch.device("meta"):
-        twin = cls.from_config(net.config) if hasattr(cls, "from_config") else cls(**net.config)
-    twin.load_state_dict(state, assign=True)
-    return twin
+    return parallel.plain_twin(net, state) if state is not None else None
 
 
 @torch.no_grad()
@@ -206,8 +198,6 @@ def merged_state(net: nn.Module) -> dict[str, torch.Tensor] | None:
     """The plain network's state dict with the policy adapter merged in: W + (alpha / r) B A per adapted linear, the
     layout of a full checkpoint (loadable as --dit, no peft needed). Computed from the full state dict, so an
     FSDP2-sharded network merges like a whole one (gathered on rank 0; the other ranks get None)."""
-    import parallel
-
     if hasattr(net, "reshard"):  # FSDP2: the whole state on rank 0's CPU (collective)
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 

@@ -159,8 +159,11 @@ def savable(net: nn.Module) -> nn.Module | None:
     if not hasattr(net, "reshard"):
         return net
     state = get_model_state_dict(net, options=FULL)
-    if not is_main():
-        return None
+    return plain_twin(net, state) if is_main() else None
+
+
+def plain_twin(net: nn.Module, state: dict) -> nn.Module:
+    """A plain module of the network's own class and config holding `state` (no copy: the tensors are assigned)."""
     cls = plain_class(net)
     with torch.device("meta"):
         twin = cls.from_config(net.config) if hasattr(cls, "from_config") else cls(**net.config)
