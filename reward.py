@@ -66,10 +66,11 @@ class ToyReward(FormulaReward):
     a is the shape's coverage for a correct render (anti-aliased edges included). From a:
     - visual_quality: sharpness, 1 / (1 + max(0, w - 0.75)) with w = sum 4a(1-a) / perimeter, the width in
       pixels of the shape's edge (a clean anti-aliased render has w = 0.6..0.75, a 3x3 box blur about 2, and
-      grain makes it large); the perimeter is that of a disc of the shape's area;
+      grain makes it large); the perimeter is that of the named shape (a disc if the prompt names none) with the
+      render's area;
     - temporal_consistency: 1 - mean over consecutive frames of (relative change of the shape's area +
       change of its mean colour / 255) / 2: a shape that flickers, fades or vanishes loses;
-    - dynamic_degree: mean centroid speed over the world's speed (2 px/frame), capped at 1;
+    - dynamic_degree: mean centroid speed over the world's speed (1.5 px/frame), capped at 1;
     - color_alignment: 1 - |mean shape colour - named colour| / 200, floored at 0;
     - direction_alignment: net centroid travel along the named direction over the world's travel,
       mapped from [-1, 1] to [0, 1]: 0.5 for a still shape, 1 for the right path, 0 for the opposite one.
@@ -91,7 +92,10 @@ class ToyReward(FormulaReward):
         a = ((x - bg).norm(dim=-1) / d_ref).clamp(0, 1)  # (B, T, H, W) coverage estimate
         eps = 1e-6
         area = a.sum((2, 3))  # (B, T)
-        edge = (4 * a * (1 - a)).sum((2, 3)) / (2 * (math.pi * area + eps).sqrt() + eps)  # (B, T) in pixels
+        # perimeter = P_s r with r = sqrt(area / A_s): for a disc 2 sqrt(pi area)
+        per = torch.tensor([toy.SHAPE_PERIMETER.get(s, 2 * math.pi) / math.sqrt(toy.SHAPE_AREA.get(s, math.pi))
+                            for _, s, _ in named], dtype=x.dtype, device=x.device)[:, None]
+        edge = (4 * a * (1 - a)).sum((2, 3)) / (per * (area + eps).sqrt() + eps)  # (B, T) in pixels
         sharp = (1 / (1 + (edge - 0.75).clamp(min=0))).mean(1)
         colour = (a[..., None] * x).sum((2, 3)) / (area[..., None] + eps)  # (B, T, 3)
         ys, xs = torch.meshgrid(torch.arange(H, dtype=x.dtype, device=x.device),

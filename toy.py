@@ -5,7 +5,7 @@ colour, the shape and the direction: "a red circle moving left". Everything a vi
 this world is computable from pixels (see reward.ToyReward), so the paper's comparisons (online vs offline,
 N, K, reward dimension) can be re-run in minutes before spending GPU-days.
 
-    python toy.py                  # pretrain the toy model (about 13 minutes on 2 CPU cores) -> toy/
+    python toy.py                  # pretrain the toy model (about 25 minutes on 2 CPU cores) -> toy/
     python toy.py --steps 5        # a smoke run
 
 The weights it writes ship in the repository (toy/model.safetensors), so `python train.py` starts from a
@@ -28,11 +28,12 @@ from model import ByteTokenizer, PixelSpace, VideoModel, load_dit, size_for, tin
 # The world's vocabulary. Colours are RGB on 0..255; directions are (dx, dy) in image coordinates (y down).
 COLORS = {"red": (220, 50, 50), "green": (60, 190, 70), "blue": (60, 100, 235), "yellow": (235, 210, 60),
           "white": (235, 235, 235)}
-SHAPES = ("circle", "square", "triangle")
+SHAPES = ("circle", "bar", "pole")  # a bar lies flat, a pole stands upright
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 BACKGROUND = (40, 40, 48)
 SIZE, FRAMES, FPS = 32, 8, 8
-SPEED = 2.0  # pixels per frame: the shape travels 14 px over 8 frames
+SPEED = 1.5  # pixels per frame: the shape travels 10.5 px over 8 frames
+BAR = (1.5, 0.4)  # a bar's half-length and half-thickness in half-sizes r: 3.75:1
 
 TOY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy")
 # The toy denoiser: the tiny model's STDiT3, wider and deeper, still a few MB of fp32 weights.
@@ -80,29 +81,30 @@ def parse_prompt(prompt: str) -> tuple[str | None, str | None, str | None]:
 
 def coverage(shape: str, px: torch.Tensor, py: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor,
              r: torch.Tensor) -> torch.Tensor:
-    """Fraction of each pixel covered by the shape centred at (cx, cy) with half-size r (broadcast)."""
+    """Fraction of each pixel covered by the shape centred at (cx, cy) with half-size r (broadcast).
+    A bar is 3 r long and 0.8 r thick, a pole the same bar upright: at r = 6..8 px the three shapes differ
+    over whole 4x4 patches, the toy model's token (a circle, square and triangle of one area differ only near
+    their outlines, inside one patch, and a model of this size never learned to tell them apart)."""
     dx, dy = px - cx, py - cy
     if shape == "circle":
         sd = (dx * dx + dy * dy).sqrt() - r
-    elif shape == "square":
-        sd = torch.maximum(dx.abs(), dy.abs()) - 0.85 * r  # same area as the circle, roughly
-    else:  # an upright isosceles triangle: the max of three half-plane distances
-        k = 1 / math.sqrt(1 + 0.25)
-        sd = torch.maximum(dy - 0.8 * r, (-dy - 1.2 * r + 2 * dx.abs()) * k)
+    elif shape == "bar":
+        sd = torch.maximum(dx.abs() - BAR[0] * r, dy.abs() - BAR[1] * r)
+    else:  # pole
+        sd = torch.maximum(dy.abs() - BAR[0] * r, dx.abs() - BAR[1] * r)
     return (0.5 - sd).clamp(0, 1)
 
 
 def render(colors: list[str], shapes: list[str], directions: list[str], generator: torch.Generator,
            size: int = SIZE, frames: int = FRAMES) -> torch.Tensor:
-    """uint8 videos (B, T, H, W, 3): per video a random half-size (4..6 px) and a random start that keeps the
-    whole path inside the frame."""
+    """uint8 videos (B, T, H, W, 3): per video a random half-size (6..8 px) and a path whose midpoint lies
+    within 3 px of the frame's centre, so the whole path stays inside the frame."""
     b = len(colors)
-    r = 4 + 2 * torch.rand(b, generator=generator)
+    r = 6 + 2 * torch.rand(b, generator=generator)
     travel = SPEED * (frames - 1)
     d = torch.tensor([DIRECTIONS[k] for k in directions], dtype=torch.float)  # (B, 2)
-    lo = r[:, None] + 1 + travel * (d < 0)  # the start leaves room for the path
-    hi = size - 1 - r[:, None] - 1 - travel * (d > 0)
-    start = lo + (hi - lo).clamp(min=0) * torch.rand(b, 2, generator=generator)
+    mid = size / 2 + 3.0 * (2 * torch.rand(b, 2, generator=generator) - 1)
+    start = mid - travel / 2 * d
     t = torch.arange(frames, dtype=torch.float)
     centre = start[:, None] + SPEED * t[None, :, None] * d[:, None]  # (B, T, 2)
     py, px = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
@@ -118,10 +120,9 @@ def render(colors: list[str], shapes: list[str], directions: list[str], generato
 # ----------------------------------------------------------------------------------------------------------
 # The shape judge: what a person would name in a video, computed from pixels (not from any model)
 
-# Area of each shape's render at half-size r (coverage() above): pi r^2; a square of side 1.7 r; a triangle of
-# base 2 r and height 2 r, whose centroid sits 2/15 r below the centre coverage() takes.
-SHAPE_AREA = {"circle": math.pi, "square": 1.7 ** 2, "triangle": 2.0}
-CENTROID_DY = {"circle": 0.0, "square": 0.0, "triangle": 2 / 15}
+# Area and perimeter of each shape's render at half-size r (coverage() above), in r^2 and r.
+SHAPE_AREA = {"circle": math.pi, "bar": 4 * BAR[0] * BAR[1], "pole": 4 * BAR[0] * BAR[1]}
+SHAPE_PERIMETER = {"circle": 2 * math.pi, "bar": 4 * (BAR[0] + BAR[1]), "pole": 4 * (BAR[0] + BAR[1])}
 
 
 def components(mask: torch.Tensor) -> torch.Tensor:
@@ -142,8 +143,8 @@ def judge(videos: torch.Tensor, min_share: float = 0.9, min_frames: float = 0.75
 
     A pixel is the object's if it is more than 60 (RGB distance) from the background, two fifths of the way to
     the world's colour closest to it (green, 153 away). A frame is coherent if its largest 8-connected piece holds >= min_share of those
-    pixels and at least 12 of them; the piece's shape is the template (circle, square, triangle of the same area
-    and centroid) it overlaps best (IoU). A video is coherent if >= min_frames of its frames are; its shape is the
+    pixels and at least 12 of them; the piece's shape is the template (circle, bar, pole of the same area and
+    centroid) it overlaps best (IoU). A video is coherent if >= min_frames of its frames are; its shape is the
     most frequent one over its coherent frames and its colour the world's colour nearest the piece's mean colour.
     """
     B, T, H, W, _ = videos.shape
@@ -168,7 +169,7 @@ def judge(videos: torch.Tensor, min_share: float = 0.9, min_frames: float = 0.75
             iou = {}
             for s in SHAPES:
                 r = torch.tensor(math.sqrt(area / SHAPE_AREA[s]))
-                template = coverage(s, px, py, cx, cy - CENTROID_DY[s] * r, r) > 0.5
+                template = coverage(s, px, py, cx, cy, r) > 0.5
                 iou[s] = (template & piece).sum().item() / max((template | piece).sum().item(), 1)
             shapes.append(max(iou, key=iou.get))
             colours.append(x[b, t][piece].mean(0))
@@ -203,7 +204,16 @@ def to_latents(videos: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Pretraining: Open-Sora's own objective (rectified flow, logit-normal t) on rendered videos
+# Pretraining: Open-Sora's own objective (rectified flow) on rendered videos, with more high-noise steps
+
+
+def pretraining_timesteps(b: int, generator: torch.Generator) -> torch.Tensor:
+    """Half the batch at Open-Sora's logit-normal t, half uniform on the noisiest fifth, t in [800, 1000].
+    The high-noise steps decide whether a sample holds one object or scattered 4x4-patch pieces, and the
+    logit-normal alone puts only 1.4% of training at t >= 900 (README, "The toy world")."""
+    t = osr.training_timesteps(b, generator)
+    high = 800 + 200 * torch.rand(b, generator=generator)
+    return torch.where(torch.arange(b) % 2 == 1, high, t)
 
 
 def pretrain(steps: int, batch_size: int, lr: float, out: str, seed: int = 0, drop_caption: float = 0.1,
@@ -229,7 +239,7 @@ def pretrain(steps: int, batch_size: int, lr: float, out: str, seed: int = 0, dr
         drop = torch.rand(batch_size, generator=gen) < drop_caption  # so classifier-free guidance has a null
         y = torch.where(drop[:, None, None, None], null[None, None].to(y), y)
         noise = torch.randn(x0.shape, generator=gen)
-        t = model.training_timesteps(batch_size, gen)
+        t = pretraining_timesteps(batch_size, gen)
         loss = model.errors(net, x0, noise, t, y, mask).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()

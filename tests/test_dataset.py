@@ -47,7 +47,7 @@ def write_toy_dataset(folder, bad: bool = True) -> str:
         (folder / "p" / "broken.mp4").write_bytes(b"not an mp4 at all")
         write_video(str(folder / "p" / "short.mp4"), videos[0][:3], toy.FPS)
         rows += ["broken,http://x,PT00H00M01S,p,a red circle moving up",
-                 "short,http://x,PT00H00M01S,p,a blue square moving left"]
+                 "short,http://x,PT00H00M01S,p,a blue bar moving left"]
     (folder / "webvid.csv").write_text("\n".join(rows) + "\n")
     return str(folder / "webvid.csv")
 

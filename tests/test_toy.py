@@ -11,7 +11,7 @@ from model import UserError, build_model
 from reward import ToyReward
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROMPTS = ["a red circle moving left", "a blue square moving up", "a yellow triangle moving right",
+PROMPTS = ["a red circle moving left", "a blue bar moving up", "a yellow pole moving right",
            "a white circle moving down"]
 
 
@@ -52,7 +52,7 @@ def test_flicker_lowers_temporal_consistency():
 def test_what_the_prompt_names_is_what_is_judged():
     v = clean_videos()
     good = scores(v)
-    wrong = scores(v, ["a green circle moving right", "a red square moving down", "a blue triangle moving left",
+    wrong = scores(v, ["a green circle moving right", "a red bar moving down", "a blue pole moving left",
                        "a yellow circle moving up"])
     assert (wrong["color_alignment"] < good["color_alignment"] - 0.4).all()
     assert (wrong["direction_alignment"] < 0.1).all()  # every path is the opposite of the named one
@@ -108,7 +108,7 @@ def test_judge_names_every_clean_render_and_survives_grain():
 
 def test_judge_tells_the_three_shapes_apart_at_every_size():
     for shape in toy.SHAPES:
-        for r in (4.0, 5.0, 6.0):
+        for r in (6.0, 7.0, 8.0):
             py, px = torch.meshgrid(torch.arange(32) + 0.5, torch.arange(32) + 0.5, indexing="ij")
             a = toy.coverage(shape, px, py, torch.tensor(15.3), torch.tensor(16.6), torch.tensor(r))[..., None]
             frame = torch.tensor(toy.BACKGROUND) * (1 - a) + torch.tensor(toy.COLORS["green"]) * a
