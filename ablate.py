@@ -11,6 +11,7 @@ table reports the toy reward of those videos and the shape judge's verdicts (toy
 seeds, next to the untrained model's.
 """
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -72,6 +73,27 @@ def run_one(name: str, seed: int, args, model, reward, prompts: list[str]) -> di
     return cached_eval(os.path.join(out, "eval.json"), model, reward, prompts, policy)
 
 
+def check_weights(out: str, weights: str = os.path.join(toy.TOY_DIR, "model.safetensors")) -> None:
+    """Every run in --out starts from the same toy weights, so the folder records their sha256 on first use
+    (toy_weights.sha256), and a folder of runs from other weights (an older toy world) stops with one line
+    instead of mixing their cached results into the table."""
+    with open(weights, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    stamp = os.path.join(out, "toy_weights.sha256")
+    if os.path.isfile(stamp):
+        with open(stamp) as f:
+            if f.read().strip() != digest:
+                raise UserError(f"{out} holds runs from other toy weights than {weights}; remove it or pass another --out")
+    elif os.path.isdir(out) and os.listdir(out):
+        raise UserError(f"{out} holds runs that do not record their toy weights (toy_weights.sha256, from an older "
+                        "ablate.py); remove it or pass another --out")
+    else:
+        os.makedirs(out, exist_ok=True)
+        with open(stamp + ".tmp", "w") as f:  # parallel sweeps may start together: write whole, then rename
+            f.write(digest + "\n")
+        os.replace(stamp + ".tmp", stamp)
+
+
 def cached_eval(path: str, model, reward, prompts: list[str], policy: str | None) -> dict:
     if os.path.isfile(path):
         with open(path) as f:
@@ -113,6 +135,7 @@ def main(argv=None):
         unknown = [r for r in args.runs if r not in RUNS]
         if unknown:
             raise UserError(f"unknown run {unknown[0]!r}; choose from {', '.join(RUNS)}")
+        check_weights(args.out)
         reward = build_reward("toy")
         model = build_model("toy")
         model.sample_steps = args.sample_steps

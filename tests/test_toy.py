@@ -128,3 +128,20 @@ def test_judge_rejects_a_shape_in_pieces_and_an_empty_video():
     empty = torch.tensor(toy.BACKGROUND, dtype=torch.uint8).expand(1, 8, 32, 32, 3)
     assert toy.judge(empty) == [{"shape": None, "color": None, "coherent": False}]
 
+
+
+def test_ablation_folder_of_other_toy_weights_stops_with_one_line(tmp_path):
+    import ablate
+
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"old toy world")
+    out = tmp_path / "ablation"
+    ablate.check_weights(str(out), str(weights))  # first use records the weights
+    ablate.check_weights(str(out), str(weights))  # and the same weights pass again
+    weights.write_bytes(b"new toy world")
+    with pytest.raises(UserError, match="other toy weights"):
+        ablate.check_weights(str(out), str(weights))
+    legacy = tmp_path / "legacy"
+    (legacy / "online-K5-seed0").mkdir(parents=True)  # runs cached by an ablate.py that recorded nothing
+    with pytest.raises(UserError, match="do not record their toy weights"):
+        ablate.check_weights(str(legacy), str(weights))
