@@ -145,3 +145,11 @@ def test_ablation_folder_of_other_toy_weights_stops_with_one_line(tmp_path):
     (legacy / "online-K5-seed0").mkdir(parents=True)  # runs cached by an ablate.py that recorded nothing
     with pytest.raises(UserError, match="do not record their toy weights"):
         ablate.check_weights(str(legacy), str(weights))
+
+
+def test_sharpness_uses_the_named_shapes_perimeter():
+    # a long bar has more edge than a disc of its area: judged by a disc's perimeter it would score 0.82-0.86
+    for shape in toy.SHAPES:
+        v = toy.render(["red"] * 20, [shape] * 20, ["left"] * 20, torch.Generator().manual_seed(0))
+        vq = scores(v, [f"a red {shape} moving left"] * 20)["visual_quality"]
+        assert vq.mean() >= 0.9, (shape, vq.mean())  # measured: circle 1.00, bar 0.975, pole 0.964
