@@ -42,6 +42,9 @@ RUNS = {
     "dense": ["--method", "dense", "--k", "5", "--n", "4"],
     # DenseDPO's data-efficiency claim: dense with a third of its labelled pairs (about as many as online-K5 has)
     "dense-third": ["--method", "dense", "--k", "5", "--n", "4", "--label-fraction", "0.333"],
+    # a weighted mix (reward.mix): temporal consistency plus dynamic degree, each scaled by its within-prompt spread
+    "online-mix": ["--method", "online", "--k", "5", "--n", "4", "--reward-dim",
+                   "temporal_consistency=1,dynamic_degree=1"],
 }
 
 

@@ -82,11 +82,14 @@ def refl_backward(run: Run, counters: list[int], sync: bool = True):
             x0 = model.predict_x0(run.net, z, t, prompts)
             videos = model.decode_float(x0, args.refl_latent_frames)
         with run.clock("reward"):
-            r = pick(run.reward.score_float(videos, prompts), run.dim).float()
+            scores = run.reward.score_float(videos, prompts)
+            r = pick(scores, run.dim).float()
             loss = -r.mean()
             (loss * len(prompts) * parallel.WORLD / args.batch_size).backward()  # a NaN skips the step everywhere
     run.log["loss"] += [loss.item()] * len(prompts)
     run.log["reward_mean"] += r.tolist()
+    for d, v in scores.items():
+        run.log[f"reward/{d}"] += v.tolist()
     run.pairs += len(prompts)
     run.finite = run.finite and bool(torch.isfinite(loss))
 

@@ -27,8 +27,8 @@ import torch  # noqa: E402  (inputs first: Ctrl-C during this slow import is one
 import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from reward import (CLIP_MEAN, CLIP_STD, REWARDS, AestheticReward, PixelReward, build_reward, read_video,
-                    vbench_preprocess)
+from reward import (CLIP_MEAN, CLIP_STD, REWARDS, AestheticReward, PixelReward, build_reward, parse_dim, pick,
+                    read_video, reward_names, vbench_preprocess)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -255,6 +255,18 @@ def summarise(videos: dict) -> dict:
     return summary
 
 
+def add_reward_mix(videos: dict, spec: str, dims: list[str]):
+    """Each video's --reward-dim score (reward.pick: one dimension, global, or a weighted mix), in rows['reward_mix'].
+    A mix divides each dimension by its spread among the videos of one prompt, pooled over this folder's prompts,
+    so its values compare videos within this folder, not across folders (compare the dimensions for that)."""
+    rows = list(videos.values())
+    ids = {p: i for i, p in enumerate(dict.fromkeys(r["prompt"] for r in rows))}
+    scores = {d: torch.tensor([r[d.replace(":", ".", 1)] for r in rows], dtype=torch.float64) for d in dims}
+    mixed = pick(scores, spec, group=torch.tensor([ids[r["prompt"]] for r in rows]))
+    for r, v in zip(rows, mixed.tolist()):
+        r["reward_mix"] = v
+
+
 def evaluate(video_dir: str, args) -> dict:
     if not os.path.isdir(video_dir):
         raise UserError(f"{video_dir!r} is not a folder")
@@ -265,13 +277,19 @@ def evaluate(video_dir: str, args) -> dict:
         raise UserError("--vbench needs the official package: pip install vbench (see github.com/Vchitect/VBench)")
     only = load_full_info(args.full_info) if args.full_info else None
     metrics = build_metrics(args)
-    specs = dict(spec.partition("=")[::2] for spec in args.reward)  # NAME or NAME=PATH (train.py's --reward-path)
-    unknown = [name for name in specs if name not in REWARDS]
-    if unknown:
-        raise UserError(f"unknown reward {unknown[0]!r}; choose one of {', '.join(REWARDS)}")
+    # NAME, NAME=PATH (train.py's --reward-path) or NAME,NAME (train.py's mixture)
+    specs = dict(one.partition("=")[::2] for spec in args.reward for one in (spec.split(",") if "=" not in spec
+                                                                              else [spec]))
+    for name in specs:
+        reward_names(name)
     rewards = {name: try_load(f"reward {name}", lambda: build_reward(name, device=args.device, path=path or None))
                for name, path in specs.items()}
     rewards = {name: r for name, r in rewards.items() if r is not None}
+    dims = [f"{name}:{d}" for name, r in rewards.items() for d in r.dims]
+    if args.reward_dim:
+        if not dims:
+            raise UserError("--reward-dim needs --reward")
+        parse_dim(args.reward_dim, dims)  # before scoring
     videos, skipped = {}, {}
     for path in tqdm(paths, desc="evaluate", dynamic_ncols=True):
         name = os.path.basename(path)
@@ -292,10 +310,12 @@ def evaluate(video_dir: str, args) -> dict:
         videos[name] = row
     if not videos:
         raise UserError(f"none of the {len(paths)} videos in {video_dir!r} could be read")
+    if args.reward_dim:
+        add_reward_mix(videos, args.reward_dim, dims)
     summary = summarise(videos)
     result = {"name": args.name or os.path.basename(os.path.normpath(video_dir)), "video_dir": video_dir,
               "summary": summary, "sources": dict.fromkeys(summary, "evaluate.py"), "videos": videos,
-              "skipped": skipped, "full_info": args.full_info,
+              "skipped": skipped, "full_info": args.full_info, "reward_dim": args.reward_dim,
               "models": {"dino": args.dino, "clip": args.clip, "aesthetic_clip": args.aesthetic_clip,
                          "aesthetic_head": args.aesthetic_head}}
     if args.vbench:
@@ -517,7 +537,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--name", default=None, help="model name in tables (default: the folder's name)")
     p.add_argument("--metrics", default=None, help=f"comma list, default all: {', '.join([*VBENCH_QUALITY, *PROXIES])}")
     p.add_argument("--reward", action="append", default=[], metavar="NAME[=PATH]", help="also score each video "
-                   f"with a reward.py reward ({', '.join(REWARDS)}), its weights at PATH if given; repeatable")
+                   f"with a reward.py reward ({', '.join(REWARDS)}), its weights at PATH if given; repeatable, or "
+                   "several names joined by commas")
+    p.add_argument("--reward-dim", default=None, help="also each video's score under train.py's --reward-dim "
+                   "(column reward_mix), dimensions named reward:dim, e.g. toy:temporal_consistency=1,"
+                   "toy:dynamic_degree=1")
     p.add_argument("--dino", default="facebook/dino-vitb16", help="DINO ViT-B/16: Hub id or folder")
     p.add_argument("--clip", default="openai/clip-vit-base-patch32", help="CLIP ViT-B/32 (background consistency)")
     p.add_argument("--aesthetic-clip", default="openai/clip-vit-large-patch14", help="CLIP ViT-L/14 (aesthetic)")

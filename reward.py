@@ -2,7 +2,9 @@
 
 videos are uint8 (B, T, H, W, 3), prompts plain strings. Every reward lists its `dims` and a `default_dim`
 (the one the paper found best, temporal consistency, Table 4b). `REWARDS` maps a `--reward` name to a
-constructor; `--reward-dim global` is the mean over all dimensions.
+constructor; `--reward a,b` puts several behind one call (`Mixture`, dimensions named `a:dim`). `--reward-dim`
+names what a preference is built on (`pick`): one dimension, `global` (the mean of all dimensions, Table 4b), or
+a weighted mix `a:dim=1,b:dim=0.5` of dimensions made commensurable (`mix`).
 """
 import argparse
 import functools
@@ -10,7 +12,7 @@ import json
 import math
 import os
 
-from inputs import UserError, command, read_json, read_text, resolve
+from inputs import UserError, command, read_json, read_text, resolve, writable_file, write_atomically
 
 import numpy as np  # noqa: E402  (inputs first: Ctrl-C during these slow imports is one line too)
 import torch  # noqa: E402
@@ -130,19 +132,126 @@ def check_videos(videos: torch.Tensor, prompts: list[str]):
 REWARDS = {"toy": ToyReward, "pixel": PixelReward}
 
 
-def build_reward(name: str, **kwargs):
-    if name not in REWARDS:
-        raise UserError(f"unknown reward {name!r}; choose one of {', '.join(REWARDS)}")
-    return REWARDS[name](**kwargs)
+def reward_names(name: str) -> list[str]:
+    """--reward's comma-separated names, each checked (before minutes of loading)."""
+    names = name.split(",")
+    unknown = [n for n in names if n not in REWARDS]
+    if unknown:
+        raise UserError(f"unknown reward {unknown[0]!r}; choose one of {', '.join(REWARDS)} (or several: a,b)")
+    if len(set(names)) != len(names):
+        raise UserError(f"--reward {name!r} names a reward twice")
+    return names
 
 
-def pick(scores: dict[str, torch.Tensor], dim: str) -> torch.Tensor:
-    """The dimension the preference is built on; 'global' is the mean of all dimensions (paper Table 4b)."""
-    if dim == "global":
+def build_reward(name: str, path: str | None = None, **kwargs):
+    """`name` is one reward of REWARDS, or several joined by commas (a Mixture); `path` their weights in the same
+    comma-separated order (an empty entry: that reward's default)."""
+    names = reward_names(name)
+    paths = path.split(",") if path else [""] * len(names)
+    if len(paths) != len(names):
+        raise UserError(f"--reward-path gives {len(paths)} paths for {len(names)} rewards: one per reward, comma-"
+                        "separated, empty for a reward's default")
+    built = {n: REWARDS[n](path=p or None, **kwargs) for n, p in zip(names, paths)}
+    return built[name] if len(names) == 1 else Mixture(built)
+
+
+class Mixture:
+    """Several rewards behind one call: the videos go to each in turn; dimensions are named `reward:dim`. The
+    default dimension is the first reward's."""
+
+    def __init__(self, rewards: dict):
+        self.rewards = rewards
+        self.dims = [f"{n}:{d}" for n, r in rewards.items() for d in r.dims]
+        first = next(iter(rewards))
+        self.default_dim = f"{first}:{rewards[first].default_dim}"
+        if all(hasattr(r, "score_float") for r in rewards.values()):
+            self.score_float = self._score_float  # ReFL needs every component differentiable
+
+    def score(self, videos: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+        return {f"{n}:{d}": s for n, r in self.rewards.items() for d, s in r.score(videos, prompts).items()}
+
+    def _score_float(self, x: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+        return {f"{n}:{d}": s for n, r in self.rewards.items() for d, s in r.score_float(x, prompts).items()}
+
+
+def parse_dim(spec: str, dims: list[str]) -> str | dict[str, float]:
+    """--reward-dim: 'global', one dimension (its raw score), or a weighted mix 'a=1,b=0.5' ('a,b': weights 1),
+    returned as {dimension: weight}. In a Mixture a dimension may drop its 'reward:' prefix where no other reward
+    has a dimension of that name."""
+    if spec == "global":
+        return spec
+
+    def resolve(name: str) -> str:
+        if name in dims:
+            return name
+        matches = [d for d in dims if d.partition(":")[2] == name]
+        if len(matches) == 1:
+            return matches[0]
+        hint = f"it is ambiguous: {', '.join(matches)}" if matches else f"choose one of {', '.join(dims)}, global"
+        raise UserError(f"unknown reward dimension {name!r}; {hint}")
+
+    if "=" not in spec and "," not in spec:
+        return resolve(spec)
+    weights = {}
+    for term in spec.split(","):
+        name, eq, w = (part.strip() for part in term.partition("="))
+        try:
+            weight = float(w) if eq else 1.0
+        except ValueError:
+            raise UserError(f"--reward-dim {term!r}: the weight must be a number (dimension=weight)") from None
+        if not math.isfinite(weight) or weight == 0:
+            raise UserError(f"--reward-dim {term!r}: the weight must be a finite non-zero number")
+        if resolve(name) in weights:
+            raise UserError(f"--reward-dim names {name!r} twice")
+        weights[resolve(name)] = weight
+    return weights
+
+
+def pick(scores: dict[str, torch.Tensor], dim: str, group: "int | torch.Tensor | None" = None) -> torch.Tensor:
+    """The score the preference is built on (--reward-dim, parse_dim): one dimension as the reward gives it;
+    'global' the plain mean of all dimensions (paper Table 4b); a weighted mix through `mix`, whose scale needs the
+    candidates' grouping by prompt (`group`, see within_prompt_std)."""
+    spec = parse_dim(dim, list(scores))
+    if spec == "global":
         return torch.stack(list(scores.values())).mean(0)
-    if dim not in scores:
-        raise UserError(f"unknown reward dimension {dim!r}; choose one of {', '.join(scores)}, global")
-    return scores[dim]
+    if isinstance(spec, str):
+        return scores[spec]
+    return mix(scores, spec, group)
+
+
+def within_prompt_std(s: torch.Tensor, group: "int | torch.Tensor | None") -> torch.Tensor:
+    """How far apart one dimension places the candidates of one prompt: the standard deviation of each score from
+    its prompt's mean, pooled over the prompts. `group`: each `group` consecutive scores are one prompt's, or a
+    tensor of prompt ids, one per score. Without groups (None, or every prompt scored once) the plain standard
+    deviation over all the scores."""
+    if isinstance(group, int):
+        group = torch.arange(len(s), device=s.device) // group
+    _, ids = torch.unique(group if group is not None else torch.arange(len(s)), return_inverse=True)
+    ids = ids.to(s.device)
+    count = torch.zeros(int(ids.max()) + 1, dtype=s.dtype, device=s.device).index_add_(0, ids, torch.ones_like(s))
+    dof = len(s) - len(count)
+    if dof == 0:
+        return s.std() if len(s) > 1 else s.new_zeros(())
+    mean = torch.zeros_like(count).index_add_(0, ids, s) / count
+    return ((s - mean[ids]) ** 2).sum().div(dof).sqrt()
+
+
+def mix(scores: dict[str, torch.Tensor], weights: dict[str, float], group: "int | torch.Tensor | None") -> torch.Tensor:
+    """sum_d w_d s_d / sigma_d with sigma_d the within_prompt_std of dimension d over the scores at hand (the
+    step's batch in training, the folder or manifest in evaluation). A pair is chosen by ranking one prompt's
+    candidates, so what makes dimensions commensurable is how far apart each places the candidates of ONE prompt,
+    not its range across prompts: after the division a weight of 1 is one typical within-prompt difference on any
+    reward's scale, and scaling or shifting a reward does not change which candidate wins. A dimension that does not vary among the
+    candidates (sigma_d = 0) cannot rank them and contributes 0. The result is in within-prompt standard
+    deviations (so is --min-gap for a mix). Differentiable in the scores (ReFL); sigma_d is a constant."""
+    first = next(iter(scores.values()))
+    total = torch.zeros(len(first), dtype=torch.float64, device=first.device)
+    for d, w in weights.items():
+        s = scores[d].double()
+        sigma = within_prompt_std(s.detach(), group)
+        if sigma > 1e-9 * (1 + s.detach().abs().max()):
+            total = total + w * s / sigma
+    return total.float()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -513,11 +622,28 @@ def score_files(reward, paths: list[str], prompt: str) -> dict[str, torch.Tensor
     return {d: torch.cat([e[d] for e in each]) for d in each[0]}
 
 
-def run_agreement(manifest: str, reward) -> dict:
+def run_agreement(manifest: str, reward, dim: str | None = None) -> dict:
+    """Agreement of every dimension, of `global`, and of --reward-dim `dim` if given (a mix is scaled by the
+    spread within the manifest's groups, pooled over all of them, as in training)."""
     groups = read_manifest(manifest)
+    if dim is not None:
+        parse_dim(dim, reward.dims)  # before minutes of scoring
     per_group = [score_files(reward, g["videos"], g["prompt"]) for g in groups]
     best = [g["best"] for g in groups]
-    return {dim: agreement([pick(s, dim).tolist() for s in per_group], best) for dim in reward.dims + ["global"]}
+    result = {d: agreement([pick(s, d).tolist() for s in per_group], best) for d in reward.dims + ["global"]}
+    if dim is not None and dim not in result:
+        ids = torch.cat([torch.full((len(g["videos"]),), i) for i, g in enumerate(groups)])
+        joined = pick({d: torch.cat([s[d] for s in per_group]) for d in reward.dims}, dim, group=ids)
+        result[dim] = agreement(list(joined.split([len(g["videos"]) for g in groups])), best)
+    return result
+
+
+def agreement_table(result: dict) -> str:
+    """Paper Table 2's layout: a row per reward dimension (and global, and a mix), MRR and Recall@k."""
+    cols = list(next(iter(result.values())))
+    head = "| reward | " + " | ".join(c.replace("mrr", "MRR").replace("recall@", "Recall@") for c in cols) + " |"
+    rows = [f"| {d} | " + " | ".join(f"{v[c]:.3f}" for c in cols) + " |" for d, v in result.items()]
+    return "\n".join([head, "|" + "---|" * (len(cols) + 1), *rows])
 
 
 @command()
@@ -527,20 +653,29 @@ def main(argv=None):
     p.add_argument("command", choices=["score", "agreement"])
     p.add_argument("paths", nargs="+", help="score: video files; agreement: one manifest JSON")
     p.add_argument("--prompt", default="", help="score: the text prompt of the videos")
-    p.add_argument("--reward", default="videoscore", help=f"one of {', '.join(REWARDS)}")
-    p.add_argument("--reward-path", default=None, help="local folder or Hub id of the reward's weights")
+    p.add_argument("--reward", default="videoscore", help=f"one of {', '.join(REWARDS)}, or several: a,b")
+    p.add_argument("--reward-dim", default=None, help="agreement: also a weighted mix of dimensions, as train.py's "
+                   "(e.g. videoscore:temporal_consistency=1,aesthetic=0.5)")
+    p.add_argument("--reward-path", default=None, help="local folder or Hub id of the reward's weights (several "
+                   "rewards: comma-separated, in --reward's order)")
     p.add_argument("--reward-batch", type=int, default=4, help="videos per reward forward")
+    p.add_argument("--out", default=None, help="also write the result as JSON to this file")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     if args.command == "agreement" and len(args.paths) != 1:
         raise UserError("agreement takes one manifest file")
+    if args.out:
+        writable_file(args.out, "--out")
     reward = build_reward(args.reward, device=args.device, path=args.reward_path, batch_size=args.reward_batch)
     if args.command == "agreement":
-        result = run_agreement(args.paths[0], reward)
+        result = run_agreement(args.paths[0], reward, args.reward_dim)
+        print(agreement_table(result))
     else:
         scores = [score_files(reward, [path], args.prompt) for path in args.paths]
         result = {path: {d: round(v.item(), 4) for d, v in s.items()} for path, s in zip(args.paths, scores)}
-    print(json.dumps(result, indent=1))
+        print(json.dumps(result, indent=1))
+    if args.out:
+        write_atomically(args.out, [json.dumps(result, indent=1)])
     return result
 
 

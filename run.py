@@ -30,7 +30,7 @@ import lora
 import parallel
 from inputs import (UserError, check_safetensors, default_prompts, load_prompts, read_json, read_metrics, stream_seed,
                     video_names, writable_dir, write_atomically)
-from reward import REWARDS, build_reward
+from reward import REWARDS, build_reward, parse_dim, reward_names
 from sample import add_model_args, check_model_args, model_from_args, sample_videos, write_video
 
 METHOD_NAMES = {"online": "OnlineVPO", "offline": "offline DPO", "refl": "ReFL", "dense": "DenseDPO",
@@ -90,12 +90,14 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
     g.add_argument("--merge-lora", action="store_true", help="checkpoints also hold the merged full weights "
                    "(model.safetensors, loadable as --dit without peft)")
     g = p.add_argument_group("rewards")
-    g.add_argument("--reward", default=None, help=f"video reward: {', '.join(REWARDS)} (default: toy for the toy "
-                   "model, pixel for tiny, videoscore otherwise)")
-    g.add_argument("--reward-dim", default=None, help="reward dimension the pairs are built on; 'global' = mean "
-                   "of all (default: the reward's temporal consistency, paper Table 4b)")
-    g.add_argument("--reward-path", default=None, help="local folder or Hub id of the reward's weights "
-                   "(default: the reward's own Hub id)")
+    g.add_argument("--reward", default=None, help=f"video reward: {', '.join(REWARDS)}, or several joined by "
+                   "commas, their dimensions then named reward:dim (default: toy for the toy model, pixel for tiny, "
+                   "videoscore otherwise)")
+    g.add_argument("--reward-dim", default=None, help="what the pairs are built on: one dimension; 'global' = mean "
+                   "of all; or a weighted mix, e.g. temporal_consistency=1,dynamic_degree=0.5, each dimension divided "
+                   "by its within-prompt standard deviation (default: the reward's temporal consistency, Table 4b)")
+    g.add_argument("--reward-path", default=None, help="local folder or Hub id of the reward's weights, comma-"
+                   "separated for several rewards (default: the reward's own Hub id)")
     g.add_argument("--reward-batch", type=int, default=4, help="videos per reward forward")
     add_model_args(p.add_argument_group("model and size"))
     # the defaults are right for one 80 GB GPU at the paper's setting (see README, bench.py)
@@ -135,8 +137,7 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
 
 def check_args(args):
     check_model_args(args)  # names and sizes first: loading a reward or a model takes minutes
-    if args.reward not in REWARDS:
-        raise UserError(f"unknown reward {args.reward!r}; choose one of {', '.join(REWARDS)}")
+    reward_names(args.reward)
     if args.n < 2 and args.method != "refl":
         raise UserError("--n must be at least 2: a preference pair needs two candidates")
     for name in ("batch_size", "sample_batch", "steps"):
@@ -506,9 +507,11 @@ class Run:
         self.reward = reward or build_reward(args.reward, device=args.device, path=args.reward_path,
                                              batch_size=args.reward_batch, offload=args.reward_offload)
         self.dim = args.reward_dim or self.reward.default_dim
-        if self.dim != "global" and self.dim not in self.reward.dims:
-            raise UserError(f"unknown reward dimension {self.dim!r}; choose one of {', '.join(self.reward.dims)}, "
-                            "global")
+        # a bad name or weight: one line now, not at the first score
+        if isinstance(parse_dim(self.dim, self.reward.dims), dict) and args.method == "refl":
+            raise UserError("--method refl maximises one score of single videos; a weighted --reward-dim is scaled by "
+                            "the spread among one prompt's N candidates, which ReFL does not sample: name one "
+                            "dimension or global")
         if args.method == "refl" and not hasattr(self.reward, "score_float"):
             raise UserError(f"--method refl needs a differentiable reward; {args.reward!r} is not")
         for part in vars(self.reward).values():  # the reward is a judge, never trained (ReFL's gradients stop at it)
@@ -619,7 +622,7 @@ class Run:
     # --- one step
     def new_step(self):
         """What the step accumulates on this rank: metric lists, phase seconds, pairs, ties, a NaN flag."""
-        self.log = {key: [] for key in LOG_KEYS}
+        self.log = {key: [] for key in LOG_KEYS + tuple(f"reward/{d}" for d in self.reward.dims)}
         self.times = dict.fromkeys(("sample", "decode", "reward", "train"), 0.0)
         self.pairs, self.ties, self.finite = 0, 0, True
 

@@ -38,11 +38,27 @@ def test_agreement_cli_on_a_synthetic_manifest(tmp_path, capsys):
     manifest = [{"prompt": "a ball", "videos": a, "best": a[0]},  # best by name
                 {"prompt": "a cube", "videos": b, "best": 1}]    # best by index: a flickering one
     (tmp_path / "m.json").write_text(json.dumps(manifest))
-    out = reward.main(["agreement", str(tmp_path / "m.json"), "--reward", "pixel", "--device", "cpu"])
-    assert json.loads(capsys.readouterr().out) == out
+    out = reward.main(["agreement", str(tmp_path / "m.json"), "--reward", "pixel", "--device", "cpu",
+                       "--out", str(tmp_path / "agreement.json")])
+    assert json.loads((tmp_path / "agreement.json").read_text()) == out
     tc = out["temporal_consistency"]  # static video: flicker score 1.0, ranked first; group b's pick is not
     assert tc["recall@1"] == 0.5 and tc["recall@4"] == 1.0 and 0.5 + 0.25 / 2 <= tc["mrr"] < 1.0
     assert set(out) == {"temporal_consistency", "colorfulness", "global"}
+    table = capsys.readouterr().out.splitlines()  # Table 2's layout: a row per reward dimension
+    assert table[0] == "| reward | MRR | Recall@1 | Recall@2 | Recall@4 |"
+    assert table[2] == f"| temporal_consistency | {tc['mrr']:.3f} | 0.500 | {tc['recall@2']:.3f} | 1.000 |"
+
+
+def test_agreement_of_a_mix_ranks_by_the_weighted_dimensions(tmp_path):
+    """A mix of two rewards' dimensions gets its own row; weighting one dimension far above the other gives that
+    dimension's agreement, whichever reward's scale it is on."""
+    a, b = write_group(tmp_path, "a", 3), write_group(tmp_path, "b", 2)
+    (tmp_path / "m.json").write_text(json.dumps([{"prompt": "a ball", "videos": a, "best": 0},
+                                                 {"prompt": "a cube", "videos": b, "best": 1}]))
+    spec = "pixel:temporal_consistency=1,toy:color_alignment=0.001"
+    out = reward.main(["agreement", str(tmp_path / "m.json"), "--reward", "pixel,toy", "--reward-dim", spec])
+    assert out[spec] == out["pixel:temporal_consistency"]
+    assert "toy:dynamic_degree" in out and "global" in out
 
 
 def test_bad_manifest_or_video_is_one_line(tmp_path):

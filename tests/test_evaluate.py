@@ -252,3 +252,24 @@ def test_dino_loads_with_dinos_eps_and_position_embedding_interpolation(tiny_mod
     # DINO samples output row r at (r + 0.5) * 14 / 20.1 - 0.5 (scale_factor (20 + 0.1) / 14); transformers at / 20
     assert grid[10, 7].item() == pytest.approx(bicubic_row(10.5 * 14 / 20.1 - 0.5), abs=1e-5)
     assert abs(grid[10, 7].item() - bicubic_row(10.5 * 14 / 20 - 0.5)) > 1e-2
+
+
+def test_reward_mix_column_ranks_each_prompts_videos_by_the_weighted_dimensions(tmp_path):
+    """--reward a,b --reward-dim as train.py's: per video, the mix; within one prompt it orders the videos as the
+    weighted dimensions do (here one dimension carries all but a sliver of the weight)."""
+    g = torch.Generator().manual_seed(1)
+    for prompt in ("a red circle moves left", "a blue bar moves up"):
+        for i, level in enumerate((0, 40, 120)):  # more flicker, lower temporal consistency
+            v = torch.full((T, H, W, 3), 100, dtype=torch.uint8)
+            v = (v.int() + torch.randint(0, level + 1, (T, H, W, 3), generator=g)).clamp(0, 255).to(torch.uint8)
+            sample.write_video(str(tmp_path / f"{prompt}-{i}.mp4"), v, fps=8)
+    out = tmp_path / "e.json"
+    evaluate.main([str(tmp_path), "--metrics", "temporal_flickering", "--reward", "pixel,toy", "--reward-dim",
+                   "pixel:temporal_consistency=1,toy:visual_quality=0.001", "--out", str(out)])
+    rows = json.loads(out.read_text())["videos"]
+    for prompt in ("a red circle moves left", "a blue bar moves up"):
+        mine = [rows[f"{prompt}-{i}.mp4"] for i in range(3)]
+        assert [r["reward_mix"] for r in mine] == sorted((r["reward_mix"] for r in mine), reverse=True)
+        assert "toy.dynamic_degree" in mine[0] and "pixel.colorfulness" in mine[0]
+    with pytest.raises(SystemExit, match="unknown reward dimension 'speed'"):
+        evaluate.main([str(tmp_path), "--metrics", "temporal_flickering", "--reward", "toy", "--reward-dim", "speed"])

@@ -106,3 +106,14 @@ def test_the_test_model_trains_without_any_reward_weights(tmp_path):
     train.main(["--model", "tiny", "--size", "16x16", "--frames", "4", "--sample-steps", "2", "--n", "2",
                 "--batch-size", "1", "--steps", "1", "--out", str(tmp_path)])
     assert metrics(tmp_path)[0]["reward_dim"] == "temporal_consistency"  # PixelReward's default dimension
+
+
+def test_a_weighted_mix_of_two_rewards_trains_and_logs_every_dimension(tmp_path):
+    """--reward a,b with a weighted --reward-dim: the pairs follow the mix, and each step's metrics hold the raw
+    mean of every dimension of both rewards."""
+    run(tmp_path, "--steps", "1", "--reward", "pixel,toy", "--reward-dim",
+        "pixel:temporal_consistency=1,dynamic_degree=0.5")
+    row = metrics(tmp_path)[0]
+    assert row["reward_dim"] == "pixel:temporal_consistency=1,dynamic_degree=0.5" and row["pairs"] + row["ties"] == 2
+    for d in ("pixel:temporal_consistency", "pixel:colorfulness", "toy:dynamic_degree", "toy:visual_quality"):
+        assert 0 <= row[f"reward/{d}"] <= 1
