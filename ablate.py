@@ -54,7 +54,7 @@ def evaluate_policy(model, reward, prompts: list[str], videos_per_prompt: int = 
     judge's verdicts (toy.judge): the share of videos showing the prompted shape as one object, and its colour."""
     totals, judged = {}, {"judged_shape": [], "judged_color": []}
     for prompt, videos in sample_videos(model, prompts, videos_per_prompt, seed):
-        for dim, s in reward.score(videos, [prompt] * len(videos)).items():
+        for dim, s in reward.score(videos, [prompt] * len(videos), model.fps).items():
             totals.setdefault(dim, []).extend(s.tolist())
         rates = toy.judge_rates(videos, [prompt] * len(videos))
         judged["judged_shape"].append(rates["shape"])

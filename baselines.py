@@ -82,7 +82,7 @@ def refl_backward(run: Run, counters: list[int], sync: bool = True):
             x0 = model.predict_x0(run.net, z, t, prompts)
             videos = model.decode_float(x0, args.refl_latent_frames)
         with run.clock("reward"):
-            scores = run.reward.score_float(videos, prompts)
+            scores = run.reward.score_float(videos, prompts, model.fps)
             r = pick(scores, run.dim).float()
             loss = -r.mean()
             (loss * len(prompts) * parallel.WORLD / args.batch_size).backward()  # a NaN skips the step everywhere

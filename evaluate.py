@@ -28,7 +28,7 @@ import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from reward import (CLIP_MEAN, CLIP_STD, REWARDS, AestheticReward, PixelReward, build_reward, parse_dim, pick,
-                    read_video, reward_names, vbench_preprocess)
+                    read_fps, read_video, reward_names, vbench_preprocess)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -49,10 +49,7 @@ FRAME_WEIGHTED = ("subject_consistency", "background_consistency")  # VBench: su
 def video_fps(path: str) -> float:
     """The frame rate in the file's header (8 if it names none). Frames come from reward.read_video (PyAV, all of
     them); VBench decodes with decord and OpenCV, which give identical frames on sample.py's H.264 files."""
-    import av
-
-    with av.open(path) as f:
-        return float(f.streams.video[0].average_rate or 8)
+    return read_fps(path)
 
 
 def prompt_of(file_name: str) -> str:
@@ -306,7 +303,7 @@ def evaluate(video_dir: str, args) -> dict:
             if only is None or row["prompt"] in only.get(PROXIES.get(m, m), ()):
                 row[m] = fn(frames, row["fps"])
         for r_name, r in rewards.items():
-            row.update({f"{r_name}.{d}": s.item() for d, s in r.score(frames[None], [row["prompt"]]).items()})
+            row.update({f"{r_name}.{d}": s.item() for d, s in r.score(frames[None], [row["prompt"]], row["fps"]).items()})
         videos[name] = row
     if not videos:
         raise UserError(f"none of the {len(paths)} videos in {video_dir!r} could be read")

@@ -57,7 +57,7 @@ def judged_pairs(run: Run, counters: list[int], prompts: list[str], latents: tor
         videos = run.model.decode(latents)
     with run.clock("reward"):  # Alg. 1 line 5: each segment's frames judged on their own
         each = [p for p in prompts for _ in range(n)]
-        per_segment = [run.reward.score(videos[:, lo:hi], each) for (lo, hi), _ in run.segments]
+        per_segment = [run.reward.score(videos[:, lo:hi], each, run.model.fps) for (lo, hi), _ in run.segments]
         scores = torch.stack([pick(s, run.dim, group=n) for s in per_segment], 1).view(len(prompts), n, -1)
     for d in run.reward.dims:  # every dimension's raw mean, whatever the pairs are built on
         run.log[f"reward/{d}"] += torch.stack([s[d] for s in per_segment]).mean(0).tolist()
