@@ -45,6 +45,8 @@ RUNS = {
     # a weighted mix (reward.mix): temporal consistency plus dynamic degree, each scaled by its within-prompt spread
     "online-mix": ["--method", "online", "--k", "5", "--n", "4", "--reward-dim",
                    "temporal_consistency=1,dynamic_degree=1"],
+    "online-mix-half": ["--method", "online", "--k", "5", "--n", "4", "--reward-dim",
+                        "temporal_consistency=1,dynamic_degree=0.5"],
 }
 
 

@@ -125,7 +125,7 @@ def test_steps_are_the_training_loops_own(monkeypatch):
 
 
 class TiedReward(rw.PixelReward):
-    def score(self, videos, prompts):
+    def score(self, videos, prompts, fps=None):
         return {d: torch.zeros(len(prompts)) for d in self.dims}
 
 

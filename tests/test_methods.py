@@ -60,10 +60,10 @@ class LinearReward:
         self.before = self.head.weight.detach().clone()
         LinearReward.instance = self
 
-    def score_float(self, x, prompts):
+    def score_float(self, x, prompts, fps=None):
         return {"score": self.head(x.mean((1, 2, 3)) / 255).squeeze(1)}
 
-    def score(self, videos, prompts):
+    def score(self, videos, prompts, fps=None):
         with torch.no_grad():
             return self.score_float(videos.float(), prompts)
 
@@ -89,7 +89,7 @@ class ScoreOnly:
     def __init__(self, **_):
         pass
 
-    def score(self, videos, prompts):
+    def score(self, videos, prompts, fps=None):
         return {"s": torch.zeros(len(prompts))}
 
 
