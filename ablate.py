@@ -1,12 +1,13 @@
 """The paper's comparisons, replayed in the toy world (toy.py) on a CPU: online vs offline DPO (Table 4d),
-ReFL (Table 4c), the reference-update period K and the candidate count N (Table 5), and DenseDPO's vanilla vs
-structural vs dense vs dense with a third of the labels, over several seeds.
+ReFL (Table 4c), the reference-update period K and the candidate count N (Table 5), DenseDPO's vanilla vs
+structural vs dense vs dense with a third of the labels, and a weighted mix of two reward dimensions, over
+several seeds.
 
     python ablate.py                                  # all runs below, 2 seeds: about 2 h of 2 shared CPU cores
     python ablate.py --runs online-K5 offline --seeds 2   # sweeps in parallel processes share --out
 
 Every run starts from the shipped toy weights and trains with the toy reward's temporal consistency (the
-paper's best dimension, Table 4b). Each final policy then samples every toy prompt with fixed seeds, and the
+paper's best dimension, Table 4b), or the online-mix runs with its weighted mix with dynamic degree. Each final policy then samples every toy prompt with fixed seeds, and the
 table reports the toy reward of those videos and the shape judge's verdicts (toy.judge) as mean +- std over
 seeds, next to the untrained model's.
 """

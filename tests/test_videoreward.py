@@ -111,6 +111,8 @@ def test_the_published_prompt_sampling_and_resize_rules():
     assert reward.videoreward_frames(24, 8.0, 2.0) == [0, 5, 9, 14, 18, 23]
     assert len(reward.videoreward_frames(24, 24.0, 2.0)) == 4  # at least 4
     assert len(reward.videoreward_frames(240, 24.0, 2.0)) == 20
+    with pytest.raises(UserError, match="needs at least 2 frames"):
+        reward.videoreward_frames(1, 8.0, 2.0)
     assert reward.qwen2vl_size(240, 320, 100352, 200704) == (280, 392)  # small videos are upscaled
     assert reward.qwen2vl_size(480, 832, 100352, 200704) == (336, 588)
 
