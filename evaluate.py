@@ -27,6 +27,7 @@ import torch  # noqa: E402  (inputs first: Ctrl-C during this slow import is one
 import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+import page  # noqa: E402
 from reward import (CLIP_MEAN, CLIP_STD, REWARDS, AestheticReward, PixelReward, build_reward, parse_dim, pick,
                     read_fps, read_video, reward_names, vbench_preprocess)
 
@@ -386,6 +387,12 @@ def chart(path: str, title: str, series: dict, xlabels: list[str] | None = None,
 
 
 def svg_chart(path, title, series, xlabels, vlines):
+    with open(path, "w") as f:
+        f.write(svg(title, series, xlabels, vlines))
+
+
+def svg(title: str, series: dict, xlabels: list[str] | None = None, vlines=()) -> str:
+    """The chart as SVG text (chart's arguments)."""
     W, H, L, R, T, B = 840, 380, 60, 250, 40, 70
     bars = xlabels is not None
     ys = [v for vals in series.values() for v in vals if v is not None] if bars else \
@@ -428,8 +435,7 @@ def svg_chart(path, title, series, xlabels, vlines):
         ticks = sorted({round(x0 + (x1 - x0) * i / 4) for i in range(5)})  # steps are integers
         out += [f'<text x="{X(x):.1f}" y="{H - B + 16}" text-anchor="middle">{x}</text>' for x in ticks]
         out.append(f'<text x="{(L + W - R) / 2}" y="{H - B + 34}" text-anchor="middle">optimizer step</text>')
-    with open(path, "w") as f:
-        f.write("\n".join(out + ["</svg>"]) + "\n")
+    return "\n".join(out + ["</svg>"]) + "\n"
 
 
 def esc(s) -> str:
@@ -485,13 +491,20 @@ def run_k(run_dir: str):
 
 
 def plot_reward_curve(run_dir: str, path: str):
+    """Paper Fig. 5 as a file (see reward_curve)."""
+    title, series, updates = reward_curve(run_dir)
+    writable_file(path, "--plot")  # here, not in main: the default path is inside a run folder known to exist now
+    chart(path, title, series, vlines=updates)
+    return updates
+
+
+def reward_curve(run_dir: str) -> tuple[str, dict, list[int]]:
     """Paper Fig. 5: mean / winner / loser reward of each optimizer step from train.py's metrics.jsonl; dashed lines
-    where the reference model was updated (every K steps)."""
+    where the reference model was updated (every K steps). Returns (title, series, update steps)."""
     metrics = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(metrics):
         raise UserError(f"{metrics} not found: --run takes a train.py output folder")
     rows = read_run_metrics(metrics)
-    writable_file(path, "--plot")  # here, not in main: the default path is inside a run folder known to exist now
     k = run_k(run_dir)
     number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
     series = {label: [(r["step"], r[key]) for r in rows if number(r.get(key))]
@@ -503,8 +516,7 @@ def plot_reward_curve(run_dir: str, path: str):
     counts = [0] + [r.get("ref_updates", 0) for r in rows]
     updates = [r["step"] for r, before in zip(rows, counts) if r.get("ref_updates", 0) > before]
     title = f"reward ({rows[-1].get('reward_dim', '?')}); dashed: reference update (K = {k})"
-    chart(path, title, series, vlines=updates)
-    return updates
+    return title, series, updates
 
 
 def plot_comparison(results: list[dict], path: str):
@@ -550,7 +562,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "package: 'standard' (its prompt suite, all dimensions) or 'custom' (any prompts, quality dims)")
     p.add_argument("--vbench-dims", default=None, help="comma list of dimensions for --vbench")
     p.add_argument("--compare", nargs="+", default=None, metavar="RESULTS", help="print a table of results JSONs")
-    p.add_argument("--run", default=None, help="a train.py output folder: plot its reward curve")
+    p.add_argument("--run", nargs="+", default=None, help="a train.py output folder: plot its reward curve (with "
+                   "--html: the curves of one or more runs on the page)")
+    p.add_argument("--html", default=None, metavar="OUT", help="also write one self-contained page: each prompt's "
+                   "videos of every compared run side by side, the metric table, the --run reward curves (page.py)")
+    p.add_argument("--study-html", default=None, metavar="OUT", help="with --compare A B: a blind study page, "
+                   "randomly ordered pairs of A's and B's videos of one prompt, one click per judgement (Fig. 4)")
+    p.add_argument("--seed", type=int, default=0, help="--study-html: the order and sides of the pairs")
+    p.add_argument("--study", nargs="+", default=None, metavar="RESULTS", help="results files saved by a study "
+                   "page (one per rater): the second run's win rate against the first, with a 95%% interval")
     p.add_argument("--plot", default=None, help="plot file (.svg, or .png with matplotlib)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args(argv)
@@ -567,13 +587,23 @@ def check_plot(path: str) -> str:
 @command()
 def main(argv=None):
     args = parse_args(argv)
-    if sum(x is not None for x in (args.video_dir, args.compare, args.run)) != 1:
-        raise UserError("give exactly one of VIDEO_DIR, --compare RESULTS..., --run RUN_DIR")
+    if args.study:
+        return print_study(args.study)
+    runs_only = args.run is not None and args.html is None
+    if sum(x is not None for x in (args.video_dir, args.compare)) + runs_only != 1:
+        raise UserError("give exactly one of VIDEO_DIR, --compare RESULTS..., --run RUN_DIR, --study RESULTS...")
+    if args.study_html and len(args.compare or []) != 2:
+        raise UserError("--study-html compares two runs: --compare A.json B.json")
+    for path in (args.html, args.study_html):
+        if path:
+            writable_file(path, "--html")  # before minutes of scoring
     if args.plot:
         check_plot(args.plot)
-    if args.run:
-        path = args.plot or os.path.join(args.run, "reward_curve.svg")
-        updates = plot_reward_curve(args.run, path)
+    if runs_only:
+        if len(args.run) != 1:
+            raise UserError("--run plots one run's reward curve (several go on an --html page)")
+        path = args.plot or os.path.join(args.run[0], "reward_curve.svg")
+        updates = plot_reward_curve(args.run[0], path)
         print(f"reward curve ({len(updates)} reference updates) -> {path}")
         return
     if args.compare:
@@ -592,6 +622,26 @@ def main(argv=None):
     if args.plot:
         plot_comparison(results, args.plot)
         print(f"plot -> {args.plot}")
+    if args.html:
+        curves = {}
+        for run_dir in args.run or []:
+            title, series, updates = reward_curve(run_dir)
+            curves[os.path.basename(os.path.normpath(run_dir))] = svg(title, series, vlines=updates)
+        write_atomically(args.html, [page.comparison_page(results, table(results), curves)])
+        print(f"page -> {args.html}")
+    if args.study_html:
+        write_atomically(args.study_html, [page.study_page(results[0], results[1], args.seed)])
+        print(f"study page ({len(page.study_pairs(results[0], results[1], args.seed)[1])} pairs) -> "
+              f"{args.study_html}")
+
+
+def print_study(paths: list[str]) -> dict:
+    """Fig. 4: the second run against the first over every rater's judgements."""
+    w = page.win_rate(page.read_study(paths))
+    print(f"{w['second']} vs {w['first']}: {w['wins']} wins, {w['ties']} ties, {w['losses']} losses in "
+          f"{w['judgements']} judgements; win rate {w['win_rate']:.3f} (95% CI {w['ci95'][0]:.3f}-{w['ci95'][1]:.3f}, "
+          "bootstrap over judgements; a tie counts half)")
+    return w
 
 
 if __name__ == "__main__":

@@ -1221,13 +1221,20 @@ def read_video(path: str) -> torch.Tensor:
 
 
 def read_manifest(path: str) -> list[dict]:
-    """A JSON list of groups {"prompt": str, "videos": [paths relative to the manifest], "best": path or index}."""
+    """A JSON list of groups {"prompt": str, "videos": [paths relative to the manifest], "best": path or index}, or
+    the results of an evaluate.py study (each decided pair a group of two)."""
     try:
         groups = json.loads(read_text(path, "manifest"))  # missing, binary or not UTF-8: one line from read_text
     except json.JSONDecodeError as e:
         raise UserError(f"cannot read manifest {path}: {e}") from None
+    if isinstance(groups, dict) and "judgements" in groups:  # an evaluate.py study's results (page.py)
+        import page
+
+        groups = page.study_manifest(page.read_study([path]))
+        if not groups:
+            raise UserError(f"{path}: every judgement of this study is a tie; no human choice to agree with")
     if not isinstance(groups, list) or not groups:
-        raise UserError(f"manifest {path} must be a non-empty JSON list of groups")
+        raise UserError(f"manifest {path} must be a non-empty JSON list of groups, or a study's results")
     root = os.path.dirname(os.path.abspath(path))
     out = []
     for i, g in enumerate(groups):

@@ -1,0 +1,72 @@
+"""The study page clicked through in a real headless Chromium: the saved JSON is what the clicks meant, and the
+videos play. Optional: it runs where Chromium, its driver and selenium are installed (README: Evaluation, the
+study), and is skipped elsewhere (CI):
+
+    apt-get install chromium chromium-driver && pip install selenium
+"""
+import glob
+import json
+import os
+import shutil
+import time
+
+import pytest
+
+import evaluate
+import page
+from test_page import make_run
+
+webdriver = pytest.importorskip("selenium.webdriver")
+CHROMIUM = os.environ.get("CHROMIUM", shutil.which("chromium") and "/usr/lib/chromium/chromium")
+DRIVER = os.environ.get("CHROMEDRIVER", shutil.which("chromedriver"))
+if not (CHROMIUM and os.path.exists(CHROMIUM) and DRIVER):
+    pytest.skip("needs Chromium and chromedriver (apt-get install chromium chromium-driver)", allow_module_level=True)
+
+
+@pytest.fixture
+def browser(tmp_path):
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1200,900",
+                 "--autoplay-policy=no-user-gesture-required"):
+        opts.add_argument(flag)
+    opts.add_experimental_option("prefs", {"download.default_directory": str(tmp_path / "downloads"),
+                                           "download.prompt_for_download": False})
+    drv = webdriver.Chrome(options=opts, service=Service(DRIVER))
+    yield drv
+    drv.quit()
+
+
+def test_clicking_through_a_study_saves_the_expected_judgements(tmp_path, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    runs = make_run(tmp_path / "before", 120), make_run(tmp_path / "after", 10)
+    evaluate.main(["--compare", *runs, "--study-html", str(tmp_path / "study.html"), "--seed", "7"])
+    study, pairs = page.study_pairs(*(json.load(open(r)) for r in runs), seed=7)
+    browser.get((tmp_path / "study.html").as_uri())
+    playing = "return [0, 1].every(i => { const v = document.getElementById('v' + i); " \
+              "return v.readyState >= 2 && v.videoWidth > 0; })"
+    clicks = ["left", "right", "tie", "left"]  # Video 1, Video 2, the same, Video 1
+    for i, button in enumerate(clicks):
+        WebDriverWait(browser, 15).until(lambda d: d.execute_script(playing))  # each pair's H.264 videos decode
+        assert browser.find_element(By.ID, "progress").text == f"Pair {i + 1} of {len(pairs)}"
+        assert browser.find_element(By.ID, "prompt").text == pairs[i]["prompt"]
+        browser.find_element(By.ID, button).click()
+    assert browser.find_element(By.ID, "done").is_displayed()
+    browser.find_element(By.ID, "save").click()
+    deadline, saved = time.time() + 15, []
+    while time.time() < deadline and not saved:
+        saved = glob.glob(str(tmp_path / "downloads" / "study-*.json"))
+        time.sleep(0.1)
+    assert saved, "the page saved no results file"
+    results = json.load(open(saved[0]))
+    assert results["study"] == study and results["runs"] == ["before", "after"]
+    assert [(j["pair"], j["choice"], j["runs"], j["videos"]) for j in results["judgements"]] == \
+        [(i, c, p["runs"], p["videos"]) for i, (c, p) in enumerate(zip(clicks, pairs))]
+    w = evaluate.main(["--study", saved[0]])  # the same file gives the win rate
+    winners = [p["runs"][0 if c == "left" else 1] for c, p in zip(clicks, pairs) if c != "tie"]
+    assert (w["wins"], w["ties"]) == (winners.count("after"), 1)
+    browser.save_screenshot(str(tmp_path / "study.png"))
