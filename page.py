@@ -21,7 +21,7 @@ import random
 
 from inputs import UserError, read_text
 
-STYLE = """body{font-family:sans-serif;margin:24px;color:#222}video{width:100%;background:#000}
+STYLE = """body{font-family:sans-serif;margin:24px;color:#222}video{width:100%;max-width:360px;background:#000}
 .row{display:grid;gap:12px;margin-bottom:24px}.cell h4{margin:4px 0;font-weight:normal;color:#555}
 table{border-collapse:collapse;margin:12px 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
 th:first-child,td:first-child{text-align:left}button{font-size:18px;padding:10px 24px;margin:8px}"""
@@ -63,7 +63,7 @@ def videos_by_prompt(results: list[dict]) -> dict[str, list[list[str]]]:
 def comparison_page(results: list[dict], table_md: str, curves: dict[str, str]) -> str:
     """The before/after page: per prompt a row per video index, a column per run; the table; the curves (SVG)."""
     names = [r["name"] for r in results]
-    cols = f"grid-template-columns:repeat({len(results)},1fr)"
+    cols = f"grid-template-columns:repeat({len(results)},minmax(0,360px))"
     out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(' vs '.join(names))}</title>"
            f"<style>{STYLE}</style></head><body><h1>{html.escape(' vs '.join(names))}</h1>"]
     for prompt, per_run in videos_by_prompt(results).items():
