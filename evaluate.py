@@ -6,10 +6,12 @@
     python evaluate.py --run runs/vpo                         # reward curve of a training run (paper Fig. 5)
     python evaluate.py samples/vpo --vbench custom            # also hand the folder to the official vbench package
 
+    python evaluate.py --compare A.json B.json --html page.html --study-html study.html   # page.py: look, judge
+
 Faithful to Vchitect/VBench (its models, preprocessing, formulas and aggregation): subject consistency, background
-consistency, temporal flickering, aesthetic quality. VBench's dynamic degree, motion smoothness and imaging quality
-need RAFT, AMT and MUSIQ, which are not ported: two weight-free proxies stand in for the first two and are named
-as proxies; imaging quality comes only from --vbench.
+consistency, temporal flickering, aesthetic quality, dynamic degree (torchvision's RAFT). VBench's motion smoothness
+and imaging quality need AMT and MUSIQ, which are not ported: a weight-free proxy stands in for the first and is
+named as a proxy (so is a frame-motion proxy of dynamic degree); imaging quality comes only from --vbench.
 """
 import argparse
 import glob
@@ -162,6 +164,101 @@ def proxy_frame_motion(frames: torch.Tensor, fps: float) -> float | None:
     return (d.topk(max(1, int(d.shape[1] * 0.05)), dim=1).values.mean() / 255).item()
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Dynamic degree as VBench computes it (vbench/dynamic_degree.py), on torchvision's RAFT-large: frames every
+# round(fps / 8), each consecutive pair padded to a multiple of 8 and run through RAFT for 20 updates, the mean of
+# the largest 5% flow magnitudes per pair; a video is dynamic when enough pairs pass a threshold that scales with
+# its size. torchvision's Raft_Large_Weights.C_T_V1 are its port of the original Chairs+Things weights; VBench's
+# own raft-things.pth is read too, its keys renamed onto torchvision's modules (README: parity).
+
+RAFT_RENAMES = [  # princeton-vl/RAFT (VBench's copy) -> torchvision.models.optical_flow.raft_large
+    (r"^fnet\.", "feature_encoder."), (r"^cnet\.", "context_encoder."),
+    (r"_encoder\.conv1\.", "_encoder.convnormrelu.0."), (r"_encoder\.norm1\.", "_encoder.convnormrelu.1."),
+    (r"_encoder\.conv2\.", "_encoder.conv."),
+    (r"(layer\d\.\d)\.conv(\d)\.", r"\1.convnormrelu\2.0."), (r"(layer\d\.\d)\.norm(\d)\.", r"\1.convnormrelu\2.1."),
+    (r"encoder\.convc(\d)\.", r"motion_encoder.convcorr\1.0."), (r"encoder\.convf(\d)\.", r"motion_encoder.convflow\1.0."),
+    (r"update_block\.encoder\.conv\.", "update_block.motion_encoder.conv.0."),
+    (r"gru\.conv([zrq])(\d)\.", r"recurrent_block.convgru\2.conv\1."),
+    (r"^update_block\.mask\.0\.", "mask_predictor.convrelu.0."), (r"^update_block\.mask\.2\.", "mask_predictor.conv."),
+]
+
+
+def raft_things_to_torchvision(state: dict) -> dict:
+    """raft-things.pth (DataParallel's 'module.' names) -> raft_large's. Its layerX.0.norm3 is the same module as
+    downsample.1, saved twice: dropped."""
+    out = {}
+    for k, v in state.items():
+        k = k.removeprefix("module.")
+        if re.search(r"layer\d\.\d\.norm3\.", k):
+            continue
+        for pattern, new in RAFT_RENAMES:
+            k = re.sub(pattern, new, k)
+        out[k] = v
+    return out
+
+
+def load_raft(path: str | None, device: str):
+    """raft_large with VBench's raft-things.pth (`path`, default $VBENCH_CACHE_DIR/raft_model/models/) if the file
+    exists, else torchvision's C_T_V1 weights (downloaded by torchvision on first use)."""
+    try:
+        from torchvision.models.optical_flow import Raft_Large_Weights, raft_large
+    except Exception as e:  # noqa: BLE001 - missing, or a build that does not match this torch
+        raise UserError(f"dynamic_degree needs torchvision's RAFT ({type(e).__name__}): pip install torchvision") \
+            from None
+    cache = os.environ.get("VBENCH_CACHE_DIR", os.path.expanduser("~/.cache/vbench"))
+    path = path or os.path.join(cache, "raft_model", "models", "raft-things.pth")
+    if os.path.isfile(path):
+        net = raft_large()
+        try:
+            net.load_state_dict(raft_things_to_torchvision(torch.load(path, map_location="cpu", weights_only=True)))
+        except Exception as e:  # noqa: BLE001 - unpickling, key and shape errors alike
+            raise UserError(f"{path} is not RAFT's raft-things.pth ({type(e).__name__})") from None
+    else:
+        net = raft_large(weights=Raft_Large_Weights.C_T_V1)
+    return net.eval().requires_grad_(False).to(device)
+
+
+def dynamic_threshold(height: int, width: int, pairs_frames: int) -> tuple[float, int]:
+    """set_params: a pair moves when its score exceeds 6 * min(H, W) / 256; a video is dynamic when at least
+    round(4 * T / 16) pairs move (T frames after subsampling; Python's round, half to even)."""
+    return 6.0 * (min(height, width) / 256.0), round(4 * (pairs_frames / 16.0))
+
+
+def raft_frames(frames: torch.Tensor, fps: float) -> tuple[torch.Tensor, float, int]:
+    """VBench's frames for RAFT: every round(fps / 8)-th, replicate-padded to multiples of 8 (split in halves),
+    normalised as RAFT does inside (2 x / 255 - 1); with the threshold and the count of moving pairs needed."""
+    x = frames[::max(1, round(fps / 8))].permute(0, 3, 1, 2).float()
+    H, W = x.shape[2:]
+    thres, count_num = dynamic_threshold(H, W, len(x))
+    ph, pw = -H % 8, -W % 8
+    x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2], mode="replicate")
+    return 2 * (x / 255.0) - 1.0, thres, count_num
+
+
+@torch.no_grad()
+def pair_score(raft, a: torch.Tensor, b: torch.Tensor) -> float:
+    """The mean of the largest 5% flow magnitudes of RAFT's flow (20 updates) from frame a to b, on the padded frame
+    (VBench never removes the padding)."""
+    flow = raft(a[None], b[None], num_flow_updates=20)[-1][0]
+    rad = flow.float().norm(dim=0).flatten()
+    return rad.topk(int(rad.numel() * 0.05)).values.mean().item()
+
+
+def dynamic_degree(frames: torch.Tensor, fps: float, raft) -> float | None:
+    """1.0 if VBench calls the video dynamic, else 0.0 (the dimension is the share of dynamic videos). None for a
+    video whose padded sides are under 128: RAFT's coarsest correlation level is then one pixel, where VBench's RAFT
+    returns NaN flow and silently calls the video static; here it is left out of the share instead."""
+    x, thres, count_num = raft_frames(frames, fps)
+    if min(x.shape[2:]) < 128:
+        return None
+    x = x.to(next(raft.parameters()).device)
+    moving = 0
+    for i in range(len(x) - 1):
+        moving += pair_score(raft, x[i], x[i + 1]) > thres
+        if moving >= count_num:  # check_move: decided as soon as enough pairs moved
+            return 1.0
+    return 0.0
+
 def quality_score(summary: dict) -> tuple[float | None, int]:
     """scripts/cal_final_score.py: (x - Min) / (Max - Min) * weight summed over the quality dimensions, divided by
     the summed weights (6.5 for all seven); here over the dimensions present. Returns (score, dimensions used)."""
@@ -183,7 +280,7 @@ def build_metrics(args) -> dict:
     if unknown:
         raise UserError(f"unknown metric(s) {', '.join(sorted(unknown))}; choose from "
                         f"{', '.join([*VBENCH_QUALITY, *PROXIES])}")
-    not_ported = {"motion_smoothness": "AMT-S", "dynamic_degree": "RAFT", "imaging_quality": "MUSIQ"}
+    not_ported = {"motion_smoothness": "AMT-S", "imaging_quality": "MUSIQ"}
     metrics = {}
     for m in wanted:
         if m in not_ported:
@@ -201,6 +298,10 @@ def build_metrics(args) -> dict:
                            "--aesthetic-clip / --aesthetic-head")
             if aes:
                 metrics[m] = lambda f, fps: aesthetic_quality(f, aes)
+        elif m == "dynamic_degree":
+            raft = try_load(m, lambda: load_raft(args.raft, args.device), "--raft")
+            if raft:
+                metrics[m] = lambda f, fps: dynamic_degree(f, fps, raft)
         elif m == "temporal_flickering":
             metrics[m] = lambda f, fps: temporal_flickering(f)
         elif m == "proxy_interp_smoothness":
@@ -553,6 +654,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "toy:dynamic_degree=1")
     p.add_argument("--dino", default="facebook/dino-vitb16", help="DINO ViT-B/16: Hub id or folder")
     p.add_argument("--clip", default="openai/clip-vit-base-patch32", help="CLIP ViT-B/32 (background consistency)")
+    p.add_argument("--raft", default=None, help="dynamic degree: VBench's raft-things.pth (default: its cache, "
+                   "~/.cache/vbench/raft_model/models/, else torchvision's C_T_V1 weights)")
     p.add_argument("--aesthetic-clip", default="openai/clip-vit-large-patch14", help="CLIP ViT-L/14 (aesthetic)")
     p.add_argument("--aesthetic-head", default=None, help="sa_0_4_vit_l_14_linear.pth or .safetensors (default: "
                    "VBench's cache, ~/.cache/vbench/aesthetic_model/emb_reader/)")

@@ -147,7 +147,7 @@ def test_missing_model_skips_its_metric_with_one_line(tmp_path, capsys):
     evaluate.main([str(tmp_path / "v"), "--dino", str(tmp_path / "no-dino"), "--metrics",
                    "subject_consistency,temporal_flickering,dynamic_degree", "--reward", "aesthetic=/no/head.pth"])
     out = capsys.readouterr().out
-    assert out.count("skipping subject_consistency:") == 1 and "skipping dynamic_degree: needs RAFT" in out
+    assert out.count("skipping subject_consistency:") == 1 and "skipping dynamic_degree: " in out  # no torchvision here, or no weights
     assert "skipping reward aesthetic: UserError: LAION aesthetic head /no/head.pth not found" in out
     res = json.loads((tmp_path / "v" / "evaluation.json").read_text())
     assert list(res["summary"]) == ["temporal_flickering"]
@@ -273,3 +273,38 @@ def test_reward_mix_column_ranks_each_prompts_videos_by_the_weighted_dimensions(
         assert "toy.dynamic_degree" in mine[0] and "pixel.colorfulness" in mine[0]
     with pytest.raises(SystemExit, match="unknown reward dimension 'speed'"):
         evaluate.main([str(tmp_path), "--metrics", "temporal_flickering", "--reward", "toy", "--reward-dim", "speed"])
+
+
+def test_dynamic_degree_follows_vbench_thresholds_and_verdict():
+    # 6 * min(H, W) / 256 and round(4 T / 16), Python's round: T = 2 -> 0 pairs needed, 10 -> 2, 14 -> 4
+    assert evaluate.dynamic_threshold(240, 426, 16) == (5.625, 4)
+    assert [evaluate.dynamic_threshold(128, 128, t)[1] for t in (2, 6, 10, 14)] == [0, 2, 2, 4]
+    x, thres, need = evaluate.raft_frames(torch.zeros(48, 130, 124, 3, dtype=torch.uint8), fps=24)
+    assert x.shape == (16, 3, 136, 128) and need == 4  # every 3rd frame at 24 fps, padded to multiples of 8
+    assert x.min() == -1  # RAFT's 2 x / 255 - 1
+
+    class ConstantFlow(torch.nn.Module):  # stands in for RAFT: a flow of `speed` px everywhere, every pair
+        def __init__(self, speed):
+            super().__init__()
+            self.speed = torch.nn.Parameter(torch.tensor(float(speed)))
+
+        def forward(self, a, b, num_flow_updates):
+            return [torch.ones(1, 2, *a.shape[2:]) * self.speed / 2 ** 0.5]
+
+    video = torch.zeros(16, 128, 128, 3, dtype=torch.uint8)  # threshold 3.0 px, 4 moving pairs needed
+    assert evaluate.dynamic_degree(video, 8, ConstantFlow(3.5)) == 1.0
+    assert evaluate.dynamic_degree(video, 8, ConstantFlow(2.99)) == 0.0
+    assert evaluate.dynamic_degree(video[:, :64, :64], 8, ConstantFlow(9)) is None  # too small for RAFT
+
+
+def test_raft_things_keys_map_onto_torchvision_names():
+    got = evaluate.raft_things_to_torchvision({k: torch.zeros(1) for k in [
+        "module.fnet.conv1.weight", "module.cnet.norm1.running_mean", "module.fnet.layer1.0.conv2.weight",
+        "module.cnet.layer2.0.norm3.weight", "module.cnet.layer2.0.downsample.1.weight",
+        "module.update_block.encoder.convc1.weight", "module.update_block.encoder.conv.bias",
+        "module.update_block.gru.convz1.weight", "module.update_block.mask.2.bias", "module.fnet.conv2.weight"]})
+    assert list(got) == ["feature_encoder.convnormrelu.0.weight", "context_encoder.convnormrelu.1.running_mean",
+                         "feature_encoder.layer1.0.convnormrelu2.0.weight", "context_encoder.layer2.0.downsample.1.weight",
+                         "update_block.motion_encoder.convcorr1.0.weight", "update_block.motion_encoder.conv.0.bias",
+                         "update_block.recurrent_block.convgru1.convz.weight", "mask_predictor.conv.bias",
+                         "feature_encoder.conv.weight"]
