@@ -9,9 +9,9 @@
     python evaluate.py --compare A.json B.json --html page.html --study-html study.html   # page.py: look, judge
 
 Faithful to Vchitect/VBench (its models, preprocessing, formulas and aggregation): subject consistency, background
-consistency, temporal flickering, aesthetic quality, dynamic degree (torchvision's RAFT). VBench's motion smoothness
-and imaging quality need AMT and MUSIQ, which are not ported: a weight-free proxy stands in for the first and is
-named as a proxy (so is a frame-motion proxy of dynamic degree); imaging quality comes only from --vbench.
+consistency, temporal flickering, aesthetic quality, dynamic degree (torchvision's RAFT), imaging quality (pyiqa's
+MUSIQ). VBench's motion smoothness needs AMT, which is not ported: a weight-free proxy stands in for it and is named
+as a proxy (so is a frame-motion proxy of dynamic degree); the real one comes only from --vbench.
 """
 import argparse
 import glob
@@ -259,6 +259,43 @@ def dynamic_degree(frames: torch.Tensor, fps: float, raft) -> float | None:
             return 1.0
     return 0.0
 
+# ----------------------------------------------------------------------------------------------------------
+# Imaging quality as VBench computes it (vbench/imaging_quality.py): pyiqa's MUSIQ with the SPAQ weights on every
+# frame, the frame resized (bilinear, no antialias) so that its longer side is at most 512, /255; the per-video
+# mean of MUSIQ's 0..100 score, and the dimension /100.
+
+MUSIQ_URL = "https://github.com/chaofengc/IQA-PyTorch/releases/download/v0.1-weights/musiq_spaq_ckpt-358bb6af.pth"
+
+
+def load_musiq(path: str | None, device: str):
+    """pyiqa's MUSIQ (pip install pyiqa) with VBench's SPAQ checkpoint (`path`, default VBench's cache)."""
+    try:
+        from pyiqa.archs.musiq_arch import MUSIQ
+    except Exception as e:  # noqa: BLE001 - missing, or its torchvision import failing
+        raise UserError(f"imaging_quality needs pyiqa's MUSIQ ({type(e).__name__}): pip install pyiqa") from None
+    cache = os.environ.get("VBENCH_CACHE_DIR", os.path.expanduser("~/.cache/vbench"))
+    path = path or os.path.join(cache, "pyiqa_model", "musiq_spaq_ckpt-358bb6af.pth")
+    if not os.path.isfile(path):
+        raise UserError(f"MUSIQ weights {path} not found; download them: wget -P {os.path.dirname(path)} {MUSIQ_URL}")
+    try:
+        net = MUSIQ(pretrained_model_path=path)  # a one-output head: the score as is (VBench)
+    except Exception as e:  # noqa: BLE001 - unpickling, key and shape errors alike
+        raise UserError(f"{path} is not MUSIQ's SPAQ checkpoint ({type(e).__name__})") from None
+    return net.eval().requires_grad_(False).to(device)  # VBench sets .training = False; every dropout is 0
+
+
+@torch.no_grad()
+def imaging_quality(frames: torch.Tensor, musiq) -> float:
+    """The mean MUSIQ score of every frame / 100 (VBench divides the dimension, not the video, by 100: the same)."""
+    x = frames.permute(0, 3, 1, 2).float()
+    h, w = x.shape[2:]
+    if max(h, w) > 512:  # 'longer' mode: int() of the scaled sides
+        s = 512.0 / max(h, w)
+        x = F.interpolate(x, size=(int(s * h), int(s * w)), mode="bilinear", align_corners=False, antialias=False)
+    x = (x / 255.0).to(next(musiq.parameters()).device)
+    return sum(musiq(x[i:i + 1]).item() for i in range(len(x))) / len(x) / 100
+
+
 def quality_score(summary: dict) -> tuple[float | None, int]:
     """scripts/cal_final_score.py: (x - Min) / (Max - Min) * weight summed over the quality dimensions, divided by
     the summed weights (6.5 for all seven); here over the dimensions present. Returns (score, dimensions used)."""
@@ -280,7 +317,7 @@ def build_metrics(args) -> dict:
     if unknown:
         raise UserError(f"unknown metric(s) {', '.join(sorted(unknown))}; choose from "
                         f"{', '.join([*VBENCH_QUALITY, *PROXIES])}")
-    not_ported = {"motion_smoothness": "AMT-S", "imaging_quality": "MUSIQ"}
+    not_ported = {"motion_smoothness": "AMT-S"}
     metrics = {}
     for m in wanted:
         if m in not_ported:
@@ -302,6 +339,10 @@ def build_metrics(args) -> dict:
             raft = try_load(m, lambda: load_raft(args.raft, args.device), "--raft")
             if raft:
                 metrics[m] = lambda f, fps: dynamic_degree(f, fps, raft)
+        elif m == "imaging_quality":
+            musiq = try_load(m, lambda: load_musiq(args.musiq, args.device), "--musiq")
+            if musiq:
+                metrics[m] = lambda f, fps: imaging_quality(f, musiq)
         elif m == "temporal_flickering":
             metrics[m] = lambda f, fps: temporal_flickering(f)
         elif m == "proxy_interp_smoothness":
@@ -656,6 +697,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--clip", default="openai/clip-vit-base-patch32", help="CLIP ViT-B/32 (background consistency)")
     p.add_argument("--raft", default=None, help="dynamic degree: VBench's raft-things.pth (default: its cache, "
                    "~/.cache/vbench/raft_model/models/, else torchvision's C_T_V1 weights)")
+    p.add_argument("--musiq", default=None, help="imaging quality: MUSIQ's musiq_spaq_ckpt-358bb6af.pth (default: "
+                   "VBench's cache, ~/.cache/vbench/pyiqa_model/)")
     p.add_argument("--aesthetic-clip", default="openai/clip-vit-large-patch14", help="CLIP ViT-L/14 (aesthetic)")
     p.add_argument("--aesthetic-head", default=None, help="sa_0_4_vit_l_14_linear.pth or .safetensors (default: "
                    "VBench's cache, ~/.cache/vbench/aesthetic_model/emb_reader/)")

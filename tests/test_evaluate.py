@@ -308,3 +308,27 @@ def test_raft_things_keys_map_onto_torchvision_names():
                          "update_block.motion_encoder.convcorr1.0.weight", "update_block.motion_encoder.conv.0.bias",
                          "update_block.recurrent_block.convgru1.convz.weight", "mask_predictor.conv.bias",
                          "feature_encoder.conv.weight"]
+
+
+def test_imaging_quality_resizes_the_longer_side_to_512_and_scores_every_frame(tmp_path, capsys):
+    seen = []
+
+    class Recorder(torch.nn.Module):  # stands in for MUSIQ: records what it is given, scores 70 (of 0..100)
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, x):
+            seen.append((tuple(x.shape), x.max().item()))
+            return torch.tensor([[70.0]])
+
+    frames = torch.full((3, 270, 600, 3), 255, dtype=torch.uint8)
+    assert evaluate.imaging_quality(frames, Recorder()) == pytest.approx(0.70)
+    assert seen == [((1, 3, 230, 512), 1.0)] * 3  # int(512 / 600 * 270) = 230; one frame at a time, on 0..1
+    seen.clear()
+    evaluate.imaging_quality(frames[:, :200, :300], Recorder())
+    assert seen[0][0] == (1, 3, 200, 300)  # 512 or less: untouched
+    synthetic_videos(tmp_path / "v")
+    evaluate.main([str(tmp_path / "v"), "--metrics", "imaging_quality,temporal_flickering",
+                   "--musiq", str(tmp_path / "none.pth")])
+    assert "skipping imaging_quality: UserError: " in capsys.readouterr().out  # no pyiqa here, or no weights
