@@ -296,6 +296,56 @@ def imaging_quality(frames: torch.Tensor, musiq) -> float:
     return sum(musiq(x[i:i + 1]).item() for i in range(len(x))) / len(x) / 100
 
 
+# ----------------------------------------------------------------------------------------------------------
+# FVD, content-debiased (Ge et al. 2024, the paper's reference 19; Table 5c): the cd-fvd package's feature
+# models and Frechet distance, between a folder of generated videos and a folder of reference videos. Each video
+# goes in as that package's folder loader prepares it: its first 16 frames, the shorter side to 256 (bilinear,
+# antialiased), a centre crop, back to uint8.
+
+
+def fvd_clip(frames: torch.Tensor, resolution: int = 256, length: int = 16) -> torch.Tensor:
+    """(T, H, W, 3) uint8 -> (1, length, resolution, resolution, 3) uint8, as cdfvd's data_utils.preprocess and
+    compute_*_stats: [0, 1], the first `length` frames, short side to `resolution` (ceil), centre crop, x 255,
+    truncated to uint8."""
+    if len(frames) < length:
+        raise UserError(f"a {len(frames)}-frame video: FVD takes the first {length} frames")
+    x = frames[:length].permute(0, 3, 1, 2).float() / 255
+    h, w = x.shape[2:]
+    s = resolution / min(h, w)
+    size = (resolution, math.ceil(w * s)) if h < w else (math.ceil(h * s), resolution)
+    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    top, left = (x.shape[2] - resolution) // 2, (x.shape[3] - resolution) // 2
+    x = x[:, :, top:top + resolution, left:left + resolution]
+    return (x * 255).to(torch.uint8).permute(0, 2, 3, 1)[None]
+
+
+def fvd_folder(folder: str, what: str) -> list[str]:
+    if not os.path.isdir(folder):
+        raise UserError(f"{what} {folder!r} is not a folder")
+    paths = sorted(glob.glob(os.path.join(folder, "*.mp4")))
+    if len(paths) < 2:
+        raise UserError(f"{what} {folder!r} holds {len(paths)} .mp4 files; a Frechet distance needs at least 2")
+    return paths
+
+
+def compute_fvd(generated: str, reference: str, model: str, ckpt: str | None, device: str) -> float:
+    """cd-fvd's FVD (model 'videomae': VideoMAE-v2 features, the content-debiased one; 'i3d': the classic)."""
+    fake, real = fvd_folder(generated, "generated videos"), fvd_folder(reference, "--fvd reference")
+    try:
+        from cdfvd import fvd as cdfvd
+    except Exception as e:  # noqa: BLE001 - missing, or its torchvision import failing
+        raise UserError(f"--fvd needs the cd-fvd package ({type(e).__name__}): pip install cd-fvd") from None
+    try:  # the package downloads its weights to ckpt_path (or its own folder) when the file is not there
+        ev = cdfvd.cdfvd(model=model, n_real="full", n_fake="full", ckpt_path=ckpt, device=device)
+    except Exception as e:  # noqa: BLE001 - offline download, truncated file: one line
+        raise UserError(f"cd-fvd could not load its {model} weights ({type(e).__name__}: {e}); give a local copy with "
+                        "--fvd-ckpt") from None
+    for paths, add in ((real, ev.add_real_stats), (fake, ev.add_fake_stats)):
+        for p in tqdm(paths, desc="FVD features", dynamic_ncols=True):
+            add(fvd_clip(read_video(p)).numpy())
+    return float(ev.compute_fvd_from_stats())
+
+
 def quality_score(summary: dict) -> tuple[float | None, int]:
     """scripts/cal_final_score.py: (x - Min) / (Max - Min) * weight summed over the quality dimensions, divided by
     the summed weights (6.5 for all seven); here over the dimensions present. Returns (score, dimensions used)."""
@@ -415,6 +465,10 @@ def evaluate(video_dir: str, args) -> dict:
         raise UserError(f"no .mp4 files in {video_dir!r}")
     if args.vbench and importlib.util.find_spec("vbench") is None:
         raise UserError("--vbench needs the official package: pip install vbench (see github.com/Vchitect/VBench)")
+    if args.fvd:  # before minutes of scoring
+        fvd_folder(video_dir, "generated videos"), fvd_folder(args.fvd, "--fvd reference")
+        if importlib.util.find_spec("cdfvd") is None:
+            raise UserError("--fvd needs the cd-fvd package: pip install cd-fvd")
     only = load_full_info(args.full_info) if args.full_info else None
     metrics = build_metrics(args)
     # NAME, NAME=PATH (train.py's --reward-path) or NAME,NAME (train.py's mixture)
@@ -468,6 +522,9 @@ def evaluate(video_dir: str, args) -> dict:
                     summary[d], result["sources"][d] = v, "vbench"
         except Exception as e:  # its models, downloads and dependencies are its own: keep our results
             print(f"skipping --vbench: the vbench package failed ({type(e).__name__}: {e})")
+    if args.fvd:
+        summary["fvd"] = compute_fvd(video_dir, args.fvd, args.fvd_model, args.fvd_ckpt, args.device)
+        result["sources"]["fvd"] = f"cd-fvd ({args.fvd_model}) against {args.fvd}"
     result["quality_score"], result["quality_dims"] = quality_score(summary)
     return result
 
@@ -699,6 +756,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "~/.cache/vbench/raft_model/models/, else torchvision's C_T_V1 weights)")
     p.add_argument("--musiq", default=None, help="imaging quality: MUSIQ's musiq_spaq_ckpt-358bb6af.pth (default: "
                    "VBench's cache, ~/.cache/vbench/pyiqa_model/)")
+    p.add_argument("--fvd", default=None, metavar="REF_DIR", help="also the FVD of the folder's videos against "
+                   "this folder of reference videos (cd-fvd: pip install cd-fvd)")
+    p.add_argument("--fvd-model", choices=["videomae", "i3d"], default="videomae", help="FVD features: VideoMAE-v2 "
+                   "(content-debiased, Ge et al.) or I3D (the classic FVD)")
+    p.add_argument("--fvd-ckpt", default=None, help="a local copy of cd-fvd's weights file (else it downloads them)")
     p.add_argument("--aesthetic-clip", default="openai/clip-vit-large-patch14", help="CLIP ViT-L/14 (aesthetic)")
     p.add_argument("--aesthetic-head", default=None, help="sa_0_4_vit_l_14_linear.pth or .safetensors (default: "
                    "VBench's cache, ~/.cache/vbench/aesthetic_model/emb_reader/)")

@@ -1,5 +1,6 @@
 """evaluate.py: VBench-style metrics on synthetic videos whose answers are known, with tiny random DINO/CLIP models
 (the formulas and the preprocessing are under test, not the weights), the LAION aesthetic reward, tables and plots."""
+import importlib.util
 import json
 import os
 import xml.etree.ElementTree as ET
@@ -332,3 +333,24 @@ def test_imaging_quality_resizes_the_longer_side_to_512_and_scores_every_frame(t
     evaluate.main([str(tmp_path / "v"), "--metrics", "imaging_quality,temporal_flickering",
                    "--musiq", str(tmp_path / "none.pth")])
     assert "skipping imaging_quality: UserError: " in capsys.readouterr().out  # no pyiqa here, or no weights
+
+
+def test_fvd_clips_as_cd_fvd_prepares_them_and_bad_folders_are_one_line(tmp_path):
+    frames = torch.randint(0, 256, (20, 48, 64, 3), dtype=torch.uint8)
+    clip = evaluate.fvd_clip(frames, resolution=32)
+    assert clip.shape == (1, 16, 32, 32, 3) and clip.dtype == torch.uint8  # first 16 frames, short side, centre
+    x = torch.nn.functional.interpolate(frames[:16].permute(0, 3, 1, 2).float() / 255, size=(32, 43),
+                                        mode="bilinear", antialias=True)[:, :, :, 5:37]
+    assert torch.equal(clip[0], (x * 255).to(torch.uint8).permute(0, 2, 3, 1))  # truncated, as the package
+    with pytest.raises(UserError, match="a 8-frame video: FVD takes the first 16 frames"):
+        evaluate.fvd_clip(frames[:8])
+    synthetic_videos(tmp_path / "gen")
+    os.makedirs(tmp_path / "empty")
+    cases = [(tmp_path / "empty", "holds 0 .mp4 files; a Frechet distance needs at least 2"),
+             (tmp_path / "nowhere", "is not a folder")]
+    if importlib.util.find_spec("cdfvd") is None:  # the package is not installed: its install line
+        cases.append((tmp_path / "gen", "--fvd needs the cd-fvd package: pip install cd-fvd"))
+    for ref, message in cases:
+        with pytest.raises(SystemExit) as e:
+            evaluate.main([str(tmp_path / "gen"), "--metrics", "temporal_flickering", "--fvd", str(ref)])
+        assert message in str(e.value) and "\n" not in str(e.value)
