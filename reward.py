@@ -974,7 +974,8 @@ class PickScore(FrameReward):
         folder = resolve(path or "yuvalkirstain/PickScore_v1", "PickScore", "yuvalkirstain/PickScore_v1",
                          ["*.json", "*.safetensors"])
         try:
-            self.net = CLIPModel.from_pretrained(folder, use_safetensors=True).eval().requires_grad_(False).to(device)
+            # safetensors, or pytorch_model.bin through transformers' torch.load(weights_only=True)
+            self.net = CLIPModel.from_pretrained(folder).eval().requires_grad_(False).to(device)
         except OSError as e:  # no weights file or no config
             raise UserError(f"PickScore: {e}") from None
         self.tokenizer, self.device = clip_tokenizer(processor, "PickScore"), device
