@@ -9,9 +9,9 @@
     python evaluate.py --compare A.json B.json --html page.html --study-html study.html   # page.py: look, judge
 
 Faithful to Vchitect/VBench (its models, preprocessing, formulas and aggregation): subject consistency, background
-consistency, temporal flickering, aesthetic quality, dynamic degree (torchvision's RAFT), imaging quality (pyiqa's
-MUSIQ). VBench's motion smoothness needs AMT, which is not ported: a weight-free proxy stands in for it and is named
-as a proxy (so is a frame-motion proxy of dynamic degree); the real one comes only from --vbench.
+consistency, temporal flickering, aesthetic quality, motion smoothness (AMT-S, amt.py), dynamic degree (torchvision's
+RAFT), imaging quality (pyiqa's MUSIQ): all seven quality dimensions of the paper's Table 3. Two weight-free proxies
+(of motion smoothness and dynamic degree) are named as proxies.
 """
 import argparse
 import glob
@@ -29,6 +29,7 @@ import torch  # noqa: E402  (inputs first: Ctrl-C during this slow import is one
 import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+import amt  # noqa: E402
 import page  # noqa: E402
 from reward import (CLIP_MEAN, CLIP_STD, REWARDS, AestheticReward, PixelReward, build_reward, parse_dim, pick,
                     read_fps, read_video, reward_names, vbench_preprocess)
@@ -367,12 +368,9 @@ def build_metrics(args) -> dict:
     if unknown:
         raise UserError(f"unknown metric(s) {', '.join(sorted(unknown))}; choose from "
                         f"{', '.join([*VBENCH_QUALITY, *PROXIES])}")
-    not_ported = {"motion_smoothness": "AMT-S"}
     metrics = {}
     for m in wanted:
-        if m in not_ported:
-            print(f"skipping {m}: needs {not_ported[m]}, not ported here (use --vbench)")
-        elif m == "subject_consistency":
+        if m == "subject_consistency":
             dino = try_load(m, lambda: load_dino(args.dino, args.device), "--dino")
             if dino:
                 metrics[m] = lambda f, fps: subject_consistency(f, dino)
@@ -393,6 +391,10 @@ def build_metrics(args) -> dict:
             musiq = try_load(m, lambda: load_musiq(args.musiq, args.device), "--musiq")
             if musiq:
                 metrics[m] = lambda f, fps: imaging_quality(f, musiq)
+        elif m == "motion_smoothness":
+            net = try_load(m, lambda: amt.load_amt(args.amt, args.device), "--amt")
+            if net:
+                metrics[m] = lambda f, fps: amt.motion_smoothness(f, net)
         elif m == "temporal_flickering":
             metrics[m] = lambda f, fps: temporal_flickering(f)
         elif m == "proxy_interp_smoothness":
@@ -754,6 +756,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--clip", default="openai/clip-vit-base-patch32", help="CLIP ViT-B/32 (background consistency)")
     p.add_argument("--raft", default=None, help="dynamic degree: VBench's raft-things.pth (default: its cache, "
                    "~/.cache/vbench/raft_model/models/, else torchvision's C_T_V1 weights)")
+    p.add_argument("--amt", default=None, help="motion smoothness: AMT-S's amt-s.pth (default: VBench's cache, "
+                   "~/.cache/vbench/amt_model/)")
     p.add_argument("--musiq", default=None, help="imaging quality: MUSIQ's musiq_spaq_ckpt-358bb6af.pth (default: "
                    "VBench's cache, ~/.cache/vbench/pyiqa_model/)")
     p.add_argument("--fvd", default=None, metavar="REF_DIR", help="also the FVD of the folder's videos against "
