@@ -48,6 +48,9 @@ RUNS = {
                    "temporal_consistency=1,dynamic_degree=1"],
     "online-mix-half": ["--method", "online", "--k", "5", "--n", "4", "--reward-dim",
                         "temporal_consistency=1,dynamic_degree=0.5"],
+    # GRPO (grpo.py) at online-K5's budget: the same prompts, N = 4 sampled videos and reward calls per prompt; trained
+    # on the first 3 of the 10 sampling steps (Flow-GRPO's timestep_fraction 0.3) to keep a CPU run in minutes
+    "grpo": ["--method", "grpo", "--k", "5", "--n", "4", "--grpo-timestep-fraction", "0.3"],
 }
 
 

@@ -34,9 +34,10 @@ from reward import REWARDS, build_reward, parse_dim, reward_names
 from sample import add_model_args, check_model_args, model_from_args, sample_videos, write_video
 
 METHOD_NAMES = {"online": "OnlineVPO", "offline": "offline DPO", "refl": "ReFL", "dense": "DenseDPO",
-                "structural": "StructuralDPO"}
+                "structural": "StructuralDPO", "grpo": "GRPO"}
 GUIDED = ("dense", "structural")  # DenseDPO's aligned candidates: corrupted copies of one video, denoised again
-LOG_KEYS = ("loss", "accuracy", "margin", "kl", "reward_mean", "reward_w", "reward_l", "gap", "labelled")
+LOG_KEYS = ("loss", "accuracy", "margin", "kl", "reward_mean", "reward_w", "reward_l", "gap", "labelled",
+            "ratio", "clipped")  # the last two: GRPO's importance ratio and the share of it clipped
 # the paper's reward for real models; the toy world's judge for the toy model; no weights at all for the test model
 DEFAULT_REWARDS = {"toy": "toy", "tiny": "pixel"}
 
@@ -47,7 +48,8 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
     g.add_argument("--method", default="online", choices=list(METHOD_NAMES),
                    help="online: OnlineVPO (Alg. 1); offline: DPO on pairs sampled once from the initial policy, "
                    "fixed reference (Table 4d); refl: reward feedback learning (Table 4c); dense: DenseDPO (aligned "
-                   "candidates, a preference per segment); structural: aligned candidates, one label per video")
+                   "candidates, a preference per segment); structural: aligned candidates, one label per video; "
+                   "grpo: Flow-GRPO (grpo.py)")
     g.add_argument("-n", "--n", type=int, default=4, help="candidates sampled per prompt (paper: 4); under torchrun "
                    "write -n: torchrun's own parser takes --n for an abbreviation of its --nnodes/--nproc-per-node")
     g.add_argument("--k", type=int, default=200, help="reference update every K optimizer steps; 0 = never "
@@ -66,6 +68,15 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
     g.add_argument("--offline-pairs", type=int, default=200, help="--method offline: prompts sampled for pairs")
     g.add_argument("--refl-latent-frames", type=int, default=None,
                    help="--method refl: latent frames decoded for the reward (default: all)")
+    g = p.add_argument_group("GRPO (--method grpo, Flow-GRPO's formulation)")
+    g.add_argument("--grpo-noise-level", type=float, default=0.7, help="the SDE sampler's noise level a: std_t = a "
+                   "sqrt(s / (1 - s)) (Flow-GRPO: 0.7)")
+    g.add_argument("--grpo-clip", type=float, default=1e-3, help="PPO clip range of the importance ratio "
+                   "(Flow-GRPO: 1e-4 for SD3, 1e-3 for Wan)")
+    g.add_argument("--grpo-beta", type=float, default=0.004, help="weight of the KL term to the reference (Flow-GRPO's "
+                   "Wan: 0.004; 0 = none)")
+    g.add_argument("--grpo-timestep-fraction", type=float, default=0.99, help="train on the first int(K x this) of "
+                   "the K sampling steps (Flow-GRPO: 0.99, the last step left out)")
     g = p.add_argument_group("DenseDPO (--method dense, structural)")
     g.add_argument("--eta", type=float, default=0.7, help="guidance level: each candidate is the source video "
                    "corrupted to the state at t = eta * 1000 and denoised again; lower keeps more of the source's "
@@ -177,6 +188,15 @@ def check_values(args):
     for name, low in (("save_every", 1), ("max_bad_steps", 1), ("reward_batch", 1), ("sample_every", 0)):
         if getattr(args, name) < low:
             raise UserError(f"--{name.replace('_', '-')} must be at least {low}")
+    if args.method == "grpo":
+        for name, ok in (("grpo_noise_level", lambda v: v > 0), ("grpo_clip", lambda v: v > 0),
+                         ("grpo_beta", lambda v: v >= 0), ("grpo_timestep_fraction", lambda v: 0 < v <= 1)):
+            value = getattr(args, name)
+            if not math.isfinite(value) or not ok(value):
+                raise UserError(f"--{name.replace('_', '-')} out of range: {value} (see --help)")
+        if parallel.WORLD > 1:
+            raise UserError("--method grpo runs in one process for now: a rank whose groups all tie would skip the "
+                            "backward the others wait for")
     if not math.isfinite(args.eta) or not 0 < args.eta <= 1:
         raise UserError(f"--eta must be in (0, 1] (the noise level of the corrupted copies), got {args.eta}")
     if not math.isfinite(args.label_fraction) or not 0 < args.label_fraction <= 1:
@@ -560,8 +580,8 @@ class Run:
 
     def memory_levers(self):
         args, model = self.args, self.model
-        if args.method == "refl" and not hasattr(model, "predict_x0"):
-            raise UserError(f"--method refl is implemented for the Open-Sora family (opensora, toy, tiny), "
+        if args.method in ("refl", "grpo") and not hasattr(model, "predict_x0"):
+            raise UserError(f"--method {args.method} is implemented for the Open-Sora family (opensora, toy, tiny), "
                             f"not {args.model!r}")
         if args.vae_micro_batch:
             if not hasattr(model.vae, "micro_batch_size"):

@@ -5,6 +5,7 @@
     python train.py --method offline                                        # Table 4d: offline DPO (baselines.py)
     python train.py --method refl                                           # Table 4c: ReFL (baselines.py)
     python train.py --method dense                                          # DenseDPO: aligned pairs, per segment
+    python train.py --method grpo                                           # Flow-GRPO, the same budget (grpo.py)
     torchrun --nproc_per_node 8 train.py --model opensora ...               # many GPUs (parallel.py)
 
 For each prompt: sample N videos from the current policy, score them with the video reward, take best vs worst,
@@ -19,6 +20,7 @@ import torch  # noqa: E402  (inputs first: Ctrl-C during the slow imports is one
 
 import baselines  # noqa: E402
 import dpo  # noqa: E402
+import grpo  # noqa: E402
 import parallel  # noqa: E402
 from reward import pick  # noqa: E402
 from run import GUIDED, Run, parse_args, release_locks  # noqa: E402
@@ -133,6 +135,8 @@ def train(args) -> dict:
     run = Run(args)  # model, reward, AdamW, --resume; G_ref <- G_theta (Alg. 1 line 1)
     if args.method == "refl":
         return baselines.refl(run)  # Table 4c: reward gradients instead of preferences, its own loop
+    if args.method == "grpo":
+        return grpo.train(run)  # the method people pick instead: group-relative policy gradients, its own loop
     # Table 4d: offline DPO is this loop on pairs sampled once from the initial policy, with a fixed reference
     pool = baselines.offline_pool(run, online_pairs) if args.method == "offline" else None
     K = 0 if pool else args.k

@@ -44,6 +44,8 @@ def cli(*args):
     (["--weight-decay", "-1"], "--weight-decay must be a finite number >= 0"),
     (["--save-every", "0"], "--save-every must be at least 1"),
     (["--method", "dense", "--eta", "0"], "--eta must be in (0, 1]"),
+    (["--method", "grpo", "--grpo-clip", "0"], "--grpo-clip out of range: 0.0"),
+    (["--method", "grpo", "--grpo-timestep-fraction", "1.5"], "--grpo-timestep-fraction out of range: 1.5"),
     (["--method", "dense", "--eta", "1.5"], "--eta must be in (0, 1]"),
     (["--method", "dense", "--segment-seconds", "0"], "--segment-seconds must be a finite number > 0"),
     (["--method", "dense", "--label-fraction", "0"], "--label-fraction must be in (0, 1]"),

@@ -1,0 +1,133 @@
+"""GRPO in Flow-GRPO's formulation (Liu et al. 2025, yifan123/flow_grpo), the method today's open video-alignment
+systems use (DanceGRPO, Pref-GRPO, VeRL-Omni), on the same models, rewards and budget as OnlineVPO:
+
+    python train.py --method grpo --n 4 --k 5                   # the toy model
+    python train.py --model opensora --method grpo --reward videoscore --n 4 --k 200 --grpo-beta 0.004
+
+Per prompt, N videos from the current policy sampled as an SDE (each step a Gaussian whose log-density is kept),
+scored by the reward; advantages normalised within the prompt's group; a PPO-clipped objective on the ratio of the
+policy's to the sampler's log-density of each step taken, plus beta times the KL to the reference (which, as for
+DPO, becomes the policy every K steps). Open-Sora's convention: x_t = (1 - s) x0 + s noise with s = t / 1000,
+the network predicts v = x0 - noise (Flow-GRPO's SD3 and Wan predict noise - x0: the sign is flipped inside).
+"""
+import math
+
+import torch
+
+import parallel
+from reward import pick
+
+
+def sde_step(z: torch.Tensor, v: torch.Tensor, sigmas: list[float], i: int, noise_level: float,
+             noise: torch.Tensor | None = None, prev: torch.Tensor | None = None):
+    """One SDE step from sigmas[i] to sigmas[i + 1] (sde_step_with_logprob, sde_type 'sde'): the ODE's Euler step
+    turned into the SDE with the same marginals, its noise std_t = noise_level * sqrt(s / (1 - s)) (at s = 1 the
+    denominator uses sigmas[1], as Flow-GRPO clips it),
+        mean = z (1 + std_t^2 / (2 s) dt) + u (1 + std_t^2 (1 - s) / (2 s)) dt,   u = -v,  dt = s' - s < 0,
+        prev = mean + std_t sqrt(-dt) noise.
+    Returns (prev, log-density of prev (B,): the full Gaussian's, meaned over all non-batch dims, mean).
+    Given `prev` (a stored step), its log-density under this z and v instead: differentiable in v."""
+    s, s_next = sigmas[i], sigmas[i + 1]
+    dt = s_next - s
+    std = noise_level * math.sqrt(s / (1 - (sigmas[1] if s == 1 else s)))
+    u = -v.float()
+    mean = z.float() * (1 + std ** 2 / (2 * s) * dt) + u * (1 + std ** 2 * (1 - s) / (2 * s)) * dt
+    scale = std * math.sqrt(-dt)
+    if prev is None:
+        prev = mean + scale * noise.float()
+    log_prob = -((prev.detach() - mean) ** 2) / (2 * scale ** 2) - math.log(scale) - math.log(math.sqrt(2 * math.pi))
+    return prev, log_prob.mean(dim=tuple(range(1, log_prob.dim()))), mean
+
+
+def step_kl(mean: torch.Tensor, mean_ref: torch.Tensor, sigmas: list[float], i: int, noise_level: float) -> torch.Tensor:
+    """KL(policy step || reference step) per sample: two Gaussians with one std, |mean - mean_ref|^2 / (2 var),
+    meaned over dims (Flow-GRPO's Wan trainer; its SD3 trainer leaves out the step's |dt| in the variance)."""
+    s = sigmas[i]
+    std = noise_level * math.sqrt(s / (1 - (sigmas[1] if s == 1 else s))) * math.sqrt(sigmas[i] - sigmas[i + 1])
+    return ((mean - mean_ref) ** 2).mean(dim=tuple(range(1, mean.dim()))) / (2 * std ** 2)
+
+
+def group_advantages(r: torch.Tensor, clip: float = 5.0) -> torch.Tensor:
+    """(prompts, N) rewards -> (r - group mean) / (group std + 1e-4), population std, clipped to +-clip. A group
+    whose rewards are all equal gets advantages of exactly 0: no signal (the caller skips it, as a DPO tie)."""
+    return ((r - r.mean(1, keepdim=True)) / (r.std(1, unbiased=False, keepdim=True) + 1e-4)).clamp(-clip, clip)
+
+
+def clipped_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, adv: torch.Tensor, clip_range: float):
+    """PPO's clipped objective per sample: max(-A ratio, -A clip(ratio, 1 - e, 1 + e)), ratio = p / p_old."""
+    ratio = torch.exp(log_prob - old_log_prob)
+    return torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_range, 1 + clip_range)), ratio
+
+
+def train_steps(K: int, fraction: float) -> list[int]:
+    """The sampling steps trained on: the first int(K * fraction) (Flow-GRPO's timestep_fraction; 0.99 of 10
+    steps leaves the last, nearly clean step out), at least one."""
+    return list(range(max(1, int(K * fraction))))
+
+
+def rollout(run, counters: list[int]):
+    """N SDE samples per prompt from the current policy, decoded and scored; returns what the update needs:
+    prompts, trajectory, the sampler's log-densities, sigmas and the advantages (prompts, N)."""
+    args, model, n = run.args, run.model, run.args.n
+    prompts = [run.prompt(c) for c in counters]
+    gens = [torch.Generator().manual_seed(s) for c in counters for s in run.candidate_seeds(c, stream="grpo")]
+    with run.clock("sample"):
+        traj, old_log_probs, sigmas = model.sample_sde(prompts, n, gens, args.grpo_noise_level)
+    with run.clock("decode"):
+        videos = model.decode(traj[-1])
+    with run.clock("reward"):
+        scores = run.reward.score(videos, [p for p in prompts for _ in range(n)], model.fps)
+        r = pick(scores, run.dim, group=n).view(len(prompts), n)
+    for d, v in scores.items():
+        run.log[f"reward/{d}"] += v.tolist()
+    run.log["reward_mean"] += r.mean(1).tolist()
+    return prompts, traj, old_log_probs, sigmas, group_advantages(r)
+
+
+def grpo_backward(run, counters: list[int], sync: bool = True):
+    """Rollout, then for each trained step one forward of the policy (and of the reference for the KL) on the
+    stored states and one backward; groups with zero variance are skipped and counted as ties."""
+    args, model, n = run.args, run.model, run.args.n
+    prompts, traj, old_lp, sigmas, adv = rollout(run, counters)
+    keep = adv.abs().sum(1) > 0  # zero-variance groups carry no signal: skipped, counted like DPO's ties
+    run.ties += int((~keep).sum())
+    if not keep.any() or not torch.isfinite(traj[-1]).all():
+        run.finite = run.finite and bool(torch.isfinite(traj[-1]).all())
+        return
+    rows = keep.repeat_interleave(n).to(traj[0].device)
+    prompts = [p for p, k in zip(prompts, keep.tolist()) if k]
+    adv = adv[keep].flatten().to(model.device)
+    steps = train_steps(len(sigmas) - 1, args.grpo_timestep_fraction)
+    scale = len(adv) * parallel.WORLD / (args.batch_size * n * len(steps))  # the mean over samples and steps
+    for j, i in enumerate(steps):
+        z, prev = traj[i][rows], traj[i + 1][rows]
+        with parallel.gradient_sync(run.net, sync and j == len(steps) - 1), run.clock("train"):
+            v = model.grpo_velocity(run.net, z, sigmas[i], prompts, n)
+            _, log_prob, mean = sde_step(z, v, sigmas, i, args.grpo_noise_level, prev=prev)
+            per_sample, ratio = clipped_loss(log_prob, old_lp[i].to(log_prob)[rows], adv, args.grpo_clip)
+            kl = torch.zeros_like(per_sample)
+            if args.grpo_beta > 0:
+                with torch.no_grad(), run.reference() as ref:
+                    v_ref = model.grpo_velocity(ref, z, sigmas[i], prompts, n)
+                    _, _, mean_ref = sde_step(z, v_ref, sigmas, i, args.grpo_noise_level, prev=prev)
+                kl = step_kl(mean, mean_ref, sigmas, i, args.grpo_noise_level)
+            loss = (per_sample + args.grpo_beta * kl).mean()
+            (loss * scale).backward()
+        run.log["loss"] += [loss.item()]
+        run.log["kl"] += [kl.mean().item()]
+        run.log["ratio"] += [ratio.mean().item()]
+        run.log["clipped"] += [((ratio - 1).abs() > args.grpo_clip).float().mean().item()]
+        run.finite = run.finite and bool(torch.isfinite(loss))
+    run.pairs += len(adv)
+
+
+def train(run) -> dict:
+    """GRPO's loop: the same batches of prompts, optimizer step, reference update every K, metrics, checkpoints."""
+    while run.step < run.args.steps:
+        for counters, last in run.batches():
+            grpo_backward(run, counters, sync=last)
+        run.optimizer_step()
+        if run.args.k and run.step % run.args.k == 0:  # the reference of the KL term, as DPO's (Alg. 1 line 14)
+            run.update_reference()
+        run.end_step()
+    return run.close()

@@ -1,0 +1,61 @@
+"""GRPO (grpo.py) in Flow-GRPO's formulation: the SDE step's log-density, the group advantages, the clipped ratio,
+the KL to the reference, and a run of the tiny model. Parity with Flow-GRPO's own step: README."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import grpo
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIGMAS = [1.0, 0.9, 0.7, 0.4, 0.0]
+
+
+def test_the_sde_steps_log_density_is_the_gaussians():
+    g = torch.Generator().manual_seed(0)
+    z, v, noise = (torch.randn(3, 4, 2, 5, 5, generator=g) for _ in range(3))
+    for i in range(len(SIGMAS) - 1):
+        prev, log_prob, mean = grpo.sde_step(z, v, SIGMAS, i, 0.7, noise=noise)
+        s, s_next = SIGMAS[i], SIGMAS[i + 1]
+        std = 0.7 * math.sqrt(s / (1 - (SIGMAS[1] if s == 1 else s))) * math.sqrt(s - s_next)
+        direct = torch.distributions.Normal(mean, std).log_prob(prev).flatten(1).mean(1)
+        assert torch.allclose(log_prob, direct, rtol=1e-5, atol=1e-5)
+        assert torch.allclose(prev, mean + std * noise, atol=1e-6)
+        # a stored step's density under the same z and v is the same number
+        assert torch.allclose(grpo.sde_step(z, v, SIGMAS, i, 0.7, prev=prev)[1], log_prob)
+    # without noise the mean is the sampler's Euler step z + v (s - s'): Open-Sora's v = x0 - noise
+    _, _, mean = grpo.sde_step(z, v, SIGMAS, 1, 1e-9, noise=noise)
+    assert torch.allclose(mean, z + v * (SIGMAS[1] - SIGMAS[2]), atol=1e-6)
+
+
+def test_advantages_ratio_and_kl():
+    r = torch.tensor([[0.1, 0.3, 0.5, 0.7], [2.0, 2.0, 2.0, 2.0]])
+    adv = grpo.group_advantages(r)
+    assert torch.allclose(adv[0].mean(), torch.tensor(0.0), atol=1e-6) and adv[0].std(unbiased=False) > 0.99
+    assert torch.equal(adv[1], torch.zeros(4))  # zero variance: exactly no signal (skipped, counted as a tie)
+    assert grpo.group_advantages(torch.tensor([[0.0, 0.0, 0.0, 1.0]]), clip=1.5).max() == 1.5
+    lp = torch.tensor([-1.0, -2.0])
+    loss, ratio = grpo.clipped_loss(lp, lp, torch.tensor([0.5, -2.0]), 1e-3)
+    assert torch.equal(ratio, torch.ones(2)) and torch.equal(loss, torch.tensor([-0.5, 2.0]))  # -A at ratio 1
+    loss, _ = grpo.clipped_loss(lp + 0.1, lp, torch.tensor([1.0, 1.0]), 1e-3)
+    assert torch.allclose(loss, torch.full((2,), -(1 + 1e-3)))  # a positive advantage gains at most 1 + clip
+    mean = torch.randn(2, 3, 4)
+    assert torch.equal(grpo.step_kl(mean, mean, SIGMAS, 1, 0.7), torch.zeros(2))
+    assert (grpo.step_kl(mean, mean + 0.1, SIGMAS, 1, 0.7) > 0).all()
+    assert grpo.train_steps(10, 0.99) == list(range(9)) and grpo.train_steps(10, 0.3) == [0, 1, 2]
+
+
+def test_a_tiny_grpo_run_starts_at_ratio_one_and_zero_kl(tmp_path):
+    train.main(["--model", "tiny", "--size", "16x16", "--frames", "4", "--sample-steps", "3", "--n", "3",
+                "--batch-size", "2", "--lr", "1e-3", "--method", "grpo", "--steps", "2", "--k", "0",
+                "--prompts", os.path.join(ROOT, "prompts/train.txt"), "--out", str(tmp_path)])
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    first = rows[0]
+    assert first["method"] == "grpo" and first["pairs"] + 3 * first["ties"] == 6  # samples trained or tied groups
+    assert first["ratio"] == pytest.approx(1.0, abs=1e-4) and first["clipped"] == 0.0  # rollout = policy at step 1
+    assert first["kl"] == pytest.approx(0.0, abs=1e-9)  # policy = reference before the first update
+    assert rows[1]["kl"] > 0  # after it, the policy has moved away from the (never updated, K = 0) reference
+    assert 0 <= first["reward/temporal_consistency"] <= 1
