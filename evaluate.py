@@ -50,12 +50,6 @@ FRAME_WEIGHTED = ("subject_consistency", "background_consistency")  # VBench: su
 # Videos
 
 
-def video_fps(path: str) -> float:
-    """The frame rate in the file's header (8 if it names none). Frames come from reward.read_video (PyAV, all of
-    them); VBench decodes with decord and OpenCV, which give identical frames on sample.py's H.264 files."""
-    return read_fps(path)
-
-
 def prompt_of(file_name: str) -> str:
     """vbench/utils.py get_prompt_from_filename: '{prompt}-{i}.mp4' -> prompt."""
     return re.sub(r"-\d+$", "", os.path.splitext(file_name)[0])
@@ -497,7 +491,7 @@ def evaluate(video_dir: str, args) -> dict:
             tqdm.write(f"skipping {name}: {e}")
             skipped[name] = str(e)
             continue
-        row = {"prompt": prompt_of(name), "frames": len(frames), "fps": video_fps(path)}
+        row = {"prompt": prompt_of(name), "frames": len(frames), "fps": read_fps(path)}  # PyAV frames; decord/OpenCV give the same
         for m, fn in metrics.items():
             if only is None or row["prompt"] in only.get(PROXIES.get(m, m), ()):
                 row[m] = fn(frames, row["fps"])

@@ -18,6 +18,12 @@ import parallel
 from reward import pick
 
 
+def step_std(sigmas: list[float], i: int, noise_level: float) -> float:
+    """std_t = noise_level * sqrt(s / (1 - s)); at s = 1 the denominator uses sigmas[1], as Flow-GRPO clips it."""
+    s = sigmas[i]
+    return noise_level * math.sqrt(s / (1 - (sigmas[1] if s == 1 else s)))
+
+
 def sde_step(z: torch.Tensor, v: torch.Tensor, sigmas: list[float], i: int, noise_level: float,
              noise: torch.Tensor | None = None, prev: torch.Tensor | None = None):
     """One SDE step from sigmas[i] to sigmas[i + 1] (sde_step_with_logprob, sde_type 'sde'): the ODE's Euler step
@@ -29,7 +35,7 @@ def sde_step(z: torch.Tensor, v: torch.Tensor, sigmas: list[float], i: int, nois
     Given `prev` (a stored step), its log-density under this z and v instead: differentiable in v."""
     s, s_next = sigmas[i], sigmas[i + 1]
     dt = s_next - s
-    std = noise_level * math.sqrt(s / (1 - (sigmas[1] if s == 1 else s)))
+    std = step_std(sigmas, i, noise_level)
     u = -v.float()
     mean = z.float() * (1 + std ** 2 / (2 * s) * dt) + u * (1 + std ** 2 * (1 - s) / (2 * s)) * dt
     scale = std * math.sqrt(-dt)
@@ -42,8 +48,7 @@ def sde_step(z: torch.Tensor, v: torch.Tensor, sigmas: list[float], i: int, nois
 def step_kl(mean: torch.Tensor, mean_ref: torch.Tensor, sigmas: list[float], i: int, noise_level: float) -> torch.Tensor:
     """KL(policy step || reference step) per sample: two Gaussians with one std, |mean - mean_ref|^2 / (2 var),
     meaned over dims (Flow-GRPO's Wan trainer; its SD3 trainer leaves out the step's |dt| in the variance)."""
-    s = sigmas[i]
-    std = noise_level * math.sqrt(s / (1 - (sigmas[1] if s == 1 else s))) * math.sqrt(sigmas[i] - sigmas[i + 1])
+    std = step_std(sigmas, i, noise_level) * math.sqrt(sigmas[i] - sigmas[i + 1])
     return ((mean - mean_ref) ** 2).mean(dim=tuple(range(1, mean.dim()))) / (2 * std ** 2)
 
 
