@@ -19,9 +19,11 @@ from reward import pick
 
 
 def step_std(sigmas: list[float], i: int, noise_level: float) -> float:
-    """std_t = noise_level * sqrt(s / (1 - s)); at s = 1 the denominator uses sigmas[1], as Flow-GRPO clips it."""
+    """std_t = noise_level * sqrt(s / (1 - s)); at s = 1 the denominator uses sigmas[1], as Flow-GRPO clips it.
+    Open-Sora's timestep shift, computed in float32, maps t = 1000 to 999.9997 or 1000.0001 by resolution: that is
+    s = 1 too (an exact test would divide by 3e-7, or take the root of a negative number)."""
     s = sigmas[i]
-    return noise_level * math.sqrt(s / (1 - (sigmas[1] if s == 1 else s)))
+    return noise_level * math.sqrt(s / (1 - (sigmas[1] if s > 1 - 1e-5 else s)))
 
 
 def sde_step(z: torch.Tensor, v: torch.Tensor, sigmas: list[float], i: int, noise_level: float,

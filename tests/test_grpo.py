@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import grpo
+import opensora as osr
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,6 +30,18 @@ def test_the_sde_steps_log_density_is_the_gaussians():
     # without noise the mean is the sampler's Euler step z + v (s - s'): Open-Sora's v = x0 - noise
     _, _, mean = grpo.sde_step(z, v, SIGMAS, 1, 1e-9, noise=noise)
     assert torch.allclose(mean, z + v * (SIGMAS[1] - SIGMAS[2]), atol=1e-6)
+
+
+def test_the_first_step_is_at_s_1_under_open_soras_timestep_shift():
+    """Open-Sora's timestep shift maps t = 1000 to s = 1.0000001 at 480p:51 and 0.9999997 at 8x8:17 (float32): the
+    first step is still Flow-GRPO's clipped one at s = 1 (it divided by 3e-7, or failed on a negative root)."""
+    starts = [float(osr.timestep_transform(torch.tensor(1000.0), h, w, f)) / 1000 for h, w, f in
+              [(480, 854, 51), (8, 8, 17), (240, 426, 51)]]
+    assert starts[0] > 1 and starts[1] < 1  # the case is real
+    exact = grpo.step_std([1.0, 0.6, 0.0], 0, 0.7)
+    assert exact == pytest.approx(0.7 * math.sqrt(1 / 0.4))
+    for s in starts:
+        assert grpo.step_std([s, 0.6, 0.0], 0, 0.7) == pytest.approx(exact, rel=1e-6)
 
 
 def test_advantages_ratio_and_kl():
