@@ -7,10 +7,12 @@
 Parts (--parts a,b,c,d):
   a  seconds per phase of one OnlineVPO step: sample (N candidates, one batched call), decode, reward,
      DPO forward (policy + reference), DPO backward, optimizer;
-  b  peak memory of an OnlineVPO step vs a ReFL step across (resolution, frames) points, as the paper's Fig. 7;
+  b  peak memory of an OnlineVPO step vs a GRPO step (grpo.py) vs a ReFL step across (resolution, frames) points,
+     as the paper's Fig. 7;
   c  N candidates sampled in one batched call vs N calls of one;
   d  GPU only: model FLOPs utilisation (MFU) of sampling and of the DPO step.
-The step is train.py's own: train.online_pairs + train.dpo_step (baselines.refl_backward for ReFL) over a
+The step is train.py's own: train.online_pairs + train.dpo_step (grpo.grpo_backward for GRPO, baselines.refl_backward
+for ReFL) over a
 run.Run built from train.py's flags around the random models, so its memory levers are train.py's defaults:
 gradient checkpointing, the reference stored like the policy (fp32), the text encoder freed once every
 prompt is encoded. The loop's phase clock is bench's for the measured steps. Tables print as markdown with the
@@ -31,6 +33,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 import baselines
+import grpo
 import opensora as osr
 import reward as rw
 import train
@@ -266,6 +269,20 @@ def refl_step(run: Run, clock: Clock, steps: int):
             run.optimizer_step()
 
 
+def grpo_step(run: Run, clock: Clock, steps: int):
+    """One GRPO step of grpo.train's loop: grpo_backward samples N SDE trajectories per prompt, scores them, and
+    for each trained sampling step (here the first; --grpo-timestep-fraction of 2 steps) takes the clipped loss
+    over all N guided videos with gradients and the reference's forward for the KL; then the optimizer step."""
+    with measured(run, clock, steps):
+        for counters, last in run.batches():
+            grpo.grpo_backward(run, counters, last)
+        if not run.pairs:  # a zero-variance group is skipped, as the loop skips it
+            raise UserError(f"the {run.args.n} candidates' rewards tied (or were NaN): this GRPO step has no "
+                            "advantage and no update to measure; try another --seed")
+        with clock("optimizer"):
+            run.optimizer_step()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The parts
 
@@ -314,7 +331,8 @@ def mfu(run: Run, steps: int, peak_tflops: float) -> dict:
                 dpo_tflop=dpo_flops / 1e12, dpo_s=dpo_s, dpo_mfu=dpo_flops / dpo_s / (peak_tflops * 1e12))
 
 
-METHODS = {"OnlineVPO": "online", "ReFL": "refl"}  # b's columns: train.py --method
+METHODS = {"OnlineVPO": "online", "GRPO": "grpo", "ReFL": "refl"}  # b's columns: train.py --method
+STEPS = {"OnlineVPO": online_step, "GRPO": grpo_step, "ReFL": refl_step}
 LORA = "OnlineVPO LoRA"  # b's column with --lora-rank: the online method with adapters
 MEMORY_STEPS = 2  # peak memory does not depend on the number of sampling steps (no gradients while sampling)
 
@@ -334,7 +352,7 @@ def gpu_peak(step) -> dict | str:
 
 
 def gpu_memory(run: Run, points: list, step) -> dict:
-    """b on a GPU, in this process: step (online_step or refl_step) of the run at every point."""
+    """b on a GPU, in this process: step (online_step, grpo_step or refl_step) of the run at every point."""
     out = {}
     for point in points:
         set_point(run.model, point)
@@ -362,7 +380,7 @@ def child_memory(spec: dict, conn):
         lora = spec["method"] == LORA
         run = make_run(model, reward, spec["reward"], "online" if lora else METHODS[spec["method"]], spec["n"],
                        spec["seed"], spec["split"], spec["lora_rank"] if lora else 0)
-        step = refl_step if spec["method"] == "ReFL" else online_step
+        step = online_step if lora else STEPS[spec["method"]]
         set_point(model, parse_point(WARM_POINT))
         step(run, Clock(model.device), MEMORY_STEPS)
         set_point(model, parse_point(spec["point"]))
@@ -376,7 +394,7 @@ def child_memory(spec: dict, conn):
 
 
 def memory_columns(args) -> list[str]:
-    return ["OnlineVPO"] + ([LORA] if args.lora_rank else []) + ["ReFL"]
+    return ["OnlineVPO"] + ([LORA] if args.lora_rank else []) + ["GRPO", "ReFL"]
 
 
 def cpu_memory(args, points: list) -> dict:
@@ -619,10 +637,11 @@ def run(args) -> dict:
         log(f"b: memory at {args.points}")
         if dev.type == "cuda":
             mem = {"OnlineVPO": gpu_memory(job, cfg["points"], online_step)}
-            del job  # its reference and AdamW state: ReFL's run holds no reference
-            free_memory(dev)
-            job = make_run(model, reward, args.reward, "refl", args.n, args.seed)
-            mem["ReFL"] = gpu_memory(job, cfg["points"], refl_step)
+            for name in ("GRPO", "ReFL"):  # each a run of its own: ReFL's holds no reference
+                del job
+                free_memory(dev)
+                job = make_run(model, reward, args.reward, METHODS[name], args.n, args.seed)
+                mem[name] = gpu_memory(job, cfg["points"], STEPS[name])
             if args.lora_rank:  # last: the adapters stay on the network, the frozen base takes no AdamW state
                 del job
                 free_memory(dev)
@@ -638,7 +657,8 @@ def run(args) -> dict:
                    f"state, reward), both over the process before it built anything; a fresh process each, after " \
                    f"a warm-up step at {WARM_POINT}"
         lora_note = f", OnlineVPO with LoRA r={args.lora_rank} adapters" if args.lora_rank else ""
-        print(f"### b. Memory of one step (Fig. 7): OnlineVPO (N = {args.n}){lora_note} vs ReFL; {unit}\n"
+        print(f"### b. Memory of one step (Fig. 7): OnlineVPO (N = {args.n}){lora_note} vs GRPO (N = {args.n}) vs "
+              f"ReFL; {unit}\n"
               f"Reward: {reward_label}. {MEMORY_STEPS} sampling steps.\n")
         digits = 1 if dev.type == "cuda" else 0  # GB on a GPU, MB on a CPU
         cell = lambda v: f"{v['peak']:.{digits}f} ({v['before']:.{digits}f})" if isinstance(v, dict) else v

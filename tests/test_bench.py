@@ -106,7 +106,8 @@ def test_mfu_counts_the_sampler_and_the_dpo_step():
 def test_steps_are_the_training_loops_own(monkeypatch):
     """bench times train.py's and baselines.py's loop functions, not copies of them: the online step calls
     online_pairs then dpo_step on its run (which holds a reference) and its optimizer step moves the weights;
-    the ReFL step calls refl_backward on a run built with --method refl, which holds no reference (Fig. 7)."""
+    the ReFL step calls refl_backward on a run built with --method refl, which holds no reference (Fig. 7); the
+    GRPO step calls grpo_backward on a run that holds the reference of its KL term."""
     calls = []
     for module, name in ((bench.train, "online_pairs"), (bench.train, "dpo_step"),
                          (bench.baselines, "refl_backward")):
@@ -122,6 +123,11 @@ def test_steps_are_the_training_loops_own(monkeypatch):
     refl = bench.make_run(model, reward, "pixel", "refl", n=2)
     bench.refl_step(refl, bench.Clock(model.device), 2)
     assert calls[2:] == [("refl_backward", refl)] and refl.ref is None
+    monkeypatch.setattr(bench.grpo, "grpo_backward",
+                        lambda run, *a, _f=bench.grpo.grpo_backward: calls.append(("grpo_backward", run)) or _f(run, *a))
+    grpo_run = bench.make_run(model, reward, "pixel", "grpo", n=2)
+    bench.grpo_step(grpo_run, bench.Clock(model.device), 2)
+    assert calls[3:] == [("grpo_backward", grpo_run)] and grpo_run.ref is not None and grpo_run.pairs == 2
 
 
 class TiedReward(rw.PixelReward):
@@ -143,7 +149,8 @@ def test_a_tied_step_is_reported_not_paired():
 
 def test_refl_memory_grows_with_frames_and_exceeds_online(tmp_path, capsys):
     """b on a CPU (one fresh process per measurement): ReFL backpropagates through the VAE decoder, so its step
-    needs more memory with more frames and more than OnlineVPO's (paper Fig. 7)."""
+    needs more memory with more frames and more than OnlineVPO's (paper Fig. 7). GRPO's column sits between them:
+    its backward holds all N guided videos' activations, DPO's only a winner's and a loser's."""
     out = tmp_path / "mem.json"
     bench.main(["--parts", "b", "--points", "32x64:17,32x64:51", "--device", "cpu", "--json", str(out)])
     b = json.loads(out.read_text())["b"]
@@ -151,6 +158,7 @@ def test_refl_memory_grows_with_frames_and_exceeds_online(tmp_path, capsys):
     refl, online = b["ReFL"], b["OnlineVPO"]
     assert step(refl["32x64:51"]) > 1.5 * step(refl["32x64:17"]) > 0
     assert step(refl["32x64:51"]) > step(online["32x64:51"]) > 0
+    assert step(b["GRPO"]["32x64:51"]) > 1.5 * step(online["32x64:51"])
     assert "| 32x64:51 |" in capsys.readouterr().out
 
 
