@@ -9,7 +9,8 @@ several seeds.
 Every run starts from the shipped toy weights and trains with the toy reward's temporal consistency (the
 paper's best dimension, Table 4b), or the online-mix runs with its weighted mix with dynamic degree. Each final policy then samples every toy prompt with fixed seeds, and the
 table reports the toy reward of those videos and the shape judge's verdicts (toy.judge) as mean +- std over
-seeds, next to the untrained model's.
+seeds, next to the untrained model's; beside them each run's training curve from its metrics.jsonl (the trained
+reward of its own samples over its first and last 5 steps) and its seconds per step.
 """
 import argparse
 import hashlib
@@ -79,7 +80,23 @@ def run_one(name: str, seed: int, args, model, reward, prompts: list[str]) -> di
     policy = os.path.join(out, f"checkpoint-{args.steps}", "model.safetensors")
     if not os.path.isfile(policy):  # continue an interrupted run, or start one
         train.train(train.parse_args(flags + (["--resume"] if run.latest_checkpoint(out) else ["--overwrite"])))
-    return cached_eval(os.path.join(out, "eval.json"), model, reward, prompts, policy)
+    return {**cached_eval(os.path.join(out, "eval.json"), model, reward, prompts, policy), **training_stats(out)}
+
+
+def training_stats(out: str, window: int = 5) -> dict:
+    """From the run's metrics.jsonl: the trained reward of the policy's own samples (reward_mean, the mean over the
+    step's candidates) over the first and the last `window` steps, and the seconds per step (sampling, decoding,
+    reward and training; the first step, which warms up, left out)."""
+    steps = {}
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            steps[row["step"]] = row  # a resumed run logs a step again: the last one counts
+    rows = [steps[k] for k in sorted(steps)]
+    mean = lambda v: sum(v) / len(v)
+    return {"trained_first": mean([r["reward_mean"] for r in rows[:window]]),
+            "trained_last": mean([r["reward_mean"] for r in rows[-window:]]),
+            "s_per_step": mean([sum(v for k, v in r.items() if k.startswith("time_")) for r in rows[1:] or rows])}
 
 
 def check_weights(out: str, weights: str = os.path.join(toy.TOY_DIR, "model.safetensors")) -> None:
@@ -117,13 +134,16 @@ def cached_eval(path: str, model, reward, prompts: list[str], policy: str | None
 
 
 def summarise(results: dict, dims: list[str]) -> str:
-    """A markdown table: a row per run, mean +- std over seeds of each reward dimension."""
+    """A markdown table: a row per run, mean +- std over seeds of each reward dimension ('-' where a run has none:
+    the untrained model has no training curve)."""
     lines = ["| run | seeds | " + " | ".join(dims) + " |", "|---" * (len(dims) + 2) + "|"]
     for name, per_seed in results.items():
         cells = []
         for dim in dims:
-            v = [r[dim] for r in per_seed]
-            cells.append(f"{statistics.mean(v):.3f} ± {statistics.stdev(v) if len(v) > 1 else 0:.3f}")
+            v = [r[dim] for r in per_seed if dim in r]
+            digits = 1 if dim == "s_per_step" else 3
+            cells.append(f"{statistics.mean(v):.{digits}f} ± {statistics.stdev(v) if len(v) > 1 else 0:.{digits}f}"
+                         if v else "-")
         lines.append(f"| {name} | {len(per_seed)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -159,7 +179,8 @@ def main(argv=None):
     for per_seed in results.values():  # the mean of the five, as --reward-dim global
         for r in per_seed:
             r["global"] = sum(r[d] for d in reward.dims) / len(reward.dims)
-    table = summarise(results, reward.dims + ["global", "judged_shape", "judged_color"])
+    table = summarise(results, reward.dims + ["global", "judged_shape", "judged_color", "trained_first",
+                                              "trained_last", "s_per_step"])
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"args": vars(args), "results": results}, f, indent=1)
     with open(os.path.join(args.out, "table.md"), "w") as f:

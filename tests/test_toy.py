@@ -1,4 +1,5 @@
 """The toy world: rendering, the toy reward's judgements, and toy.py's pretraining entry point."""
+import json
 import os
 import subprocess
 import sys
@@ -92,6 +93,21 @@ def test_ablation_table_reports_mean_and_spread_over_seeds():
     table = ablate.summarise({"online-K5": [{"temporal_consistency": 0.9}, {"temporal_consistency": 0.8}]},
                              ["temporal_consistency"])
     assert table.splitlines()[-1] == "| online-K5 | 2 | 0.850 ± 0.071 |"
+    assert ablate.summarise({"untrained": [{}]}, ["trained_last"]).splitlines()[-1] == "| untrained | 1 | - |"
+
+
+def test_ablation_reads_each_runs_training_curve_and_time_per_step(tmp_path):
+    """The trained reward of the first and last 5 steps and the seconds per step come from metrics.jsonl; a step a
+    resumed run logged twice counts once (its last record), and the first step (warm-up) is not timed."""
+    import ablate
+
+    rows = [{"step": k, "reward_mean": k / 10, "time_sample": 2.0, "time_train": 1.0} for k in range(1, 13)]
+    rows[0]["time_sample"] = 50.0
+    rows.insert(7, {"step": 8, "reward_mean": 99.0, "time_sample": 99.0})  # logged, then redone after a resume
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stats = ablate.training_stats(str(tmp_path))
+    assert stats["trained_first"] == pytest.approx(0.3) and stats["trained_last"] == pytest.approx(1.0)
+    assert stats["s_per_step"] == pytest.approx(3.0)
 
 
 # ----------------------------------------------------------------------------------------------------------
