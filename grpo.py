@@ -93,39 +93,50 @@ def rollout(run, counters: list[int]):
 
 def grpo_backward(run, counters: list[int], sync: bool = True):
     """Rollout, then for each trained step one forward of the policy (and of the reference for the KL) on the
-    stored states and one backward; groups with zero variance are skipped and counted as ties."""
+    stored states and one backward, in micro-batches of --grpo-micro-batch videos (the same gradient, less
+    activation memory). Groups with zero variance carry no signal: skipped and counted as ties. Under torchrun a
+    rank makes the same network calls whatever tied (DDP's and FSDP2's collectives wait for every rank): its tied
+    groups stay in the batch with weight 0, as DPO's stand-in pairs do (parallel.stand_in)."""
     args, model, n = run.args, run.model, run.args.n
     prompts, traj, old_lp, sigmas, adv = rollout(run, counters)
-    keep = adv.abs().sum(1) > 0  # zero-variance groups carry no signal: skipped, counted like DPO's ties
+    keep = adv.abs().sum(1) > 0
     run.ties += int((~keep).sum())
-    if not keep.any() or not torch.isfinite(traj[-1]).all():
-        run.finite = run.finite and bool(torch.isfinite(traj[-1]).all())
+    finite = bool(torch.isfinite(traj[-1]).all())
+    run.finite = run.finite and finite  # under torchrun a NaN runs on: its NaN gradient skips the step everywhere
+    if parallel.WORLD == 1 and (not keep.any() or not finite):
         return
-    rows = keep.repeat_interleave(n).to(traj[0].device)
-    prompts = [p for p, k in zip(prompts, keep.tolist()) if k]
-    adv = adv[keep].flatten().to(model.device)
+    rows = keep.repeat_interleave(n) if parallel.WORLD == 1 else torch.ones(len(keep) * n, dtype=torch.bool)
+    weight = keep.repeat_interleave(n)[rows].float().to(model.device)
+    each = [p for p, k in zip([p for p in prompts for _ in range(n)], rows.tolist()) if k]
+    adv = adv.flatten()[rows].to(model.device)
     steps = train_steps(len(sigmas) - 1, args.grpo_timestep_fraction)
-    scale = len(adv) * parallel.WORLD / (args.batch_size * n * len(steps))  # the mean over samples and steps
+    size = args.grpo_micro_batch or len(each)
+    chunks = [slice(lo, lo + size) for lo in range(0, len(each), size)]
+    scale = parallel.WORLD / (args.batch_size * n * len(steps))  # the sum over samples and steps -> their mean
     for j, i in enumerate(steps):
-        z, prev = traj[i][rows], traj[i + 1][rows]
-        with parallel.gradient_sync(run.net, sync and j == len(steps) - 1), run.clock("train"):
-            v = model.grpo_velocity(run.net, z, sigmas[i], prompts, n)
-            _, log_prob, mean = sde_step(z, v, sigmas, i, args.grpo_noise_level, prev=prev)
-            per_sample, ratio = clipped_loss(log_prob, old_lp[i].to(log_prob)[rows], adv, args.grpo_clip)
-            kl = torch.zeros_like(per_sample)
-            if args.grpo_beta > 0:
-                with torch.no_grad(), run.reference() as ref:
-                    v_ref = model.grpo_velocity(ref, z, sigmas[i], prompts, n)
-                    _, _, mean_ref = sde_step(z, v_ref, sigmas, i, args.grpo_noise_level, prev=prev)
-                kl = step_kl(mean, mean_ref, sigmas, i, args.grpo_noise_level)
-            loss = (per_sample + args.grpo_beta * kl).mean()
-            (loss * scale).backward()
-        run.log["loss"] += [loss.item()]
-        run.log["kl"] += [kl.mean().item()]
-        run.log["ratio"] += [ratio.mean().item()]
-        run.log["clipped"] += [((ratio - 1).abs() > args.grpo_clip).float().mean().item()]
-        run.finite = run.finite and bool(torch.isfinite(loss))
-    run.pairs += len(adv)
+        z_all, prev_all, old_all = traj[i][rows], traj[i + 1][rows], old_lp[i][rows]
+        for c, part in enumerate(chunks):
+            last = sync and j == len(steps) - 1 and c == len(chunks) - 1
+            z, prev, w = z_all[part].to(model.device), prev_all[part].to(model.device), weight[part]
+            with parallel.gradient_sync(run.net, last), run.clock("train"):
+                v = model.grpo_velocity(run.net, z, sigmas[i], each[part], 1)
+                _, log_prob, mean = sde_step(z, v, sigmas, i, args.grpo_noise_level, prev=prev)
+                per_sample, ratio = clipped_loss(log_prob, old_all[part].to(log_prob), adv[part], args.grpo_clip)
+                kl = torch.zeros_like(per_sample)
+                if args.grpo_beta > 0:
+                    with torch.no_grad(), run.reference() as ref:
+                        v_ref = model.grpo_velocity(ref, z, sigmas[i], each[part], 1)
+                        _, _, mean_ref = sde_step(z, v_ref, sigmas, i, args.grpo_noise_level, prev=prev)
+                    kl = step_kl(mean, mean_ref, sigmas, i, args.grpo_noise_level)
+                loss = (per_sample + args.grpo_beta * kl) * w
+                (loss.sum() * scale).backward()
+            counted = w > 0  # what the metrics average: the groups trained on
+            run.log["loss"] += loss[counted].tolist()
+            run.log["kl"] += kl[counted].tolist()
+            run.log["ratio"] += ratio[counted].tolist()
+            run.log["clipped"] += ((ratio[counted] - 1).abs() > args.grpo_clip).float().tolist()
+            run.finite = run.finite and bool(torch.isfinite(loss).all())
+    run.pairs += int(weight.sum())
 
 
 def train(run) -> dict:

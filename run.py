@@ -77,6 +77,8 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
                    "Wan: 0.004; 0 = none)")
     g.add_argument("--grpo-timestep-fraction", type=float, default=0.99, help="train on the first int(K x this) of "
                    "the K sampling steps (Flow-GRPO: 0.99, the last step left out)")
+    g.add_argument("--grpo-micro-batch", type=int, default=0, help="videos per forward/backward of the GRPO update "
+                   "(the same gradient, less activation memory; 0 = all of a --sample-batch's prompts' N videos)")
     g = p.add_argument_group("DenseDPO (--method dense, structural)")
     g.add_argument("--eta", type=float, default=0.7, help="guidance level: each candidate is the source video "
                    "corrupted to the state at t = eta * 1000 and denoised again; lower keeps more of the source's "
@@ -194,9 +196,8 @@ def check_values(args):
             value = getattr(args, name)
             if not math.isfinite(value) or not ok(value):
                 raise UserError(f"--{name.replace('_', '-')} out of range: {value} (see --help)")
-        if parallel.WORLD > 1:
-            raise UserError("--method grpo runs in one process for now: a rank whose groups all tie would skip the "
-                            "backward the others wait for")
+        if args.grpo_micro_batch < 0:
+            raise UserError(f"--grpo-micro-batch must be at least 1 (0: all videos at once), got {args.grpo_micro_batch}")
     if not math.isfinite(args.eta) or not 0 < args.eta <= 1:
         raise UserError(f"--eta must be in (0, 1] (the noise level of the corrupted copies), got {args.eta}")
     if not math.isfinite(args.label_fraction) or not 0 < args.label_fraction <= 1:

@@ -72,3 +72,24 @@ def test_a_tiny_grpo_run_starts_at_ratio_one_and_zero_kl(tmp_path):
     assert first["kl"] == pytest.approx(0.0, abs=1e-9)  # policy = reference before the first update
     assert rows[1]["kl"] > 0  # after it, the policy has moved away from the (never updated, K = 0) reference
     assert 0 <= first["reward/temporal_consistency"] <= 1
+
+
+def test_micro_batches_give_the_same_update(tmp_path):
+    """--grpo-micro-batch splits the update's forward/backward into chunks of videos (here 3, 3 and 2 of 2 prompts x
+    N 4, in one sample batch): the same gradient, so the same step."""
+    from safetensors.torch import load_file
+
+    base = ["--model", "tiny", "--size", "16x16", "--frames", "4", "--sample-steps", "3", "--n", "4",
+            "--batch-size", "2", "--sample-batch", "2", "--lr", "1e-3", "--method", "grpo", "--steps", "1",
+            "--k", "0", "--prompts", os.path.join(ROOT, "prompts/train.txt")]
+    rows, weights = {}, {}
+    for m in (0, 3):
+        out = tmp_path / f"micro{m}"
+        train.main(base + ["--grpo-micro-batch", str(m), "--out", str(out)])
+        weights[m] = load_file(str(out / "checkpoint-1" / "model.safetensors"))
+        rows[m] = json.loads(open(out / "metrics.jsonl").readline())
+    assert rows[0]["pairs"] == rows[3]["pairs"] == 8
+    for key in ("grad_norm", "loss", "kl", "reward_mean"):
+        assert rows[3][key] == pytest.approx(rows[0][key], rel=1e-5, abs=1e-9), key
+    for key, value in weights[0].items():  # an AdamW first step moves each weight by about lr = 1e-3
+        torch.testing.assert_close(weights[3][key], value, atol=1e-5, rtol=0)

@@ -40,9 +40,9 @@ train.main()
 """
 
 
-def torchrun(tmp_path, *args):
+def torchrun(tmp_path, *args, patch: str = ""):
     driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER.format(repo=REPO))
+    driver.write_text(DRIVER.format(repo=REPO).replace("train.main()", patch + "train.main()"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver), *args]
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -186,3 +186,36 @@ def test_lora_under_ddp_and_fsdp_follows_one_process_and_resumes(tmp_path):
     assert one.keys() == other.keys() and not any(".lora_" in k or "base_layer" in k for k in one)
     for key in one:
         torch.testing.assert_close(other[key], one[key], atol=2e-5, rtol=0, msg=f"merged {key}")
+
+
+GRPO = ["--model", "tiny", "--reward", "pixel", "--method", "grpo", "--steps", "2", "--batch-size", "4", "-n", "4",
+        "--k", "1", "--sample-steps", "3", "--grpo-micro-batch", "3", "--save-every", "2"]
+# rank 1's groups all tie: it must still make every network call of the update, with weight 0
+TIE_ON_RANK_1 = """
+import grpo
+_advantages = grpo.group_advantages
+grpo.group_advantages = lambda r, clip=5.0: _advantages(r, clip) * (parallel.RANK != 1)
+"""
+
+
+def test_grpo_under_ddp_follows_one_process_and_a_rank_that_ties_keeps_step(tmp_path):
+    """--method grpo under torchrun: the ranks' groups together are the one process's batch (same losses and
+    gradient norms, micro-batches of 3 videos included), and a rank whose groups all tie joins the collectives
+    with zero weight instead of leaving the other waiting."""
+    import train
+
+    torchrun(tmp_path, *GRPO, "--out", str(tmp_path / "ddp"))
+    train.train(train.parse_args([*GRPO, "--out", str(tmp_path / "one")]))
+    two, one = metrics(tmp_path / "ddp"), metrics(tmp_path / "one")
+    for a, b in zip(two, one):
+        assert a["pairs"] == b["pairs"] == 16 and a["ties"] == b["ties"] == 0
+        for key in ("grad_norm", "kl", "reward_mean"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-8), key
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)  # -A ratio with ratio ~1 means ~0: rounding alone
+    same_ranks(tmp_path / "ddp", 2)
+    same_weights(tmp_path / "ddp" / "checkpoint-2", tmp_path / "one" / "checkpoint-2", atol=2e-5)
+
+    torchrun(tmp_path, *GRPO, "--out", str(tmp_path / "tied"), patch=TIE_ON_RANK_1)
+    tied = metrics(tmp_path / "tied")
+    assert [(r["pairs"], r["ties"]) for r in tied] == [(8, 2), (8, 4)]  # rank 0's 2 prompts x 4; ties run on
+    same_ranks(tmp_path / "tied", 2)
