@@ -221,13 +221,14 @@ def make_run(model: VideoModel, reward, reward_name: str, method: str, n: int, s
     """The training job as train.py builds it from its flags, over bench's random model and reward: its reference
     G_ref (none for ReFL: Fig. 7 compares that memory too), AdamW, and train.py's default memory levers
     (gradient checkpointing, the reference stored like the policy, every prompt encoded once and the text encoder
-    freed). One prompt per step (--batch-size 1, --sample-batch 1); nothing is written (out None). lora_rank > 0:
-    train.py --lora-rank, adapters on the model (the reference a second adapter, no copy)."""
+    freed). One prompt per step (--batch-size 1, --sample-batch 1); nothing is written (out None). split:
+    train.py --split-pair (for GRPO --grpo-micro-batch 1). lora_rank > 0: train.py --lora-rank, adapters on the
+    model (the reference a second adapter, no copy)."""
     args = train.parse_args(["--method", method, "--n", str(n), "--batch-size", "1", "--seed", str(seed),
                              "--reward", reward_name, "--device", str(model.device),
                              # the name only passes run.check_args: the prebuilt model is what runs
                              "--model", "opensora" if model.name == "opensora" else "tiny"]
-                            + (["--split-pair"] if split else [])
+                            + ((["--grpo-micro-batch", "1"] if method == "grpo" else ["--split-pair"]) if split else [])
                             + (["--lora-rank", str(lora_rank)] if lora_rank else []))
     args.out = None
     return Run(args, model=model, reward=reward, prompts=PROMPTS)
@@ -483,7 +484,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reward-offload", action="store_true", help="keep the reward on the CPU except while it "
                    "scores (train.py --reward-offload)")
     p.add_argument("--split-pair", action="store_true", help="the DPO step as train.py --split-pair (winners' and "
-                   "losers' backward one after the other) in parts a, b and d")
+                   "losers' backward one after the other) in parts a, b and d; in b GRPO's update one video at a "
+                   "time (train.py --grpo-micro-batch 1)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the accelerator's dense bf16 TFLOP/s for MFU "
                    "(default: looked up for H200/H100/A100)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -640,7 +642,7 @@ def run(args) -> dict:
             for name in ("GRPO", "ReFL"):  # each a run of its own: ReFL's holds no reference
                 del job
                 free_memory(dev)
-                job = make_run(model, reward, args.reward, METHODS[name], args.n, args.seed)
+                job = make_run(model, reward, args.reward, METHODS[name], args.n, args.seed, args.split_pair)
                 mem[name] = gpu_memory(job, cfg["points"], STEPS[name])
             if args.lora_rank:  # last: the adapters stay on the network, the frozen base takes no AdamW state
                 del job
