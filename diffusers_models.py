@@ -211,10 +211,7 @@ class DiffusersVideoModel:
         net = net or self.dit
         cfg = self.cfg if cfg is None else cfg
         assert len(seeds) == len(prompts) * n
-        y = self.encode_prompts(prompts)[0].repeat_interleave(n, 0)
-        guided = cfg > 1  # both pipelines: guidance_scale <= 1 turns CFG off
-        if guided:  # [uncond; cond], the order of CogVideoXPipeline's batch
-            y = torch.cat([self.encode_prompts([self.negative_prompt])[0].expand_as(y), y])
+        y = self.guidance_text(prompts, n, cfg)
         z = torch.stack([torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(s))
                          for s in seeds]).to(self.device)
         scheduler = copy.deepcopy(self.scheduler)  # multistep solvers keep a history: a fresh one per call
@@ -232,15 +229,29 @@ class DiffusersVideoModel:
         was_training = net.training
         net.eval()
         for t in timesteps:
-            z_in = torch.cat([z, z]) if guided else z
-            with self.autocast():
-                pred = self.predict(net, z_in, t.expand(z_in.shape[0]), y).float()
-            if guided:
-                uncond, cond = pred.chunk(2)
-                pred = uncond + cfg * (cond - uncond)
-            z = scheduler.step(pred, t, z, return_dict=False)[0]
+            z = scheduler.step(self.guided_prediction(net, z, t, y, cfg), t, z, return_dict=False)[0]
         net.train(was_training)
         return z
+
+    def guidance_text(self, prompts: list[str], n: int, cfg: float) -> torch.Tensor:
+        """Text features of each prompt repeated n times, after the negative prompt's when guided: [uncond; cond],
+        the order of CogVideoXPipeline's batch. Both pipelines turn CFG off at guidance_scale <= 1."""
+        y = self.encode_prompts(prompts)[0].repeat_interleave(n, 0)
+        if cfg <= 1:
+            return y
+        return torch.cat([self.encode_prompts([self.negative_prompt])[0].expand_as(y), y])
+
+    def guided_prediction(self, net: nn.Module, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                          cfg: float) -> torch.Tensor:
+        """The pipelines' prediction at timestep t: both CFG halves in one batch, uncond + cfg (cond - uncond)."""
+        guided = y.shape[0] == 2 * z.shape[0]
+        z_in = torch.cat([z, z]) if guided else z
+        with self.autocast():
+            pred = self.predict(net, z_in, torch.as_tensor(t, device=z.device).expand(z_in.shape[0]), y).float()
+        if not guided:
+            return pred
+        uncond, cond = pred.chunk(2)
+        return uncond + cfg * (cond - uncond)
 
     @torch.no_grad()
     def encode(self, videos: torch.Tensor) -> torch.Tensor:
@@ -460,6 +471,44 @@ class Wan(DiffusersVideoModel):
         with self.autocast():
             v = self.predict(net, x_t, t, y)
         return mean_error((v.float() - (noise - x0).float()).pow(2), segments)
+
+
+    # --- GRPO (grpo.py): Flow-GRPO's Wan2.1 rollout, the pipeline scheduler's sigmas stepped as an SDE
+    grpo_noise_level = None  # Flow-GRPO's Wan2.1 pipeline: std_t = sigmas[1] * s, no noise level (grpo.step_std)
+
+    @torch.no_grad()
+    def sample_sde(self, prompts: list[str], n: int, generators: list[torch.Generator], noise_level: float | None,
+                   net: nn.Module | None = None, steps: int | None = None):
+        """As Flow-GRPO's wan_pipeline_with_logprob: the scheduler's timesteps and sigmas (set_timesteps), the guided
+        prediction at each timestep, and instead of the scheduler's step the SDE step (grpo.sde_step) from sigmas[i]
+        to sigmas[i + 1]. Wan predicts noise - x0; grpo.py takes Open-Sora's x0 - noise, hence the sign. Candidate j
+        draws its starting noise and every step's noise from generators[j]. Returns the trajectory (K + 1 states), the
+        log-densities (K, B), the K + 1 sigmas (the last 0) and the K timesteps the transformer sees."""
+        import grpo
+
+        net = net or self.dit
+        y = self.guidance_text(prompts, n, self.cfg)
+        scheduler = copy.deepcopy(self.scheduler)
+        scheduler.set_timesteps(steps or self.sample_steps, device=self.device)
+        timesteps, sigmas = list(scheduler.timesteps), scheduler.sigmas.float().tolist()
+        z = torch.stack([torch.randn(self.latent_shape, generator=g) for g in generators]).to(self.device)
+        was_training = net.training
+        net.eval()
+        trajectory, log_probs = [z], []
+        for i, t in enumerate(timesteps):
+            v = -self.guided_prediction(net, z, t, y, self.cfg)
+            noise = torch.stack([torch.randn(self.latent_shape, generator=g) for g in generators]).to(z)
+            z, log_prob, _ = grpo.sde_step(z, v, sigmas, i, noise_level, noise=noise)
+            trajectory.append(z)
+            log_probs.append(log_prob)
+        net.train(was_training)
+        return trajectory, torch.stack(log_probs), sigmas, timesteps
+
+    def grpo_velocity(self, net: nn.Module, z: torch.Tensor, t: torch.Tensor, prompts: list[str],
+                      n: int) -> torch.Tensor:
+        """The guided prediction WITH gradients at one stored step (GRPO's training forward; CFG as in the rollout,
+        Flow-GRPO's train.cfg), in grpo.py's sign: x0 - noise."""
+        return -self.guided_prediction(net, z, t, self.guidance_text(prompts, n, self.cfg), self.cfg)
 
 
 def build_wan(dit: str | None = None, vae: str | None = None, text_encoder: str | None = None,

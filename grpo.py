@@ -18,19 +18,22 @@ import parallel
 from reward import pick
 
 
-def step_std(sigmas: list[float], i: int, noise_level: float) -> float:
-    """std_t = noise_level * sqrt(s / (1 - s)); at s = 1 the denominator uses sigmas[1], as Flow-GRPO clips it.
-    Open-Sora's timestep shift, computed in float32, maps t = 1000 to 999.9997 or 1000.0001 by resolution: that is
-    s = 1 too (an exact test would divide by 3e-7, or take the root of a negative number)."""
+def step_std(sigmas: list[float], i: int, noise_level: float | None) -> float:
+    """std_t = noise_level * sqrt(s / (1 - s)) (Flow-GRPO's SDE); at s = 1 the denominator uses sigmas[1], as
+    Flow-GRPO clips it. Open-Sora's timestep shift, computed in float32, maps t = 1000 to 999.9997 or 1000.0001 by
+    resolution: that is s = 1 too (an exact test would divide by 3e-7, or take the root of a negative number).
+    noise_level None: Flow-GRPO's Wan2.1 pipeline instead, std_t = sigmas[1] * s, with no noise level."""
     s = sigmas[i]
+    if noise_level is None:
+        return sigmas[1] * s
     return noise_level * math.sqrt(s / (1 - (sigmas[1] if s > 1 - 1e-5 else s)))
 
 
-def sde_step(z: torch.Tensor, v: torch.Tensor, sigmas: list[float], i: int, noise_level: float,
+def sde_step(z: torch.Tensor, v: torch.Tensor, sigmas: list[float], i: int, noise_level: float | None,
              noise: torch.Tensor | None = None, prev: torch.Tensor | None = None):
     """One SDE step from sigmas[i] to sigmas[i + 1] (sde_step_with_logprob, sde_type 'sde'): the ODE's Euler step
-    turned into the SDE with the same marginals, its noise std_t = noise_level * sqrt(s / (1 - s)) (at s = 1 the
-    denominator uses sigmas[1], as Flow-GRPO clips it),
+    turned into the SDE with the same marginals, its noise std_t = step_std (noise_level * sqrt(s / (1 - s)), or
+    Wan2.1's sigmas[1] * s),
         mean = z (1 + std_t^2 / (2 s) dt) + u (1 + std_t^2 (1 - s) / (2 s)) dt,   u = -v,  dt = s' - s < 0,
         prev = mean + std_t sqrt(-dt) noise.
     Returns (prev, log-density of prev (B,): the full Gaussian's, meaned over all non-batch dims, mean).
@@ -47,7 +50,8 @@ def sde_step(z: torch.Tensor, v: torch.Tensor, sigmas: list[float], i: int, nois
     return prev, log_prob.mean(dim=tuple(range(1, log_prob.dim()))), mean
 
 
-def step_kl(mean: torch.Tensor, mean_ref: torch.Tensor, sigmas: list[float], i: int, noise_level: float) -> torch.Tensor:
+def step_kl(mean: torch.Tensor, mean_ref: torch.Tensor, sigmas: list[float], i: int,
+            noise_level: float | None) -> torch.Tensor:
     """KL(policy step || reference step) per sample: two Gaussians with one std, |mean - mean_ref|^2 / (2 var),
     meaned over dims (Flow-GRPO's Wan trainer; its SD3 trainer leaves out the step's |dt| in the variance)."""
     std = step_std(sigmas, i, noise_level) * math.sqrt(sigmas[i] - sigmas[i + 1])
@@ -72,14 +76,21 @@ def train_steps(K: int, fraction: float) -> list[int]:
     return list(range(max(1, int(K * fraction))))
 
 
+def noise_level(run) -> float | None:
+    """--grpo-noise-level, or the model's default: 0.7 (Flow-GRPO) for Open-Sora's family, None for Wan (Flow-GRPO's
+    Wan2.1 pipeline, std_t = sigmas[1] * s)."""
+    return run.args.grpo_noise_level if run.args.grpo_noise_level is not None else run.model.grpo_noise_level
+
+
 def rollout(run, counters: list[int]):
     """N SDE samples per prompt from the current policy, decoded and scored; returns what the update needs:
-    prompts, trajectory, the sampler's log-densities, sigmas and the advantages (prompts, N)."""
-    args, model, n = run.args, run.model, run.args.n
+    prompts, trajectory, the sampler's log-densities, sigmas, the network's timesteps and the advantages
+    (prompts, N)."""
+    model, n = run.model, run.args.n
     prompts = [run.prompt(c) for c in counters]
     gens = [torch.Generator().manual_seed(s) for c in counters for s in run.candidate_seeds(c, stream="grpo")]
     with run.clock("sample"):
-        traj, old_log_probs, sigmas = model.sample_sde(prompts, n, gens, args.grpo_noise_level)
+        traj, old_log_probs, sigmas, timesteps = model.sample_sde(prompts, n, gens, noise_level(run))
     with run.clock("decode"):
         videos = model.decode(traj[-1])
     with run.clock("reward"):
@@ -88,7 +99,7 @@ def rollout(run, counters: list[int]):
     for d, v in scores.items():
         run.log[f"reward/{d}"] += v.tolist()
     run.log["reward_mean"] += r.mean(1).tolist()
-    return prompts, traj, old_log_probs, sigmas, group_advantages(r)
+    return prompts, traj, old_log_probs, sigmas, timesteps, group_advantages(r)
 
 
 def grpo_backward(run, counters: list[int], sync: bool = True):
@@ -98,7 +109,8 @@ def grpo_backward(run, counters: list[int], sync: bool = True):
     rank makes the same network calls whatever tied (DDP's and FSDP2's collectives wait for every rank): its tied
     groups stay in the batch with weight 0, as DPO's stand-in pairs do (parallel.stand_in)."""
     args, model, n = run.args, run.model, run.args.n
-    prompts, traj, old_lp, sigmas, adv = rollout(run, counters)
+    prompts, traj, old_lp, sigmas, timesteps, adv = rollout(run, counters)
+    level = noise_level(run)
     keep = adv.abs().sum(1) > 0
     run.ties += int((~keep).sum())
     finite = bool(torch.isfinite(traj[-1]).all())
@@ -119,15 +131,15 @@ def grpo_backward(run, counters: list[int], sync: bool = True):
             last = sync and j == len(steps) - 1 and c == len(chunks) - 1
             z, prev, w = z_all[part].to(model.device), prev_all[part].to(model.device), weight[part]
             with parallel.gradient_sync(run.net, last), run.clock("train"):
-                v = model.grpo_velocity(run.net, z, sigmas[i], each[part], 1)
-                _, log_prob, mean = sde_step(z, v, sigmas, i, args.grpo_noise_level, prev=prev)
+                v = model.grpo_velocity(run.net, z, timesteps[i], each[part], 1)
+                _, log_prob, mean = sde_step(z, v, sigmas, i, level, prev=prev)
                 per_sample, ratio = clipped_loss(log_prob, old_all[part].to(log_prob), adv[part], args.grpo_clip)
                 kl = torch.zeros_like(per_sample)
                 if args.grpo_beta > 0:
                     with torch.no_grad(), run.reference() as ref:
-                        v_ref = model.grpo_velocity(ref, z, sigmas[i], each[part], 1)
-                        _, _, mean_ref = sde_step(z, v_ref, sigmas, i, args.grpo_noise_level, prev=prev)
-                    kl = step_kl(mean, mean_ref, sigmas, i, args.grpo_noise_level)
+                        v_ref = model.grpo_velocity(ref, z, timesteps[i], each[part], 1)
+                        _, _, mean_ref = sde_step(z, v_ref, sigmas, i, level, prev=prev)
+                    kl = step_kl(mean, mean_ref, sigmas, i, level)
                 loss = (per_sample + args.grpo_beta * kl) * w
                 (loss.sum() * scale).backward()
             counted = w > 0  # what the metrics average: the groups trained on

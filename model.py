@@ -177,6 +177,7 @@ class VideoModel:
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32
     _cache: dict = field(default_factory=dict, repr=False)
+    grpo_noise_level = 0.7  # GRPO's SDE: Flow-GRPO's default noise level (--grpo-noise-level)
 
     # --- sizes
     @property
@@ -277,43 +278,44 @@ class VideoModel:
         return z if until is None else (z, ts[until])
 
     @torch.no_grad()
-    def sample_sde(self, prompts: list[str], n: int, generators: list[torch.Generator], noise_level: float,
-                   net: nn.Module | None = None, steps: int | None = None) -> tuple[list[torch.Tensor], torch.Tensor,
-                                                                                  list[float]]:
+    def sample_sde(self, prompts: list[str], n: int, generators: list[torch.Generator], noise_level: float | None,
+                   net: nn.Module | None = None, steps: int | None = None):
         """GRPO's rollout (grpo.py): the sampler as an SDE (Flow-GRPO), every step a Gaussian with a known log-density.
         Candidate j draws its starting noise and every step's noise from generators[j]. Returns the trajectory
         [z at t_0, ..., z at t_K = clean] (K + 1 tensors, candidates of a prompt adjacent), the per-step log-densities
-        (K, B) of the steps taken, and the K + 1 noise levels sigma_i = t_i / 1000 (the last 0)."""
+        (K, B) of the steps taken, the K + 1 noise levels sigma_i = t_i / 1000 (the last 0), and the K timesteps
+        t_i the network sees (for grpo_velocity)."""
         import grpo
 
         net = net or self.dit
         y_all, mask, kw = self._conditioning(net, prompts, n)
         velocity = self._cfg_velocity(net, y_all, mask, kw)
-        sigmas = [t / osr.NUM_TIMESTEPS for t in osr.sampling_timesteps(steps or self.sample_steps, self.transform)]
-        sigmas.append(0.0)
+        timesteps = osr.sampling_timesteps(steps or self.sample_steps, self.transform)
+        sigmas = [t / osr.NUM_TIMESTEPS for t in timesteps] + [0.0]
         z = torch.stack([torch.randn(self.latent_shape, generator=g) for g in generators]).to(self.device)
         was_training = net.training
         net.eval()
         trajectory, log_probs = [z], []
-        for i in range(len(sigmas) - 1):
-            v = self.guided_velocity(velocity, z, sigmas[i])
+        for i, t in enumerate(timesteps):
+            v = self.guided_velocity(velocity, z, t)
             noise = torch.stack([torch.randn(self.latent_shape, generator=g) for g in generators]).to(z)
             z, log_prob, _ = grpo.sde_step(z, v, sigmas, i, noise_level, noise=noise)
             trajectory.append(z)
             log_probs.append(log_prob)
         net.train(was_training)
-        return trajectory, torch.stack(log_probs), sigmas
+        return trajectory, torch.stack(log_probs), sigmas, timesteps
 
-    def guided_velocity(self, velocity, z: torch.Tensor, sigma: float, cfg: float | None = None) -> torch.Tensor:
-        """Open-Sora's classifier-free guided velocity at noise level sigma (both halves in one batch)."""
-        t_in = torch.full((2 * z.shape[0],), sigma * osr.NUM_TIMESTEPS, device=z.device)
+    def guided_velocity(self, velocity, z: torch.Tensor, t: float, cfg: float | None = None) -> torch.Tensor:
+        """Open-Sora's classifier-free guided velocity at timestep t (both halves in one batch)."""
+        t_in = torch.full((2 * z.shape[0],), t, device=z.device)
         cond, uncond = velocity(torch.cat([z, z]), t_in).chunk(2)
         return uncond + (self.cfg if cfg is None else cfg) * (cond - uncond)
 
-    def grpo_velocity(self, net: nn.Module, z: torch.Tensor, sigma: float, prompts: list[str], n: int) -> torch.Tensor:
-        """The guided velocity WITH gradients at one step of a stored trajectory (GRPO's training forward)."""
+    def grpo_velocity(self, net: nn.Module, z: torch.Tensor, t: float, prompts: list[str], n: int) -> torch.Tensor:
+        """The guided velocity WITH gradients at one step (timestep t) of a stored trajectory (GRPO's training
+        forward), in Open-Sora's sign: x0 - noise."""
         y_all, mask, kw = self._conditioning(net, prompts, n)
-        return self.guided_velocity(self._cfg_velocity(net, y_all, mask, kw), z, sigma)
+        return self.guided_velocity(self._cfg_velocity(net, y_all, mask, kw), z, t)
 
     def predict_x0(self, net: nn.Module, z: torch.Tensor, t: float, prompts: list[str],
                    cfg: float | None = None) -> torch.Tensor:

@@ -69,8 +69,9 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
     g.add_argument("--refl-latent-frames", type=int, default=None,
                    help="--method refl: latent frames decoded for the reward (default: all)")
     g = p.add_argument_group("GRPO (--method grpo, Flow-GRPO's formulation)")
-    g.add_argument("--grpo-noise-level", type=float, default=0.7, help="the SDE sampler's noise level a: std_t = a "
-                   "sqrt(s / (1 - s)) (Flow-GRPO: 0.7)")
+    g.add_argument("--grpo-noise-level", type=float, default=None, help="the SDE sampler's noise level a: std_t = a "
+                   "sqrt(s / (1 - s)) (default: Flow-GRPO's 0.7; for wan its Wan2.1 pipeline's std_t = sigma_1 s, "
+                   "which takes no level)")
     g.add_argument("--grpo-clip", type=float, default=1e-3, help="PPO clip range of the importance ratio "
                    "(Flow-GRPO: 1e-4 for SD3, 1e-3 for Wan)")
     g.add_argument("--grpo-beta", type=float, default=0.004, help="weight of the KL term to the reference (Flow-GRPO's "
@@ -194,7 +195,7 @@ def check_values(args):
         for name, ok in (("grpo_noise_level", lambda v: v > 0), ("grpo_clip", lambda v: v > 0),
                          ("grpo_beta", lambda v: v >= 0), ("grpo_timestep_fraction", lambda v: 0 < v <= 1)):
             value = getattr(args, name)
-            if not math.isfinite(value) or not ok(value):
+            if value is not None and (not math.isfinite(value) or not ok(value)):
                 raise UserError(f"--{name.replace('_', '-')} out of range: {value} (see --help)")
         if args.grpo_micro_batch < 0:
             raise UserError(f"--grpo-micro-batch must be at least 1 (0: all videos at once), got {args.grpo_micro_batch}")
@@ -581,9 +582,12 @@ class Run:
 
     def memory_levers(self):
         args, model = self.args, self.model
-        if args.method in ("refl", "grpo") and not hasattr(model, "predict_x0"):
-            raise UserError(f"--method {args.method} is implemented for the Open-Sora family (opensora, toy, tiny), "
+        if args.method == "refl" and not hasattr(model, "predict_x0"):
+            raise UserError(f"--method refl is implemented for the Open-Sora family (opensora, toy, tiny), "
                             f"not {args.model!r}")
+        if args.method == "grpo" and not hasattr(model, "sample_sde"):
+            raise UserError(f"--method grpo needs a flow-matching model (opensora, toy, tiny, wan), not {args.model!r}: "
+                            "its sampler has no SDE form here")
         if args.vae_micro_batch:
             if not hasattr(model.vae, "micro_batch_size"):
                 raise UserError(f"--vae-micro-batch applies to Open-Sora's VAE, not to model {args.model!r}")

@@ -197,3 +197,34 @@ def test_gradient_checkpointing_uses_diffusers_switch_and_keeps_gradients(folder
         model.errors(model.dit, x0, noise, t, y, mask).sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.dit.parameters() if p.grad is not None]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_wan_grpo_rollout_is_the_pipelines_schedule_stepped_as_an_sde(folders):
+    """GRPO on Wan (Flow-GRPO's wan_pipeline_with_logprob): the scheduler's own timesteps and sigmas, the guided
+    prediction, the SDE step. With a FlowMatchEuler scheduler and no noise it is the pipeline's Euler loop exactly;
+    by default its noise is Flow-GRPO's Wan2.1 std_t = sigmas[1] s."""
+    model = build_model("wan", dit=folders["wan"], **SIZE).to("cpu")
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (3, 4)]
+    traj, log_probs, sigmas, timesteps = model.sample_sde(["a red ball rolls"], 2, gens(), None, steps=3)
+    assert len(traj) == 4 and log_probs.shape == (3, 2) and sigmas[-1] == 0.0 and torch.isfinite(log_probs).all()
+    assert [int(t) for t in timesteps] == [int(s * 1000) for s in sigmas[:-1]]  # UniPC's int timesteps
+    model.scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    traj, _, _, _ = model.sample_sde(["a red ball rolls"], 2, gens(), 1e-12, steps=3)
+    assert torch.equal(traj[-1], model.sample(["a red ball rolls"], 2, [3, 4], steps=3))
+
+
+def test_a_wan_grpo_run_and_cogvideox_refused(folders, tmp_path):
+    args = ["--model", "wan", "--reward", "pixel", "--dit", folders["wan"], "--size", "32x32", "--frames", "5",
+            "--sample-steps", "3", "--n", "3", "--batch-size", "1", "--lr", "1e-3", "--method", "grpo", "--k", "0",
+            "--prompts", os.path.join(ROOT, "prompts/train.txt")]
+    train.main(args + ["--steps", "2", "--out", str(tmp_path / "wan")])
+    rows = [json.loads(line) for line in open(tmp_path / "wan" / "metrics.jsonl")]
+    assert rows[0]["pairs"] == 3 and rows[0]["ratio"] == pytest.approx(1.0, abs=1e-4)
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-9) and rows[1]["kl"] > 0
+    assert os.path.isfile(tmp_path / "wan" / "checkpoint-2" / "diffusion_pytorch_model.safetensors")
+    cog = [a if a != "wan" else "cogvideox" for a in args]
+    cog[cog.index(folders["wan"])] = folders["cogvideox"]
+    with pytest.raises(SystemExit) as e:
+        train.main(cog + ["--steps", "1", "--out", str(tmp_path / "cog")])
+    assert str(e.value.code) == ("error: --method grpo needs a flow-matching model (opensora, toy, tiny, wan), not "
+                                 "'cogvideox': its sampler has no SDE form here")
