@@ -3,12 +3,14 @@ systems use (DanceGRPO, Pref-GRPO, VeRL-Omni), on the same models, rewards and b
 
     python train.py --method grpo --n 4 --k 5                   # the toy model
     python train.py --model opensora --method grpo --reward videoscore --n 4 --k 200 --grpo-beta 0.004
+    python train.py --model wan --method grpo --reward videoscore --n 4 --k 200 --lora-rank 32
 
 Per prompt, N videos from the current policy sampled as an SDE (each step a Gaussian whose log-density is kept),
 scored by the reward; advantages normalised within the prompt's group; a PPO-clipped objective on the ratio of the
 policy's to the sampler's log-density of each step taken, plus beta times the KL to the reference (which, as for
 DPO, becomes the policy every K steps). Open-Sora's convention: x_t = (1 - s) x0 + s noise with s = t / 1000,
-the network predicts v = x0 - noise (Flow-GRPO's SD3 and Wan predict noise - x0: the sign is flipped inside).
+the network predicts v = x0 - noise (Flow-GRPO's SD3 and Wan predict noise - x0: Wan's model flips the sign before
+it reaches this file). Wan follows Flow-GRPO's Wan2.1 pipeline: its scheduler's sigmas and std_t = sigmas[1] * s.
 """
 import math
 
@@ -125,8 +127,9 @@ def grpo_backward(run, counters: list[int], sync: bool = True):
     size = args.grpo_micro_batch or len(each)
     chunks = [slice(lo, lo + size) for lo in range(0, len(each), size)]
     scale = parallel.WORLD / (args.batch_size * n * len(steps))  # the sum over samples and steps -> their mean
+    on = rows.to(traj[0].device)  # the trajectory lives where it was sampled
     for j, i in enumerate(steps):
-        z_all, prev_all, old_all = traj[i][rows], traj[i + 1][rows], old_lp[i][rows]
+        z_all, prev_all, old_all = traj[i][on], traj[i + 1][on], old_lp[i].to(on.device)[on]
         for c, part in enumerate(chunks):
             last = sync and j == len(steps) - 1 and c == len(chunks) - 1
             z, prev, w = z_all[part].to(model.device), prev_all[part].to(model.device), weight[part]
