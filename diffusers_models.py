@@ -472,13 +472,13 @@ class Wan(DiffusersVideoModel):
             v = self.predict(net, x_t, t, y)
         return mean_error((v.float() - (noise - x0).float()).pow(2), segments)
 
-
     # --- GRPO (grpo.py): Flow-GRPO's Wan2.1 rollout, the pipeline scheduler's sigmas stepped as an SDE
     grpo_noise_level = None  # Flow-GRPO's Wan2.1 pipeline: std_t = sigmas[1] * s, no noise level (grpo.step_std)
 
     @torch.no_grad()
     def sample_sde(self, prompts: list[str], n: int, generators: list[torch.Generator], noise_level: float | None,
-                   net: nn.Module | None = None, steps: int | None = None):
+                   net: nn.Module | None = None, steps: int | None = None
+                   ) -> tuple[list[torch.Tensor], torch.Tensor, list[float], list[torch.Tensor]]:
         """As Flow-GRPO's wan_pipeline_with_logprob: the scheduler's timesteps and sigmas (set_timesteps), the guided
         prediction at each timestep, and instead of the scheduler's step the SDE step (grpo.sde_step) from sigmas[i]
         to sigmas[i + 1]. Wan predicts noise - x0; grpo.py takes Open-Sora's x0 - noise, hence the sign. Candidate j

@@ -279,7 +279,8 @@ class VideoModel:
 
     @torch.no_grad()
     def sample_sde(self, prompts: list[str], n: int, generators: list[torch.Generator], noise_level: float | None,
-                   net: nn.Module | None = None, steps: int | None = None):
+                   net: nn.Module | None = None, steps: int | None = None
+                   ) -> tuple[list[torch.Tensor], torch.Tensor, list[float], list[float]]:
         """GRPO's rollout (grpo.py): the sampler as an SDE (Flow-GRPO), every step a Gaussian with a known log-density.
         Candidate j draws its starting noise and every step's noise from generators[j]. Returns the trajectory
         [z at t_0, ..., z at t_K = clean] (K + 1 tensors, candidates of a prompt adjacent), the per-step log-densities
