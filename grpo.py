@@ -52,6 +52,21 @@ def sde_step(z: torch.Tensor, v: torch.Tensor, sigmas: list[float], i: int, nois
     return prev, log_prob.mean(dim=tuple(range(1, log_prob.dim()))), mean
 
 
+def sde_rollout(velocity, z: torch.Tensor, generators: list[torch.Generator], sigmas: list[float], timesteps: list,
+                noise_level: float | None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The sampler as an SDE from the noise z: at each timestep the guided velocity(z, t) in Open-Sora's sign, then
+    sde_step from sigmas[i] to sigmas[i + 1] with candidate j's noise drawn from generators[j]. Returns the
+    trajectory [z_0, ..., z_K] and the log-densities (K, B) of the steps taken. The models own the schedule and the
+    velocity (model.sample_sde); this loop is the same for all of them."""
+    trajectory, log_probs = [z], []
+    for i, t in enumerate(timesteps):
+        noise = torch.stack([torch.randn(z.shape[1:], generator=g) for g in generators]).to(z)
+        z, log_prob, _ = sde_step(z, velocity(z, t), sigmas, i, noise_level, noise=noise)
+        trajectory.append(z)
+        log_probs.append(log_prob)
+    return trajectory, torch.stack(log_probs)
+
+
 def step_kl(mean: torch.Tensor, mean_ref: torch.Tensor, sigmas: list[float], i: int,
             noise_level: float | None) -> torch.Tensor:
     """KL(policy step || reference step) per sample: two Gaussians with one std, |mean - mean_ref|^2 / (2 var),

@@ -296,15 +296,10 @@ class VideoModel:
         z = torch.stack([torch.randn(self.latent_shape, generator=g) for g in generators]).to(self.device)
         was_training = net.training
         net.eval()
-        trajectory, log_probs = [z], []
-        for i, t in enumerate(timesteps):
-            v = self.guided_velocity(velocity, z, t)
-            noise = torch.stack([torch.randn(self.latent_shape, generator=g) for g in generators]).to(z)
-            z, log_prob, _ = grpo.sde_step(z, v, sigmas, i, noise_level, noise=noise)
-            trajectory.append(z)
-            log_probs.append(log_prob)
+        trajectory, log_probs = grpo.sde_rollout(lambda z, t: self.guided_velocity(velocity, z, t), z, generators,
+                                                 sigmas, timesteps, noise_level)
         net.train(was_training)
-        return trajectory, torch.stack(log_probs), sigmas, timesteps
+        return trajectory, log_probs, sigmas, timesteps
 
     def guided_velocity(self, velocity, z: torch.Tensor, t: float, cfg: float | None = None) -> torch.Tensor:
         """Open-Sora's classifier-free guided velocity at timestep t (both halves in one batch)."""
