@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import sys
 
 
@@ -16,14 +17,27 @@ class UserError(Exception):
     """Bad input from the user: printed as one line by the command-line tools, never as a traceback."""
 
 
+_sigint_seen = False
+
+
+def _on_sigint(signum, frame):
+    """Ctrl-C raises KeyboardInterrupt as usual, and is remembered: a KeyboardInterrupt raised inside a C
+    extension's import can come out as another error (numpy's "cannot load module more than once per process")."""
+    global _sigint_seen
+    _sigint_seen = True
+    raise KeyboardInterrupt
+
+
 def _quiet_interrupt(kind, value, tb, default=sys.excepthook):
     """Ctrl-C before a tool's main() is running (during `import torch`, say): one line, not a traceback."""
-    if issubclass(kind, KeyboardInterrupt):
+    if issubclass(kind, KeyboardInterrupt) or _sigint_seen:
         print("error: interrupted", file=sys.stderr)
     else:
         default(kind, value, tb)
 
 
+if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where a parent chose to ignore Ctrl-C
+    signal.signal(signal.SIGINT, _on_sigint)
 sys.excepthook = _quiet_interrupt
 
 
@@ -43,6 +57,10 @@ def command(interrupted: str = "interrupted"):
             except OSError as e:
                 where = f": {e.filename}" if e.filename else ""
                 message = f"{e.strerror or e}{where}"
+            except Exception:
+                if not _sigint_seen:
+                    raise  # a bug in this code: its traceback is the report
+                message = interrupted  # Ctrl-C that surfaced as another error on its way out
             sys.exit(f"error: {message}" if os.environ.get("RANK", "0") == "0" else 1)
         return guarded
     return wrap
