@@ -54,3 +54,57 @@ def save_small_opensora(root):
 @pytest.fixture(scope="session")
 def small_opensora(tmp_path_factory):
     return save_small_opensora(str(tmp_path_factory.mktemp("opensora")))
+
+
+@pytest.fixture(scope="session")
+def diffusers_folders(tmp_path_factory) -> dict[str, str]:
+    """Tiny CogVideoX (plain and with RoPE) and Wan pipelines saved by diffusers' save_pretrained, once a session."""
+    from diffusers_models import save_tiny
+
+    root = tmp_path_factory.mktemp("pipelines")
+    return {"cogvideox": save_tiny("cogvideox", str(root / "cogvideox")),
+            "cogvideox-rope": save_tiny("cogvideox", str(root / "cogvideox-rope"), rope=True),
+            "wan": save_tiny("wan", str(root / "wan"))}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Two tiers. `python -m pytest -q tests` (the README's command) runs the fast tier; tests marked `slow`
+# (several processes, multi-step training probes, bench.py's forks, the browser) run with `-m slow`.
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: multi-process, multi-step or browser tests; run with -m slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("markexpr"):  # any -m expression chooses for itself
+        return
+    slow = [item for item in items if "slow" in item.keywords]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if "slow" not in item.keywords]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Refusals in-process: a tool's main(argv) called here as its command line calls it. What the user would see is
+# the SystemExit message (printed by Python on exit) plus whatever reached stderr and any warning raised.
+
+
+def refusal(main, argv: list[str], capsys) -> str:
+    """The one line a refused command shows: main(argv) must end in a non-zero exit whose message is exactly one
+    `error: ...` line, with nothing else on stderr or stdout (no progress: nothing was started). Any other
+    exception propagates, as the traceback a user would see."""
+    import warnings
+
+    capsys.readouterr()
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(SystemExit) as e:
+        warnings.simplefilter("always")
+        main(argv)
+    out, err = capsys.readouterr()
+    shown = [str(w.message) for w in caught if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning))]
+    code = e.value.code
+    assert isinstance(code, str) and code, f"exit status {code!r}: not a refusal with a message"
+    lines = [line for line in err.splitlines() + shown + code.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert out == "", out
+    return lines[0]

@@ -1,18 +1,19 @@
 """Every command-line tool meets bad input with one `error: ...` line on stderr and exit status 1: no traceback,
 and no work started first (outputs are checked before the scoring, sampling or pretraining that would fill them).
-Each case runs the tool as the user does, in a subprocess."""
+Each case calls the tool's main(argv) in this process (conftest.refusal); tests/test_command_line.py runs one
+refusal per tool as a real process, for the wrapper itself."""
+import importlib
 import json
 import os
-import subprocess
-import sys
 import xml.etree.ElementTree as ET
 
 import pytest
 import torch
+from conftest import refusal
 
+import evaluate
 import sample
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UNWRITABLE = "/proc/onlinevpo-test"  # we run as root, so chmod stops nothing; /proc takes no new folders
 SAMPLE = ["--model", "tiny", "--size", "16x16", "--frames", "4", "--sample-steps", "2", "--n", "1",
           "--prompts", "{d}/p.txt", "--out", "{d}/samples"]  # a later repeat of a flag wins (argparse)
@@ -57,8 +58,7 @@ def d(tmp_path_factory) -> str:
     return d
 
 
-# id, tool, arguments ({d}: the fixture's folder), a phrase the one line must hold. Each case costs a tool's imports
-# (torch, transformers: about 5 s), so a check that shares its code path with another case is not repeated here.
+# id, tool, arguments ({d}: the fixture's folder), a phrase the one line must hold
 CASES = [
     ("evaluate-out-under-file", "evaluate.py", EVALUATE + ["--out", "{d}/afile/out.json"], "is a file, not a folder"),
     ("evaluate-out-folder", "evaluate.py", EVALUATE + ["--out", "{d}/empty"], "is a folder, not a file"),
@@ -95,30 +95,22 @@ CASES = [
 ]
 
 
-def run_tool(tool: str, args: list[str], d: str) -> subprocess.CompletedProcess:
-    argv = [sys.executable, os.path.join(ROOT, tool)] + [a.replace("{d}", d) for a in args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # the timeout also proves "checked first": a tool that pretrained or scored before failing would run past it
-    return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-
-
 @pytest.mark.parametrize("tool,args,phrase", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input_is_one_error_line(d, tool, args, phrase):
-    r = run_tool(tool, args, d)
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    assert phrase.replace("{d}", d) in lines[0], lines[0]
-    assert r.stdout == "", r.stdout  # nothing started: no progress, no "skipping <metric>" from the scoring setup
+def test_bad_input_is_one_error_line(d, capsys, tool, args, phrase):
+    main = importlib.import_module(tool.removesuffix(".py")).main
+    # refusal() also holds stdout empty: nothing started, no progress, no "skipping <metric>" from the scoring setup
+    line = refusal(main, [a.replace("{d}", d) for a in args], capsys)
+    assert phrase.replace("{d}", d) in line, line
 
 
-def test_reward_curve_drops_a_last_line_cut_short_with_a_warning(d):
+def test_reward_curve_drops_a_last_line_cut_short_with_a_warning(d, capsys):
     run = f"{d}/run-killed"  # three steps, a blank line, then a fourth cut off mid-write by a kill
     metrics_file(run, [row(1), row(2), "\n", row(3), row(4)[:25]])
-    r = run_tool("evaluate.py", ["--run", run], d)
-    assert r.returncode == 0, r.stderr
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("warning: ") and "metrics.jsonl line 5" in lines[0], r.stderr
+    capsys.readouterr()
+    evaluate.main(["--run", run])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("warning: ") and "metrics.jsonl line 5" in lines[0], err
     svg = ET.parse(f"{run}/reward_curve.svg").getroot()
     curves = [e for e in svg.iter() if e.tag.endswith("polyline")]
     assert [len(e.get("points").split()) for e in curves] == [3, 3, 3]  # the three whole steps, drawn

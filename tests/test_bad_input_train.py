@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import refusal
 
 import train
 
@@ -13,12 +14,9 @@ FAST = ["--model", "tiny", "--size", "16x16", "--frames", "4", "--sample-steps",
         "--lr", "1e-3", "--prompts", os.path.join(ROOT, "prompts/train.txt")]
 
 
-def cli(*args):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *FAST, *args], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert r.returncode != 0 and "Traceback" not in r.stderr and len(lines) == 1, r.stderr[-2000:]
-    return lines[0]
+def refused(capsys, *args) -> str:
+    """train.py's main, in this process, as `python train.py FAST ARGS` runs it: the one line the user sees."""
+    return refusal(train.main, FAST + list(args), capsys)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -55,17 +53,19 @@ def cli(*args):
     (["--device", "nope"], "--device 'nope': not a device name"),
     (["--out", "/proc/onlinevpo/run"], "--out '/proc/onlinevpo/run' cannot be written"),
 ])
-def test_bad_values_are_one_line(tmp_path, args, message):
-    assert cli("--out", str(tmp_path / "run"), "--steps", "1", *args).startswith(f"error: {message}")
+def test_bad_values_are_one_line(tmp_path, capsys, args, message):
+    assert refused(capsys, "--out", str(tmp_path / "run"), "--steps", "1", *args).startswith(f"error: {message}")
+    assert not os.path.exists(tmp_path / "run") or os.listdir(tmp_path / "run") == []  # refused before any writing
 
 
-def test_bad_files_are_one_line(tmp_path):
+def test_bad_files_are_one_line(tmp_path, capsys):
     (tmp_path / "latin1.txt").write_bytes("un caf\xe9\n".encode("latin-1"))
-    assert "is not UTF-8 text" in cli("--out", str(tmp_path / "a"), "--prompts", str(tmp_path / "latin1.txt"))
+    assert "is not UTF-8 text" in refused(capsys, "--out", str(tmp_path / "a"), "--prompts", str(tmp_path / "latin1.txt"))
     (tmp_path / "afile").write_text("x")
-    assert "is a file, not a folder" in cli("--out", str(tmp_path / "afile"))
+    assert "is a file, not a folder" in refused(capsys, "--out", str(tmp_path / "afile"))
+    assert (tmp_path / "afile").read_text() == "x"
     os.makedirs(tmp_path / "dit")
-    assert "has no config.json" in cli("--out", str(tmp_path / "b"), "--dit", str(tmp_path / "dit"))
+    assert "has no config.json" in refused(capsys, "--out", str(tmp_path / "b"), "--dit", str(tmp_path / "dit"))
 
 
 def run(out, *extra):

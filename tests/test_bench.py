@@ -147,6 +147,7 @@ def test_a_tied_step_is_reported_not_paired():
     assert run.ties == 1 and "DPO forward" not in clock.seconds
 
 
+@pytest.mark.slow
 def test_refl_memory_grows_with_frames_and_exceeds_online(tmp_path, capsys):
     """b on a CPU (one fresh process per measurement): ReFL backpropagates through the VAE decoder, so its step
     needs more memory with more frames and more than OnlineVPO's (paper Fig. 7). GRPO's column sits between them:
@@ -162,6 +163,7 @@ def test_refl_memory_grows_with_frames_and_exceeds_online(tmp_path, capsys):
     assert "| 32x64:51 |" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_lora_column_holds_less_than_full_fine_tuning(tmp_path, capsys):
     """--lora-rank on the medium STDiT3 (70 M parameters): full fine-tuning holds the fp32 policy, its AdamW moments
     and the fp32 reference copy (12 B per parameter over the model itself); LoRA adds only the adapters' share.

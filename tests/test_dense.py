@@ -2,7 +2,6 @@
 per segment, and guided candidates that keep their source's motion."""
 import math
 import os
-import tempfile
 
 import pytest
 import torch
@@ -55,14 +54,6 @@ def test_opensora_chunks_are_encoded_independently():
         changed = (vae.encode(y) - vae.encode(x)).abs().amax((0, 1, 3, 4)) > 1e-6
     assert changed.tolist() == [False] * 5 + [True]
     assert vae.frame_spans(21)[5] == (17, 21)
-
-
-@pytest.fixture(scope="module")
-def diffusers_folders():
-    from diffusers_models import save_tiny
-
-    root = tempfile.mkdtemp()
-    return {name: save_tiny(name, os.path.join(root, name)) for name in ("cogvideox", "wan")}
 
 
 def test_cogvideox_and_wan_segments_keep_the_first_frame_alone(diffusers_folders):
@@ -192,6 +183,7 @@ def track(videos: torch.Tensor) -> torch.Tensor:
     return torch.stack([(on * xs).sum((2, 3)) / area, (on * ys).sum((2, 3)) / area], -1)
 
 
+@pytest.mark.slow
 def test_guided_candidates_keep_the_source_motion_and_differ():
     model = build_model("toy")
     prompts = toy.all_prompts()[::6]  # 10 prompts, every colour, shape and direction

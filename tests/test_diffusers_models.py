@@ -7,20 +7,12 @@ import torch
 
 import diffusers
 import train
-from diffusers_models import load_model, save_tiny
+from diffusers_models import load_model
 from model import UserError, build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PIPELINES = {"cogvideox": diffusers.CogVideoXPipeline, "wan": diffusers.WanPipeline}
 SIZE = dict(size="32x32", frames=9)
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipelines")
-    return {"cogvideox": save_tiny("cogvideox", str(root / "cogvideox")),
-            "cogvideox-rope": save_tiny("cogvideox", str(root / "cogvideox-rope"), rope=True),
-            "wan": save_tiny("wan", str(root / "wan"))}
 
 
 def pipeline(name, folder):
@@ -35,9 +27,9 @@ def pipeline(name, folder):
 
 
 @pytest.mark.parametrize("key", ["cogvideox", "cogvideox-rope", "wan"])
-def test_our_sampler_reproduces_the_diffusers_pipeline(folders, key):
+def test_our_sampler_reproduces_the_diffusers_pipeline(diffusers_folders, key):
     name = key.split("-")[0]
-    model = build_model(name, dit=folders[key], **SIZE).to("cpu")
+    model = build_model(name, dit=diffusers_folders[key], **SIZE).to("cpu")
     prompts, seeds = ["a red ball rolls", "a cat sleeps"], [3, 4, 5, 6]
     ours = model.sample(prompts, 2, seeds, steps=3)
     videos = model.decode(ours)
@@ -49,7 +41,7 @@ def test_our_sampler_reproduces_the_diffusers_pipeline(folders, key):
                 num_inference_steps=3, guidance_scale=model.cfg, max_sequence_length=model.max_length)
     last = {}
     keep = lambda pipe, i, t, kw: last.update(kw) or {}  # the pipeline's latents after each step
-    frames = pipeline(name, folders[key])(**call, output_type="np", callback_on_step_end=keep).frames
+    frames = pipeline(name, diffusers_folders[key])(**call, output_type="np", callback_on_step_end=keep).frames
     theirs = layout(last["latents"])
     assert (ours - theirs).abs().max() < 1e-5 * theirs.abs().max()
     frames = torch.from_numpy(frames) * 255  # float pixels in [0, 255]
@@ -57,8 +49,8 @@ def test_our_sampler_reproduces_the_diffusers_pipeline(folders, key):
 
 
 @pytest.mark.parametrize("name", ["cogvideox", "wan"])
-def test_candidates_and_both_cfg_halves_share_one_forward_per_step(folders, name):
-    model = build_model(name, dit=folders[name], **SIZE).to("cpu")
+def test_candidates_and_both_cfg_halves_share_one_forward_per_step(diffusers_folders, name):
+    model = build_model(name, dit=diffusers_folders[name], **SIZE).to("cpu")
     batches = []
     hook = model.dit.register_forward_hook(lambda mod, args, kwargs, out: batches.append(len(kwargs["hidden_states"])),
                                            with_kwargs=True)
@@ -71,8 +63,8 @@ def test_candidates_and_both_cfg_halves_share_one_forward_per_step(folders, name
 
 
 @pytest.mark.parametrize("name", ["cogvideox", "wan"])
-def test_one_onlinevpo_step_saves_a_diffusers_checkpoint_and_resumes(folders, name, tmp_path):
-    args = ["--model", name, "--reward", "pixel", "--dit", folders[name], "--size", "32x32", "--frames", "5", "--sample-steps", "2", "--n",
+def test_one_onlinevpo_step_saves_a_diffusers_checkpoint_and_resumes(diffusers_folders, name, tmp_path):
+    args = ["--model", name, "--reward", "pixel", "--dit", diffusers_folders[name], "--size", "32x32", "--frames", "5", "--sample-steps", "2", "--n",
             "2", "--batch-size", "1", "--lr", "1e-3", "--out", str(tmp_path), "--prompts",
             os.path.join(ROOT, "prompts/train.txt")]
     train.main(args + ["--steps", "1"])
@@ -88,8 +80,8 @@ def test_one_onlinevpo_step_saves_a_diffusers_checkpoint_and_resumes(folders, na
 
 
 @pytest.mark.parametrize("name", ["cogvideox", "wan"])
-def test_fine_tuned_weights_load_in_the_diffusers_pipeline_and_as_dit(folders, name, tmp_path):
-    model = build_model(name, dit=folders[name], **SIZE)
+def test_fine_tuned_weights_load_in_the_diffusers_pipeline_and_as_dit(diffusers_folders, name, tmp_path):
+    model = build_model(name, dit=diffusers_folders[name], **SIZE)
     ref = model.frozen_copy()
     with torch.no_grad():
         for p in model.dit.parameters():
@@ -103,26 +95,26 @@ def test_fine_tuned_weights_load_in_the_diffusers_pipeline_and_as_dit(folders, n
         transformer = load_model(cls, str(tmp_path))  # what from_pretrained does, which needs accelerate for Wan
     else:
         transformer = cls.from_pretrained(str(tmp_path))
-    pipe = PIPELINES[name].from_pretrained(folders[name], transformer=transformer)
+    pipe = PIPELINES[name].from_pretrained(diffusers_folders[name], transformer=transformer)
     assert same(pipe.transformer, model.dit)
-    as_dit = build_model(name, dit=str(tmp_path), vae=folders[name], text_encoder=folders[name], **SIZE)
+    as_dit = build_model(name, dit=str(tmp_path), vae=diffusers_folders[name], text_encoder=diffusers_folders[name], **SIZE)
     assert same(as_dit.dit, model.dit)  # a checkpoint folder is a --dit (its scheduler saved next to it)
-    fresh = build_model(name, dit=folders[name], **SIZE)
+    fresh = build_model(name, dit=diffusers_folders[name], **SIZE)
     fresh.load_weights(str(tmp_path / "model.safetensors"))  # the names train.py and sample.py use
     fresh_ref = fresh.frozen_copy()
     fresh.load_weights(str(tmp_path / "ref.safetensors"), net=fresh_ref)
     assert same(fresh.dit, model.dit) and same(fresh_ref, ref) and not same(fresh_ref, model.dit)
 
 
-def test_weights_of_another_model_or_configuration_are_refused(folders, tmp_path):
-    cog = build_model("cogvideox", dit=folders["cogvideox"], **SIZE)
-    build_model("wan", dit=folders["wan"], **SIZE).save_weights(str(tmp_path / "wan"))
+def test_weights_of_another_model_or_configuration_are_refused(diffusers_folders, tmp_path):
+    cog = build_model("cogvideox", dit=diffusers_folders["cogvideox"], **SIZE)
+    build_model("wan", dit=diffusers_folders["wan"], **SIZE).save_weights(str(tmp_path / "wan"))
     with pytest.raises(UserError, match="holds weights of model 'wan', not 'cogvideox'"):
         cog.load_weights(str(tmp_path / "wan" / "model.safetensors"))
     build_model("tiny").save_weights(str(tmp_path / "tiny"))
     with pytest.raises(UserError, match="holds weights of model 'tiny', not 'cogvideox'"):
         cog.load_weights(str(tmp_path / "tiny" / "model.safetensors"))
-    build_model("cogvideox", dit=folders["cogvideox-rope"], **SIZE).save_weights(str(tmp_path / "rope"))
+    build_model("cogvideox", dit=diffusers_folders["cogvideox-rope"], **SIZE).save_weights(str(tmp_path / "rope"))
     with pytest.raises(UserError, match="saved from another CogVideoXTransformer3DModel .use_rotary_positional_emb"):
         cog.load_weights(str(tmp_path / "rope" / "model.safetensors"))
 
@@ -133,22 +125,22 @@ def test_weights_of_another_model_or_configuration_are_refused(folders, tmp_path
     ("cogvideox", dict(size="40x32"), "--size 40x32: height and width must be positive multiples of 16 pixels"),
     ("wan", dict(size="480x830"), "multiples of 16 pixels"),
 ])
-def test_a_size_the_model_cannot_take_is_one_clear_line(folders, name, kwargs, message):
+def test_a_size_the_model_cannot_take_is_one_clear_line(diffusers_folders, name, kwargs, message):
     with pytest.raises(UserError, match=message):
-        build_model(name, dit=folders[name], **{**SIZE, **kwargs})
+        build_model(name, dit=diffusers_folders[name], **{**SIZE, **kwargs})
 
 
-def test_bad_input_through_the_cli_and_missing_weights(folders, tmp_path):
+def test_bad_input_through_the_cli_and_missing_weights(diffusers_folders, tmp_path):
     with pytest.raises(SystemExit) as e:
-        train.main(["--model", "wan", "--reward", "pixel", "--dit", folders["wan"], "--frames", "10", "--out", str(tmp_path)])
+        train.main(["--model", "wan", "--reward", "pixel", "--dit", diffusers_folders["wan"], "--frames", "10", "--out", str(tmp_path)])
     assert str(e.value.code) == "error: --frames 10: wan takes 4k+1 frames (its VAE compresses time 4x), e.g. 9 or 81"
     with pytest.raises(UserError, match="huggingface-cli download THUDM/CogVideoX-2b --local-dir /nonexistent/cog"):
         build_model("cogvideox", dit="/nonexistent/cog")
 
 
 @pytest.mark.parametrize("name", ["cogvideox", "wan"])
-def test_prompt_embeddings_are_cached_so_the_text_encoder_can_leave(folders, name):
-    model = build_model(name, dit=folders[name], **SIZE)
+def test_prompt_embeddings_are_cached_so_the_text_encoder_can_leave(diffusers_folders, name):
+    model = build_model(name, dit=diffusers_folders[name], **SIZE)
     y, mask = model.encode_prompts(["a cat", "a red ball", "a cat"])
     assert y.shape == (3, model.max_length, 32) and torch.equal(y[0], y[2]) and mask.sum(1).tolist() == [6, 11, 6]
     if name == "wan":  # WanPipeline zeroes the features after each prompt's tokens
@@ -157,10 +149,10 @@ def test_prompt_embeddings_are_cached_so_the_text_encoder_can_leave(folders, nam
     assert torch.equal(model.encode_prompts(["a cat"])[0][0], y[0])
 
 
-def test_cogvideox_error_is_its_own_training_loss(folders):
+def test_cogvideox_error_is_its_own_training_loss(diffusers_folders):
     """CogVideoX is fine-tuned on the x0 error weighted by 1 / (1 - abar_t) (diffusers' CogVideoX training example);
     our per-sample v-prediction error is the same number."""
-    model = build_model("cogvideox", dit=folders["cogvideox"], **SIZE)
+    model = build_model("cogvideox", dit=diffusers_folders["cogvideox"], **SIZE)
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(3, *model.latent_shape, generator=g), torch.randn(3, *model.latent_shape, generator=g)
     t = torch.tensor([10, 500, 990])
@@ -173,18 +165,18 @@ def test_cogvideox_error_is_its_own_training_loss(folders):
     assert torch.allclose(e, (weight * (x0_pred - x0) ** 2).flatten(1).mean(1), rtol=1e-4)
 
 
-def test_training_timesteps_follow_each_models_schedule(folders):
+def test_training_timesteps_follow_each_models_schedule(diffusers_folders):
     g = torch.Generator().manual_seed(0)
-    cog = build_model("cogvideox", dit=folders["cogvideox"], **SIZE).training_timesteps(20000, g)
+    cog = build_model("cogvideox", dit=diffusers_folders["cogvideox"], **SIZE).training_timesteps(20000, g)
     assert cog.dtype == torch.long and cog.min() == 0 and cog.max() == 999  # uniform over the 1000 DDPM steps
-    wan = build_model("wan", dit=folders["wan"], **SIZE).training_timesteps(20000, g)
+    wan = build_model("wan", dit=diffusers_folders["wan"], **SIZE).training_timesteps(20000, g)
     assert 0 < wan.min() and wan.max() < 1000
     assert wan.median().item() == pytest.approx(750, abs=10)  # flow_shift 3 maps the median sigma 0.5 to 0.75
 
 
 @pytest.mark.parametrize("name", ["cogvideox", "wan"])
-def test_gradient_checkpointing_uses_diffusers_switch_and_keeps_gradients(folders, name):
-    model = build_model(name, dit=folders[name], **SIZE)
+def test_gradient_checkpointing_uses_diffusers_switch_and_keeps_gradients(diffusers_folders, name):
+    model = build_model(name, dit=diffusers_folders[name], **SIZE)
     g = torch.Generator().manual_seed(1)
     x0, noise = torch.randn(2, *model.latent_shape, generator=g), torch.randn(2, *model.latent_shape, generator=g)
     t = model.training_timesteps(2, g)
@@ -199,11 +191,11 @@ def test_gradient_checkpointing_uses_diffusers_switch_and_keeps_gradients(folder
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
-def test_wan_grpo_rollout_is_the_pipelines_schedule_stepped_as_an_sde(folders):
+def test_wan_grpo_rollout_is_the_pipelines_schedule_stepped_as_an_sde(diffusers_folders):
     """GRPO on Wan (Flow-GRPO's wan_pipeline_with_logprob): the scheduler's own timesteps and sigmas, the guided
     prediction, the SDE step. With a FlowMatchEuler scheduler and no noise it is the pipeline's Euler loop exactly;
     by default its noise is Flow-GRPO's Wan2.1 std_t = sigmas[1] s."""
-    model = build_model("wan", dit=folders["wan"], **SIZE).to("cpu")
+    model = build_model("wan", dit=diffusers_folders["wan"], **SIZE).to("cpu")
     gens = lambda: [torch.Generator().manual_seed(s) for s in (3, 4)]
     traj, log_probs, sigmas, timesteps = model.sample_sde(["a red ball rolls"], 2, gens(), None, steps=3)
     assert len(traj) == 4 and log_probs.shape == (3, 2) and sigmas[-1] == 0.0 and torch.isfinite(log_probs).all()
@@ -213,8 +205,8 @@ def test_wan_grpo_rollout_is_the_pipelines_schedule_stepped_as_an_sde(folders):
     assert torch.equal(traj[-1], model.sample(["a red ball rolls"], 2, [3, 4], steps=3))
 
 
-def test_a_wan_grpo_run_and_cogvideox_refused(folders, tmp_path):
-    args = ["--model", "wan", "--reward", "pixel", "--dit", folders["wan"], "--size", "32x32", "--frames", "5",
+def test_a_wan_grpo_run_and_cogvideox_refused(diffusers_folders, tmp_path):
+    args = ["--model", "wan", "--reward", "pixel", "--dit", diffusers_folders["wan"], "--size", "32x32", "--frames", "5",
             "--sample-steps", "3", "--n", "3", "--batch-size", "1", "--lr", "1e-3", "--method", "grpo", "--k", "0",
             "--prompts", os.path.join(ROOT, "prompts/train.txt")]
     train.main(args + ["--steps", "2", "--out", str(tmp_path / "wan")])
@@ -223,7 +215,7 @@ def test_a_wan_grpo_run_and_cogvideox_refused(folders, tmp_path):
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-9) and rows[1]["kl"] > 0
     assert os.path.isfile(tmp_path / "wan" / "checkpoint-2" / "diffusion_pytorch_model.safetensors")
     cog = [a if a != "wan" else "cogvideox" for a in args]
-    cog[cog.index(folders["wan"])] = folders["cogvideox"]
+    cog[cog.index(diffusers_folders["wan"])] = diffusers_folders["cogvideox"]
     with pytest.raises(SystemExit) as e:
         train.main(cog + ["--steps", "1", "--out", str(tmp_path / "cog")])
     assert str(e.value.code) == ("error: --method grpo needs a flow-matching model (opensora, toy, tiny, wan), not "

@@ -96,6 +96,7 @@ def test_micro_batches_give_the_same_update(tmp_path):
         torch.testing.assert_close(weights[3][key], value, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_the_trained_reward_rises_and_follows_its_sign(tmp_path):
     """A tiny GRPO run raises the reward it is trained on (the rollouts' colorfulness under PixelReward), and the
     same run trained on its negative (--reward-dim colorfulness=-1: the same rollouts at step 1, advantages negated)

@@ -2,18 +2,17 @@
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import refusal
 from safetensors.torch import load_file
 
 import lora
 import sample
 import train
 from model import UserError, build_model
-from test_diffusers_models import SIZE, folders, pipeline  # noqa: F401  (the fixture of tiny diffusers pipelines)
+from test_diffusers_models import SIZE, pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--model", "tiny", "--reward", "pixel", "--size", "16x16", "--frames", "4", "--sample-steps", "3", "--n", "2",
@@ -123,13 +122,13 @@ def test_merged_weights_and_the_adapter_sample_the_same_videos(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["cogvideox", "wan"])
-def test_an_adapter_checkpoint_loads_in_the_diffusers_pipeline(folders, name, tmp_path):  # noqa: F811
-    model = build_model(name, dit=folders[name], **SIZE).to("cpu")
+def test_an_adapter_checkpoint_loads_in_the_diffusers_pipeline(diffusers_folders, name, tmp_path):
+    model = build_model(name, dit=diffusers_folders[name], **SIZE).to("cpu")
     config = lora.add_adapters(model.dit, 4, alpha=8)  # alpha != r: the pipeline must read the scale from the file
     nudge(model.dit, scale=0.2)
     states = {n: lora.adapter_state(model.dit, n) for n in (lora.POLICY, lora.REFERENCE)}
-    lora.save_files(str(tmp_path), states, {**config, "base": folders[name]}, name)
-    pipe = pipeline(name, folders[name])
+    lora.save_files(str(tmp_path), states, {**config, "base": diffusers_folders[name]}, name)
+    pipe = pipeline(name, diffusers_folders[name])
     pipe.load_lora_weights(str(tmp_path))  # finds pytorch_lora_weights.safetensors, the policy adapter
     prompts, seeds = ["a red ball rolls"], [3, 4]
     ours = model.sample(prompts, 2, seeds, steps=3)
@@ -141,13 +140,8 @@ def test_an_adapter_checkpoint_loads_in_the_diffusers_pipeline(folders, name, tm
          callback_on_step_end=lambda p, i, t, kw: last.update(kw) or {})
     theirs = layout(last["latents"])
     assert (ours - theirs).abs().max() < 1e-5 * theirs.abs().max()
-    plain = build_model(name, dit=folders[name], **SIZE).to("cpu").sample(prompts, 2, seeds, steps=3)
+    plain = build_model(name, dit=diffusers_folders[name], **SIZE).to("cpu").sample(prompts, 2, seeds, steps=3)
     assert (plain - theirs).abs().max() > 1e-3 * theirs.abs().max()  # the adapter does change the output
-
-
-def cli(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *FAST, *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -156,20 +150,18 @@ def cli(*args):
     (["--lora-rank", "4", "--lora-targets", "nothing_here"], "error: --lora-targets 'nothing_here' matches no layer"),
     (["--lora-rank", "4", "--ref-offload"], "error: --ref-offload has nothing to offload with --lora-rank"),
 ])
-def test_bad_lora_flags_are_one_line(tmp_path, flags, message):
-    r = cli("--steps", "1", "--out", str(tmp_path), *flags)
-    assert r.returncode != 0 and r.stderr.strip().startswith(message) and len(r.stderr.strip().splitlines()) == 1
+def test_bad_lora_flags_are_one_line(tmp_path, capsys, flags, message):
+    assert refusal(train.main, FAST + ["--steps", "1", "--out", str(tmp_path), *flags], capsys).startswith(message)
 
 
-def test_resuming_the_other_kind_of_checkpoint_or_another_models_adapter_is_one_line(tmp_path):
+def test_resuming_the_other_kind_of_checkpoint_or_another_models_adapter_is_one_line(tmp_path, capsys):
     train.main(FAST + ["--lora-rank", "4", "--steps", "1", "--out", str(tmp_path / "lora")])
     train.main(FAST + ["--steps", "1", "--out", str(tmp_path / "full")])
-    r = cli("--steps", "2", "--out", str(tmp_path / "lora"), "--resume")
-    assert r.returncode != 0 and "holds LoRA adapters (rank 4): resume with --lora-rank 4" in r.stderr
-    r = cli("--steps", "2", "--out", str(tmp_path / "full"), "--resume", "--lora-rank", "4")
-    assert r.returncode != 0 and "holds full weights, not LoRA adapters" in r.stderr
-    r = cli("--steps", "2", "--out", str(tmp_path / "lora"), "--resume", "--lora-rank", "8")
-    assert r.returncode != 0 and "holds adapters with rank 4, this run asks for 8" in r.stderr
+    refused = lambda *a: refusal(train.main, FAST + ["--steps", "2", "--resume", *a], capsys)
+    assert "holds LoRA adapters (rank 4): resume with --lora-rank 4" in refused("--out", str(tmp_path / "lora"))
+    assert "holds full weights, not LoRA adapters" in refused("--out", str(tmp_path / "full"), "--lora-rank", "4")
+    assert "holds adapters with rank 4, this run asks for 8" in refused("--out", str(tmp_path / "lora"),
+                                                                         "--lora-rank", "8")
     toy = build_model("toy")
     lora.add_adapters(toy.dit, 4)
     with pytest.raises(UserError, match="is an adapter of model 'tiny', not 'toy'"):

@@ -87,6 +87,7 @@ def one_process(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_ddp_ranks_hold_identical_policy_and_reference(ddp_run):
     for step in (2, 4):
         same_ranks(ddp_run / "run", step)
@@ -94,6 +95,7 @@ def test_ddp_ranks_hold_identical_policy_and_reference(ddp_run):
     assert state["ref_updates"] == 1 and state["prompts_seen"] == 16  # 4 steps x a global batch of 4 prompts
 
 
+@pytest.mark.slow
 def test_ddp_gradients_equal_one_process(ddp_run, one_process):
     """The two ranks' prompts together are the one process's batch: same losses, same gradient norms."""
     two, one = metrics(ddp_run / "run"), metrics(one_process)
@@ -106,6 +108,7 @@ def test_ddp_gradients_equal_one_process(ddp_run, one_process):
     same_weights(ddp_run / "run" / "checkpoint-4", one_process / "checkpoint-4", atol=2e-5)
 
 
+@pytest.mark.slow
 def test_ddp_resume_equals_uninterrupted(ddp_run, tmp_path):
     shutil.copytree(ddp_run / "run", tmp_path / "run")
     shutil.rmtree(tmp_path / "run" / "checkpoint-4")
@@ -115,6 +118,7 @@ def test_ddp_resume_equals_uninterrupted(ddp_run, tmp_path):
     assert [r["grad_norm"] for r in metrics(tmp_path / "run")] == [r["grad_norm"] for r in metrics(ddp_run / "run")]
 
 
+@pytest.mark.slow
 def test_fsdp_resumes_a_ddp_checkpoint_and_itself(ddp_run, tmp_path):
     """FSDP2 shards policy and reference; its checkpoints are the same full files: it resumes DDP's checkpoint-2,
     its ranks stay identical, it follows DDP's run, and its own checkpoint resumes exactly."""
@@ -134,6 +138,7 @@ def test_fsdp_resumes_a_ddp_checkpoint_and_itself(ddp_run, tmp_path):
     same_weights(tmp_path / "again" / "checkpoint-4", tmp_path / "run" / "checkpoint-4")
 
 
+@pytest.mark.slow
 def test_batch_must_split_evenly_across_ranks(tmp_path):
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER.format(repo=REPO))
@@ -155,6 +160,7 @@ def test_fsdp_needs_torchrun(tmp_path):
                                  "--nproc_per_node G")
 
 
+@pytest.mark.slow
 def test_lora_under_ddp_and_fsdp_follows_one_process_and_resumes(tmp_path):
     """--lora-rank on two ranks: DDP and FSDP2 (resuming DDP's checkpoint-2) compute the one process's gradient
     norms and adapters; the reference adapter is updated on every rank at the same step."""
@@ -198,6 +204,7 @@ grpo.group_advantages = lambda r, clip=5.0: _advantages(r, clip) * (parallel.RAN
 """
 
 
+@pytest.mark.slow
 def test_grpo_under_ddp_follows_one_process_and_a_rank_that_ties_keeps_step(tmp_path):
     """--method grpo under torchrun: the ranks' groups together are the one process's batch (same losses and
     gradient norms, micro-batches of 3 videos included), and a rank whose groups all tie joins the collectives

@@ -8,22 +8,15 @@ import torch
 
 import run
 import train
-from diffusers_models import save_tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipelines")
-    return {name: save_tiny(name, str(root / name)) for name in ("cogvideox", "wan")}
-
-
 @pytest.mark.parametrize("name", ["tiny", "toy", "cogvideox", "wan"])
-def test_policy_and_its_reference_give_identical_errors_under_bf16_autocast(name, folders, tmp_path):
+def test_policy_and_its_reference_give_identical_errors_under_bf16_autocast(name, diffusers_folders, tmp_path):
     flags = ["--model", name, "--reward", "pixel", "--dtype", "bf16", "--size", "32x32", "--frames", "5",
              "--out", str(tmp_path), "--prompts", os.path.join(ROOT, "prompts/train.txt")]
-    job = run.Run(train.parse_args(flags + (["--dit", folders[name]] if name in folders else [])))
+    job = run.Run(train.parse_args(flags + (["--dit", diffusers_folders[name]] if name in diffusers_folders else [])))
     model = job.model
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(3, *model.latent_shape, generator=g)

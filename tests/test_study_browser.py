@@ -1,6 +1,6 @@
 """The study page clicked through in a real headless Chromium: the saved JSON is what the clicks meant, and the
-videos play. Optional: it runs where Chromium, its driver and selenium are installed (README: Evaluation, the
-study), and is skipped elsewhere (CI):
+videos play. In the slow tier; it runs where Chromium, its driver and selenium are installed (.ci/run installs
+them and sets REQUIRE_BROWSER=1, so there a missing browser fails instead of skipping):
 
     apt-get install chromium chromium-driver && pip install selenium
 """
@@ -16,11 +16,18 @@ import evaluate
 import page
 from test_page import make_run
 
-webdriver = pytest.importorskip("selenium.webdriver")
+pytestmark = pytest.mark.slow  # a browser: the slow tier (python -m pytest -q -m slow tests)
 CHROMIUM = os.environ.get("CHROMIUM", shutil.which("chromium") and "/usr/lib/chromium/chromium")
 DRIVER = os.environ.get("CHROMEDRIVER", shutil.which("chromedriver"))
-if not (CHROMIUM and os.path.exists(CHROMIUM) and DRIVER):
-    pytest.skip("needs Chromium and chromedriver (apt-get install chromium chromium-driver)", allow_module_level=True)
+try:
+    from selenium import webdriver
+except ImportError:
+    webdriver = None
+if not (webdriver and CHROMIUM and os.path.exists(CHROMIUM) and DRIVER):
+    why = "needs Chromium, chromedriver and selenium (apt-get install chromium chromium-driver; pip install selenium)"
+    if os.environ.get("REQUIRE_BROWSER"):
+        raise RuntimeError(why)  # CI: a browser test that cannot run is a failure, not a skip
+    pytest.skip(why, allow_module_level=True)
 
 
 @pytest.fixture
