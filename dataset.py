@@ -1,10 +1,11 @@
-"""Captioned real videos: the sources of DenseDPO's guided candidates (train.py --videos FOLDER --captions FILE).
+"""Captioned real videos: the sources of DenseDPO's aligned candidates (train.py --videos FOLDER --captions FILE).
 
 The captions file lists one clip per row: a csv or a jsonl (one JSON object per line). The clip's file is named by
 the column `video`, `path` or `file` (a path under FOLDER), or WebVid's `videoid` (FOLDER/<videoid>.mp4, or
 FOLDER/<page_dir>/<videoid>.mp4 as WebVid's download scripts lay it out); its caption is the column `caption`,
-`text`, `prompt` or WebVid's `name`. Each clip is decoded with PyAV, resampled in time to the model's fps (the frame
-shown at k / fps, k = 0 .. frames - 1, from the clip's start), scaled to cover the model's size and centre-cropped.
+`text`, `prompt` or WebVid's `name`. Each clip is decoded with PyAV (videos.py), resampled in time to the model's
+fps (the frame shown at k / fps, k = 0 .. frames - 1, from the clip's start), scaled to cover the model's size and
+centre-cropped.
 A file that cannot be opened, has no video stream or is too short is skipped with one line and counted.
 """
 import csv
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from inputs import UserError, read_text
+from videos import probe, read_frames_at
 
 FILE_COLUMNS = ("video", "path", "file", "videoid")
 CAPTION_COLUMNS = ("caption", "text", "prompt", "name")
@@ -57,28 +59,6 @@ def clip_path(folder: str, row: dict, key: str) -> str:
     return nested if row.get("page_dir") and os.path.isfile(nested) else os.path.join(folder, f"{name}.mp4")
 
 
-def probe(path: str, seconds: float) -> str | None:
-    """Why the clip cannot give `seconds` of video, or None: it opens, has a video stream, lasts long enough and
-    its first frame decodes."""
-    import av
-
-    if not os.path.isfile(path):
-        return "no such file"
-    try:
-        with av.open(path) as container:
-            if not container.streams.video:
-                return "no video stream"
-            stream = container.streams.video[0]
-            duration = (float(stream.duration * stream.time_base) if stream.duration else
-                        container.duration / 1e6 if container.duration else 0.0)
-            if duration + 1e-3 < seconds:
-                return f"too short ({duration:.2f} s, {seconds:.2f} s needed)"
-            next(container.decode(stream))
-    except (av.error.FFmpegError, StopIteration, OSError, ValueError) as e:
-        return f"cannot be decoded ({type(e).__name__})"
-    return None
-
-
 def list_clips(folder: str, captions: str) -> list[tuple[str, str]]:
     """(file, caption) per row of the captions file; the folder, the file and its columns checked."""
     if not os.path.isdir(folder):
@@ -109,26 +89,10 @@ def usable(clips: list[tuple[str, str]], frames: int, fps: int) -> tuple[list[tu
 def read_clip(path: str, frames: int, fps: int, height: int, width: int) -> torch.Tensor:
     """uint8 (frames, height, width, 3): the frames shown at k / fps, scaled to cover height x width (aspect kept,
     antialiased) and centre-cropped."""
-    import av
-
-    picked, prev, t0, t = [], None, None, 0.0
-    rgb = lambda f: torch.from_numpy(f.to_ndarray(format="rgb24"))
     try:
-        with av.open(path) as container:
-            stream = container.streams.video[0]
-            rate = float(stream.average_rate or fps)
-            for i, frame in enumerate(container.decode(stream)):
-                t = float(frame.pts * stream.time_base) if frame.pts is not None else i / rate
-                t0 = t if t0 is None else t0
-                while len(picked) < frames and t - t0 > len(picked) / fps + 1e-6:  # time k / fps has passed:
-                    picked.append(rgb(prev))                                       # prev was on screen then
-                prev = frame
-                if len(picked) == frames:
-                    break
-            while prev is not None and len(picked) < frames and t - t0 + 1 / rate > len(picked) / fps + 1e-6:
-                picked.append(rgb(prev))  # the last frame stays on screen for one frame of the clip's own rate
-    except av.error.FFmpegError as e:
-        raise UserError(f"{path} cannot be decoded ({e}); remove it from the captions file and --resume") from None
+        picked = read_frames_at(path, frames, fps)
+    except UserError as e:
+        raise UserError(f"{e}; remove it from the captions file and --resume") from None
     if len(picked) < frames:
         raise UserError(f"{path} holds {len(picked)} of the {frames} frames needed at {fps} fps; remove it from the "
                         "captions file and --resume")

@@ -8,8 +8,8 @@ import torch
 
 import amt
 import evaluate
-import sample
 from model import UserError
+from videos import read_video, write_video
 
 
 def test_the_network_has_the_released_checkpoints_tensors():
@@ -27,11 +27,11 @@ def test_motion_smoothness_through_evaluate_with_a_checkpoint_as_released(tmp_pa
     image = torch.nn.functional.interpolate(torch.rand(1, 3, 8, 8, generator=g) * 255, size=(128, 136), mode="bilinear")
     video = torch.stack([image[0].roll(2 * t, 2) for t in range(5)]).permute(0, 2, 3, 1).to(torch.uint8)
     os.makedirs(tmp_path / "v")
-    sample.write_video(str(tmp_path / "v" / "a slide-0.mp4"), video, fps=8)
+    write_video(str(tmp_path / "v" / "a slide-0.mp4"), video, fps=8)
     out = tmp_path / "e.json"
     evaluate.main([str(tmp_path / "v"), "--metrics", "motion_smoothness", "--amt", str(ckpt), "--out", str(out)])
     got = json.loads(out.read_text())["summary"]["motion_smoothness"]
-    frames = evaluate.read_video(str(tmp_path / "v" / "a slide-0.mp4"))
+    frames = read_video(str(tmp_path / "v" / "a slide-0.mp4"))
     loaded = amt.load_amt(str(ckpt))
     assert got == pytest.approx(amt.motion_smoothness(frames, loaded)) and 0 <= got <= 1
     mids = amt.interpolate_midframes(frames[0::2], loaded)  # 3 even frames -> 2 middles, against frames 1 and 3

@@ -12,7 +12,7 @@ import torch
 from conftest import refusal
 
 import evaluate
-import sample
+from videos import write_video
 
 UNWRITABLE = "/proc/onlinevpo-test"  # we run as root, so chmod stops nothing; /proc takes no new folders
 SAMPLE = ["--model", "tiny", "--size", "16x16", "--frames", "4", "--sample-steps", "2", "--n", "1",
@@ -43,7 +43,7 @@ def d(tmp_path_factory) -> str:
     open(f"{d}/latin.json", "wb").write('[{"prompt_en": "caf\u00e9", "dimension": []}]'.encode("latin-1"))
     open(f"{d}/binary.json", "wb").write(b'[{"prompt": "x"}]\x00\x00\x00\x00')
     os.makedirs(f"{d}/videos")
-    sample.write_video(f"{d}/videos/a ball-0.mp4", torch.full((4, 16, 16, 3), 90, dtype=torch.uint8), fps=8)
+    write_video(f"{d}/videos/a ball-0.mp4", torch.full((4, 16, 16, 3), 90, dtype=torch.uint8), fps=8)
     os.makedirs(f"{d}/empty")
     os.makedirs(f"{d}/strip.png")
     metrics_file(f"{d}/run-damaged", [row(1), '{"step": 2, "reward_me\n', row(3)])
@@ -70,9 +70,9 @@ CASES = [
     ("evaluate-metrics-damaged", "evaluate.py", ["--run", "{d}/run-damaged"], "metrics.jsonl line 2 is not a"),
     ("evaluate-full-info-latin1", "evaluate.py", EVALUATE + ["--full-info", "{d}/latin.json"], "is not UTF-8 text"),
     ("evaluate-empty-folder", "evaluate.py", ["{d}/empty"], "no .mp4 files in"),
-    ("reward-manifest-latin1", "reward.py", ["agreement", "{d}/latin.json", "--reward", "pixel", "--device", "cpu"],
+    ("agreement-manifest-latin1", "agreement.py", ["{d}/latin.json", "--reward", "pixel", "--device", "cpu"],
      "manifest '{d}/latin.json' is not UTF-8 text"),
-    ("reward-manifest-binary", "reward.py", ["agreement", "{d}/binary.json", "--reward", "pixel", "--device", "cpu"],
+    ("agreement-manifest-binary", "agreement.py", ["{d}/binary.json", "--reward", "pixel", "--device", "cpu"],
      "holds a NUL byte"),
     ("toy-out-file", "toy.py", ["--out", "{d}/afile"], "--out '{d}/afile' is a file, not a folder"),
     ("toy-out-under-file", "toy.py", ["--out", "{d}/afile/toy"], "cannot be written"),

@@ -10,7 +10,7 @@ import dataset
 import toy
 import train
 from inputs import UserError
-from sample import write_video
+from videos import write_video
 
 
 

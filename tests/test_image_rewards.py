@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import image_rewards
 import reward
 from model import UserError
 
@@ -51,10 +52,10 @@ def frames(n: int = 3, h: int = 48, w: int = 64) -> torch.Tensor:
 
 def test_preprocessing_sizes_crop_and_pad():
     f = frames(2, 240, 320)
-    assert reward.clip_pixels(f).shape == (2, 3, 224, 224)
-    x = reward.hps_pixels(f)  # long side to 224, then 28 black rows above and below
+    assert image_rewards.clip_pixels(f).shape == (2, 3, 224, 224)
+    x = image_rewards.hps_pixels(f)  # long side to 224, then 28 black rows above and below
     assert x.shape == (2, 3, 224, 224)
-    black = (-torch.tensor(reward.CLIP_MEAN) / torch.tensor(reward.CLIP_STD)).view(1, 3, 1, 1)
+    black = (-torch.tensor(image_rewards.CLIP_MEAN) / torch.tensor(image_rewards.CLIP_STD)).view(1, 3, 1, 1)
     assert torch.allclose(x[:, :, :28], black.expand(2, 3, 28, 224)) and not torch.allclose(x[:, :, 28:30], black)
     assert torch.allclose(x[:, :, -28:], black.expand(2, 3, 28, 224))
 
@@ -68,7 +69,7 @@ def test_pickscore_is_the_frame_mean_of_the_scaled_cosine(tmp_path):
     with torch.no_grad():
         ids = ps.tokenizer([PROMPT], return_tensors="pt").input_ids
         t = F.normalize(net.get_text_features(input_ids=ids).pooler_output, dim=-1)
-        i = F.normalize(net.get_image_features(pixel_values=reward.clip_pixels(f)).pooler_output, dim=-1)
+        i = F.normalize(net.get_image_features(pixel_values=image_rewards.clip_pixels(f)).pooler_output, dim=-1)
         direct = (net.logit_scale.exp() * (i @ t.T)[:, 0]).mean()
     assert ps.score(f[None], [PROMPT])["pickscore"].item() == pytest.approx(direct.item(), abs=1e-5)
     x = f[None].float().requires_grad_()
@@ -114,7 +115,7 @@ def test_hpsv2_loads_openclip_checkpoints_and_scores_the_plain_cosine(tmp_path):
     with torch.no_grad():
         ids = hps.tokenizer([PROMPT], return_tensors="pt").input_ids
         t = F.normalize(net.get_text_features(input_ids=ids).pooler_output, dim=-1)
-        i = F.normalize(net.get_image_features(pixel_values=reward.hps_pixels(f)).pooler_output, dim=-1)
+        i = F.normalize(net.get_image_features(pixel_values=image_rewards.hps_pixels(f)).pooler_output, dim=-1)
         direct = (i @ t.T)[:, 0].mean()  # img_score.py: no logit scale
     assert hps.score(f[None], [PROMPT])["hps"].item() == pytest.approx(direct.item(), abs=1e-5)
     torch.save(torch.nn.Linear(2, 2), tmp_path / "pickled.pt")  # a pickled module, not a state dict
@@ -162,7 +163,7 @@ def test_imagereward_maps_blip_weights_and_normalises(tmp_path):
     tok = ir.tokenizer(PROMPT, padding="max_length", max_length=35, return_tensors="pt")
     assert tok.input_ids.shape == (1, 35) and tok.input_ids[0, 0].item() == 101  # [CLS] kept, padded to 35
     with torch.no_grad():
-        img = vis(pixel_values=reward.clip_pixels(f, crop_round=True)).last_hidden_state
+        img = vis(pixel_values=image_rewards.clip_pixels(f, crop_round=True)).last_hidden_state
         cls = txt(input_ids=tok.input_ids.expand(3, -1), attention_mask=tok.attention_mask.expand(3, -1),
                   encoder_hidden_states=img).last_hidden_state[:, 0]
         direct = ((head(cls)[:, 0] - 0.16717362830052426) / 1.0333394966054072).mean()

@@ -9,6 +9,7 @@ import inputs
 import sample
 from model import UserError
 from reward import build_reward, pick
+from videos import write_png, write_video
 
 
 def test_static_video_has_temporal_flickering_one_and_noise_scores_lower():
@@ -40,7 +41,7 @@ def test_mp4_round_trip_and_vbench_names(tmp_path):
     video[:, :, :, 0] = torch.arange(5).view(5, 1, 1) * 50
     path = os.path.join(tmp_path, inputs.video_names(["a cat / dog"], 4)[0][3])
     assert os.path.basename(path) == "a cat   dog-3.mp4"
-    sample.write_video(path, video, fps=8)
+    write_video(path, video, fps=8)
     with av.open(path) as f:
         frames = [fr.to_ndarray(format="rgb24") for fr in f.decode(video=0)]
     assert len(frames) == 5 and frames[0].shape == (16, 22, 3)
@@ -63,7 +64,7 @@ def test_frame_strip_png_holds_every_frame(tmp_path):
     strip = sample.frame_strip(videos, scale=2, gap=1)
     assert strip.shape == (2 * 9, 3 * 11, 3)  # rows: 2 videos of 2*4+1; columns: 3 frames of 2*5+1
     assert torch.equal(strip[:8, 11:21], videos[0, 1].repeat_interleave(2, 0).repeat_interleave(2, 1))
-    sample.write_png(str(tmp_path / "s.png"), strip)
+    write_png(str(tmp_path / "s.png"), strip)
     data = (tmp_path / "s.png").read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", data[16:24]) == (33, 18)
     rows = zlib.decompress(data[data.index(b"IDAT") + 4:-16])

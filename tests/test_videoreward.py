@@ -8,12 +8,14 @@ import pytest
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
+import image_rewards
 import reward
-import sample
+import videoreward
 from model import UserError
+from videos import read_video, write_video
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
-            "<|image_pad|>", "<|video_pad|>", *reward.VIDEOREWARD_TOKENS]
+            "<|image_pad|>", "<|video_pad|>", *videoreward.VIDEOREWARD_TOKENS]
 NORM = {"VQ_mean": 3.6757, "VQ_std": 2.2476, "MQ_mean": 1.1646, "MQ_std": 1.3811, "TA_mean": 2.8105, "TA_std": 2.5121}
 
 
@@ -102,27 +104,27 @@ def moving_video(frames: int = 8, seed: int = 0) -> torch.Tensor:
 
 
 def test_the_published_prompt_sampling_and_resize_rules():
-    text = reward.VIDEOREWARD_TEMPLATE.format(text_prompt="a red ball rolls to the left")
+    text = videoreward.VIDEOREWARD_TEMPLATE.format(text_prompt="a red ball rolls to the left")
     # sha256 of what VideoAlign's own build_prompt(prompt, ["VQ", "MQ", "TA"], "detailed_special") returns
     assert hashlib.sha256(text.encode()).hexdigest() == \
         "061c9e57c27869feb58b9289602eb86bfd4ce9c8bfece878d2533bdaf554307d"
-    assert reward.VIDEOREWARD_TEMPLATE.format(text_prompt="{x}").count("{x}") == 1  # braces stay literal
+    assert videoreward.VIDEOREWARD_TEMPLATE.format(text_prompt="{x}").count("{x}") == 1  # braces stay literal
     # 2 frames per second of the video's own time: 24 frames at 8 fps -> 6 frames, as the original sampled them
-    assert reward.videoreward_frames(24, 8.0, 2.0) == [0, 5, 9, 14, 18, 23]
-    assert len(reward.videoreward_frames(24, 24.0, 2.0)) == 4  # at least 4
-    assert len(reward.videoreward_frames(240, 24.0, 2.0)) == 20
+    assert videoreward.videoreward_frames(24, 8.0, 2.0) == [0, 5, 9, 14, 18, 23]
+    assert len(videoreward.videoreward_frames(24, 24.0, 2.0)) == 4  # at least 4
+    assert len(videoreward.videoreward_frames(240, 24.0, 2.0)) == 20
     with pytest.raises(UserError, match="needs at least 2 frames"):
-        reward.videoreward_frames(1, 8.0, 2.0)
-    assert reward.qwen2vl_size(240, 320, 100352, 200704) == (280, 392)  # small videos are upscaled
-    assert reward.qwen2vl_size(480, 832, 100352, 200704) == (336, 588)
+        videoreward.videoreward_frames(1, 8.0, 2.0)
+    assert videoreward.qwen2vl_size(240, 320, 100352, 200704) == (280, 392)  # small videos are upscaled
+    assert videoreward.qwen2vl_size(480, 832, 100352, 200704) == (336, 588)
 
 
 def test_patch_rows_pair_consecutive_frames_in_qwen2vl_order():
     frames = moving_video(4)[:, :28, :56]  # 28 x 56: already a multiple of 28, no resize
-    rows, grid = reward.qwen2vl_patches(frames, (28, 56))
+    rows, grid = videoreward.qwen2vl_patches(frames, (28, 56))
     assert grid == [2, 2, 4] and rows.shape == (16, 3 * 2 * 14 * 14)
     x = (frames.permute(0, 3, 1, 2).double() / 255).float()
-    x = (x - torch.tensor(reward.CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(reward.CLIP_STD).view(1, 3, 1, 1)
+    x = (x - torch.tensor(image_rewards.CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(image_rewards.CLIP_STD).view(1, 3, 1, 1)
     r = rows.view(16, 3, 2, 14, 14)  # channel, frame of the temporal pair, patch
     assert torch.allclose(r[0, :, 0], x[0, :, :14, :14]) and torch.allclose(r[0, :, 1], x[1, :, :14, :14])
     assert torch.allclose(r[1, :, 0], x[0, :, :14, 14:28])  # then the 2x2 block of one merged token
@@ -157,7 +159,7 @@ def test_the_checkpoints_lora_is_applied(tiny):
     b = reward.build_reward("videoreward", path=without).score(v, ["x"], fps=8.0)["overall"]
     assert (a - b).abs().item() > 1e-3
     w, A, B = torch.randn(6, 5), torch.randn(2, 5), torch.randn(6, 2)
-    merged = reward.merge_lora({"base_model.model.m.q_proj.base_layer.weight": w,
+    merged = videoreward.merge_lora({"base_model.model.m.q_proj.base_layer.weight": w,
                                 "base_model.model.m.q_proj.lora_A.default.weight": A,
                                 "base_model.model.m.q_proj.lora_B.default.weight": B}, scale=2.0)
     assert list(merged) == ["m.q_proj.weight"] and torch.allclose(merged["m.q_proj.weight"], w + 2.0 * B @ A)
@@ -165,10 +167,10 @@ def test_the_checkpoints_lora_is_applied(tiny):
 
 def test_reward_py_reads_the_frame_rate_from_the_file(tiny, tmp_path):
     v = moving_video(16)
-    sample.write_video(str(tmp_path / "a.mp4"), v, fps=8)
+    write_video(str(tmp_path / "a.mp4"), v, fps=8)
     out = reward.main(["score", str(tmp_path / "a.mp4"), "--reward", "videoreward", "--reward-path", tiny,
                        "--prompt", "x", "--device", "cpu"])
-    decoded = reward.read_video(str(tmp_path / "a.mp4"))
+    decoded = read_video(str(tmp_path / "a.mp4"))
     direct = reward.build_reward("videoreward", path=tiny).score(decoded[None], ["x"], fps=8.0)
     assert out[str(tmp_path / "a.mp4")]["overall"] == pytest.approx(direct["overall"].item(), abs=1e-3)
 

@@ -9,8 +9,11 @@ from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
 
 import reward
+import videoscore
 from model import UserError
-from reward import VIDEOSCORE_TEMPLATE, VideoScore, build_reward, frame_indices, pick, videoscore_prompt
+from reward import build_reward, pick
+from videos import read_video, write_video
+from videoscore import VIDEOSCORE_TEMPLATE, VideoScore, frame_indices, videoscore_prompt
 
 N_LATENTS = 4  # image tokens per frame (64 in the real model)
 PROC = {"image_processor_type": "Idefics2ImageProcessor", "processor_class": "Idefics2Processor",
@@ -68,7 +71,7 @@ def save_tiny_videoscore(folder: str, proc: dict = PROC) -> str:
               open(os.path.join(folder, "processor_config.json"), "w"))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        net = reward.Idefics2ForSequenceClassification(Idefics2Config.from_dict(config))
+        net = videoscore.Idefics2ForSequenceClassification(Idefics2Config.from_dict(config))
         state = {k: (torch.randn_like(v) * 0.3 + ("norm" in k or "latents" in k)).contiguous()  # O(1) outputs
                  for k, v in net.state_dict().items()}
     save_file(state, os.path.join(folder, "model.safetensors"))
@@ -168,7 +171,7 @@ def test_torch_preprocessing_matches_idefics2_image_processor(vs):
     for h, w in [(40, 60), (12, 18), (24, 30)]:  # down (longest side 40), up (to 20x20), unchanged
         frames = video(1, 5, h, w, seed=h)[0]
         want = official([[f.numpy() for f in frames]], return_tensors="pt")["pixel_values"][0]
-        got = reward.idefics2_pixels(frames, vs.proc)
+        got = videoscore.idefics2_pixels(frames, vs.proc)
         assert got.shape == want.shape
         # PIL rounds to uint8 in fixed point: at most one level (2/255 after normalising) on a few pixels
         diff = (got - want).abs()
@@ -205,12 +208,10 @@ def test_bad_input_is_one_clear_line(tiny, tmp_path):
 
 
 def test_score_cli_reads_a_video_file(vs, tiny, tmp_path, capsys):
-    import sample
-
     path = str(tmp_path / "v.mp4")
-    sample.write_video(path, video(1, 9, 24, 30)[0], fps=8)
+    write_video(path, video(1, 9, 24, 30)[0], fps=8)
     out = reward.main(["score", path, "--prompt", "a red ball", "--reward", "videoscore", "--reward-path", tiny,
                        "--device", "cpu"])
     assert json.loads(capsys.readouterr().out) == out
-    want = vs.score(reward.read_video(path)[None], ["a red ball"])
+    want = vs.score(read_video(path)[None], ["a red ball"])
     assert out[path] == {d: round(v.item(), 4) for d, v in want.items()}
