@@ -1,25 +1,250 @@
-"""Pages to look at and judge videos, written by evaluate.py: one self-contained HTML file each (videos inlined as
-data URIs, no server, no network, no script from elsewhere).
+"""Tables, charts and pages of evaluate.py's results, drawn without torch: the markdown table (the paper's Table 3
+layout), SVG or PNG charts (the per-dimension comparison; a training run's reward curve, the paper's Fig. 5),
+and pages to look at and judge videos, one self-contained HTML file each (videos inlined as data URIs, no server,
+no network, no script from elsewhere).
 
+    python evaluate.py --compare before/evaluation.json after/evaluation.json --plot compare.svg
+    python evaluate.py --run runs/vpo                          # -> runs/vpo/reward_curve.svg
     python evaluate.py --compare before/evaluation.json after/evaluation.json --html page.html --run runs/vpo
     python evaluate.py --compare before/evaluation.json after/evaluation.json --study-html study.html
     python evaluate.py --study rater1.json rater2.json          # win rate with a 95% confidence interval
 
+- The table and the comparison chart: evaluate.py hands them what it measures (VBench's quality dimensions, its
+  proxies, the quality score); this module imports neither evaluate.py nor torch.
 - The comparison page: for each prompt, the videos of every compared run side by side (before / after), then the
   metric table and the reward curves of the training runs.
 - The study (paper Fig. 4): pairs of videos of one prompt, one from each of two runs, in a random order and on
   random sides, labelled "Video 1" / "Video 2". One click records a judgement and shows the next pair; the
-  judgements are saved as JSON (a download), which `--study` turns into a win rate and `reward.py agreement`
-  into a reward/human agreement (Table 2). The page's source holds which run is which: raters should only click.
+  judgements are saved as JSON (a download), which `--study` turns into a win rate and `agreement.py` into
+  a reward/human agreement (Table 2). The page's source holds which run is which: raters should only click.
 """
 import base64
 import hashlib
 import html
+import importlib.util
 import json
 import os
 import random
+import sys
+from collections.abc import Callable
 
-from inputs import UserError, read_text
+from inputs import UserError, read_json, read_metrics, read_text, writable_file
+
+# ----------------------------------------------------------------------------------------------------------
+# Tables: the paper's Table 3 layout, a row per model, a column per dimension
+
+PROXY_LABELS = {"proxy_interp_smoothness": "interp. smoothness (proxy)", "proxy_frame_motion": "frame motion (proxy)"}
+
+
+def header(column: str, vbench: dict) -> str:
+    """VBench's dimensions as its tables name them, the proxies marked as stand-ins, anything else as named."""
+    return column.replace("_", " ").title() if column in vbench else PROXY_LABELS.get(column, column)
+
+
+def columns(results: list[dict], vbench: dict, proxies: dict) -> list[str]:
+    """Every summary key of the results: VBench's dimensions and the proxies in their order, then the rest."""
+    present = dict.fromkeys(k for r in results for k in r["summary"])
+    return ([d for d in vbench if d in present] + [p for p in proxies if p in present] +
+            [k for k in present if k not in vbench and k not in proxies])
+
+
+def table(results: list[dict], vbench: dict, proxies: dict, score: Callable[[dict], tuple]) -> str:
+    """Markdown table of evaluate.py results. `vbench` (evaluate.VBENCH_QUALITY) names VBench's dimensions, shown
+    in percent as VBench reports them and followed by the quality score (`score(summary) -> (score, dimensions
+    used)`); `proxies` (evaluate.PROXIES) come next, then rewards, FVD and the rest. * marks a number that came from
+    the official vbench package (--vbench)."""
+    cols = columns(results, vbench, proxies)
+    head = ["model"] + [header(c, vbench) for c in cols if c in vbench] + ["Quality Score"] + \
+           [header(c, vbench) for c in cols if c not in vbench]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        s, official = r["summary"], [c for c, src in r.get("sources", {}).items() if src == "vbench"]
+        cell = lambda c, pct: "-" if s.get(c) is None else f"{100 * s[c]:.2f}{'*' * (c in official)}" if pct \
+            else f"{s[c]:.4f}"
+        q, n = score(s)
+        row = [r["name"]] + [cell(c, True) for c in cols if c in vbench]
+        row += ["-" if q is None else f"{100 * q:.2f} ({n}/{len(vbench)} dims)"]
+        row += [cell(c, False) for c in cols if c not in vbench]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def markdown_table(md: str) -> str:
+    """table()'s markdown -> an HTML table."""
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in md.splitlines()
+            if line.strip() and not set(line.strip()) <= set("|-: ")]
+    head, body = rows[0], rows[1:]
+    return ("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr>" +
+            "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in body) + "</table>")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Charts: SVG written by hand, PNG through matplotlib
+
+COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]
+
+
+def chart(path: str, title: str, series: dict, xlabels: list[str] | None = None, vlines=()):
+    """Lines (series name -> [(x, y)], dashed vertical lines at `vlines`) or, given `xlabels`, grouped bars (series
+    name -> [y or None per label]); SVG written by hand, or PNG through matplotlib when `path` ends with .png."""
+    (png_chart if path.lower().endswith(".png") else svg_chart)(path, title, series, xlabels, vlines)
+
+
+def svg_chart(path, title, series, xlabels, vlines):
+    with open(path, "w") as f:
+        f.write(svg(title, series, xlabels, vlines))
+
+
+def svg(title: str, series: dict, xlabels: list[str] | None = None, vlines=()) -> str:
+    """The chart as SVG text (chart's arguments)."""
+    W, H, L, R, T, B = 840, 380, 60, 250, 40, 70
+    bars = xlabels is not None
+    ys = [v for vals in series.values() for v in vals if v is not None] if bars else \
+         [y for pts in series.values() for _, y in pts]
+    lo, hi = (min(ys + [0.0]), max(ys + [0.0])) if bars else (min(ys), max(ys))
+    pad = 0.05 * (hi - lo) or 0.5
+    lo, hi = (lo if bars and lo == 0 else lo - pad), hi + pad
+    xs = [x for pts in series.values() for x, _ in pts] + list(vlines) if not bars else [0, len(xlabels)]
+    x0, x1 = min(xs), max(max(xs), min(xs) + 1)
+    X = lambda x: L + (x - x0) / (x1 - x0) * (W - L - R)
+    Y = lambda y: T + (hi - y) / (hi - lo) * (H - T - B)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="11">',
+           f'<rect width="{W}" height="{H}" fill="white"/><text x="{L}" y="22" font-size="13">{esc(title)}</text>',
+           f'<line x1="{L}" y1="{H - B}" x2="{W - R}" y2="{H - B}" stroke="black"/>',
+           f'<line x1="{L}" y1="{T}" x2="{L}" y2="{H - B}" stroke="black"/>']
+    for i in range(5):  # y grid
+        y = lo + (hi - lo) * i / 4
+        out.append(f'<line x1="{L}" y1="{Y(y):.1f}" x2="{W - R}" y2="{Y(y):.1f}" stroke="#eee"/>'
+                   f'<text x="{L - 6}" y="{Y(y) + 4:.1f}" text-anchor="end">{y:.3g}</text>')
+    for v in vlines:  # reference updates
+        out.append(f'<line class="ref-update" x1="{X(v):.1f}" y1="{T}" x2="{X(v):.1f}" y2="{H - B}" '
+                   'stroke="gray" stroke-dasharray="4,3"/>')
+    for j, (name, vals) in enumerate(series.items()):
+        color = COLORS[j % len(COLORS)]
+        out.append(f'<rect x="{W - R + 12}" y="{T + 16 * j}" width="12" height="10" fill="{color}"/>'
+                   f'<text x="{W - R + 30}" y="{T + 16 * j + 9}">{esc(name)}</text>')  # legend
+        if not bars:
+            pts = " ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y in vals)
+            out.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{pts}"/>')
+            continue
+        w = 0.8 / len(series)
+        for i, v in enumerate(vals):
+            if v is not None:
+                out.append(f'<rect x="{X(i + 0.1 + j * w):.1f}" y="{Y(max(v, 0)):.1f}" width="{X(w) - X(0):.1f}" '
+                           f'height="{abs(Y(v) - Y(0)):.1f}" fill="{color}"><title>{esc(name)}: {v:.4f}</title></rect>')
+    for i, label in enumerate(xlabels or []):
+        out.append(f'<text x="{X(i + 0.5):.1f}" y="{H - B + 14}" text-anchor="end" '
+                   f'transform="rotate(-20 {X(i + 0.5):.1f} {H - B + 14})">{esc(label)}</text>')
+    if not bars:
+        ticks = sorted({round(x0 + (x1 - x0) * i / 4) for i in range(5)})  # steps are integers
+        out += [f'<text x="{X(x):.1f}" y="{H - B + 16}" text-anchor="middle">{x}</text>' for x in ticks]
+        out.append(f'<text x="{(L + W - R) / 2}" y="{H - B + 34}" text-anchor="middle">optimizer step</text>')
+    return "\n".join(out + ["</svg>"]) + "\n"
+
+
+def esc(s) -> str:
+    return str(s).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def png_chart(path, title, series, xlabels, vlines):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("a .png plot needs matplotlib (pip install matplotlib); or write .svg")
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for j, (name, vals) in enumerate(series.items()):
+        if xlabels is None:
+            ax.plot(*zip(*vals), label=name)
+        else:
+            w = 0.8 / len(series)
+            ax.bar([i + 0.1 + (j + 0.5) * w for i in range(len(vals))], [v or 0 for v in vals], w, label=name)
+    for v in vlines:
+        ax.axvline(v, color="gray", linestyle="--", linewidth=0.8)
+    if xlabels is None:
+        ax.set_xlabel("optimizer step")
+    else:
+        ax.set_xticks([i + 0.5 for i in range(len(xlabels))], xlabels, rotation=20, ha="right")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def check_plot(path: str) -> str:
+    """The plot file can be written, and drawn (.png needs matplotlib): known before any scoring."""
+    writable_file(path, "--plot")
+    if path.lower().endswith(".png") and importlib.util.find_spec("matplotlib") is None:
+        raise UserError("a .png plot needs matplotlib (pip install matplotlib); or write .svg")
+    return path
+
+
+def plot_comparison(results: list[dict], path: str, vbench: dict, proxies: dict):
+    """Grouped bars, a group per dimension, a bar per run (table()'s arguments)."""
+    # VBench's dimensions and the proxies share the 0..1 scale; rewards (reward.dim) have scales of their own
+    cols = [c for c in columns(results, vbench, proxies) if "." not in c]
+    series = {r["name"]: [r["summary"].get(c) for c in cols] for r in results}
+    chart(path, "per-dimension comparison", series, xlabels=[header(c, vbench) for c in cols])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The reward curve of a training run (paper Fig. 5), from train.py's metrics.jsonl
+
+
+def read_run_metrics(path: str) -> list[dict]:
+    """inputs.read_metrics, and at least one whole row to draw."""
+    rows = read_metrics(path)
+    if not rows:
+        raise UserError(f"{path} holds no whole metrics row")
+    return rows
+
+
+def run_k(run_dir: str):
+    """K from the run's args.json, for the title only: '?' (with a warning if the file is there but unreadable)."""
+    path = os.path.join(run_dir, "args.json")
+    if not os.path.isfile(path):
+        return "?"
+    try:
+        return read_json(path, "args file").get("k", "?")
+    except UserError as e:
+        print(f"warning: {path} is unreadable ({str(e).splitlines()[0]}); K shown as ?", file=sys.stderr)
+        return "?"
+
+
+def plot_reward_curve(run_dir: str, path: str):
+    """Paper Fig. 5 as a file (see reward_curve)."""
+    title, series, updates = reward_curve(run_dir)
+    writable_file(path, "--plot")  # here, not in main: the default path is inside a run folder known to exist now
+    chart(path, title, series, vlines=updates)
+    return updates
+
+
+def reward_curve(run_dir: str) -> tuple[str, dict, list[int]]:
+    """Paper Fig. 5: mean / winner / loser reward of each optimizer step from train.py's metrics.jsonl; dashed lines
+    where the reference model was updated (every K steps). Returns (title, series, update steps)."""
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(metrics):
+        raise UserError(f"{metrics} not found: --run takes a train.py output folder")
+    rows = read_run_metrics(metrics)
+    k = run_k(run_dir)
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    series = {label: [(r["step"], r[key]) for r in rows if number(r.get(key))]
+              for key, label in (("reward_mean", "mean of N"), ("reward_w", "winner"), ("reward_l", "loser"))}
+    series = {k: v for k, v in series.items() if v}
+    if not series:
+        raise UserError(f"{metrics} holds no reward values")
+    # train.py logs the cumulative count of reference updates (G_ref <- G_theta every K steps): mark where it grows
+    counts = [0] + [r.get("ref_updates", 0) for r in rows]
+    updates = [r["step"] for r, before in zip(rows, counts) if r.get("ref_updates", 0) > before]
+    title = f"reward ({rows[-1].get('reward_dim', '?')}); dashed: reference update (K = {k})"
+    return title, series, updates
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The comparison page
 
 STYLE = """body{font-family:sans-serif;margin:24px;color:#222}video{width:100%;max-width:360px;background:#000}
 .row{display:grid;gap:12px;margin-bottom:24px}.cell h4{margin:4px 0;font-weight:normal;color:#555}
@@ -41,15 +266,6 @@ def video_tag(path: str, attrs: str = "") -> str:
     return f'<video src="{video_uri(path)}" autoplay loop muted playsinline {attrs}></video>'
 
 
-def markdown_table(md: str) -> str:
-    """evaluate.table's markdown -> an HTML table."""
-    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in md.splitlines()
-            if line.strip() and not set(line.strip()) <= set("|-: ")]
-    head, body = rows[0], rows[1:]
-    return ("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr>" +
-            "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in body) + "</table>")
-
-
 def videos_by_prompt(results: list[dict]) -> dict[str, list[list[str]]]:
     """prompt -> for each run, the paths of its videos of that prompt (file names sorted)."""
     prompts = {}
@@ -60,8 +276,13 @@ def videos_by_prompt(results: list[dict]) -> dict[str, list[list[str]]]:
     return prompts
 
 
-def comparison_page(results: list[dict], table_md: str, curves: dict[str, str]) -> str:
-    """The before/after page: per prompt a row per video index, a column per run; the table; the curves (SVG)."""
+def comparison_page(results: list[dict], table_md: str, run_dirs: list[str]) -> str:
+    """The before/after page: per prompt a row per video index, a column per run; the table; the reward curves of
+    the training runs in `run_dirs` (SVG)."""
+    curves = {}  # first: a run folder without rewards is refused before any video is read
+    for run_dir in run_dirs:
+        title, series, updates = reward_curve(run_dir)
+        curves[os.path.basename(os.path.normpath(run_dir))] = svg(title, series, vlines=updates)
     names = [r["name"] for r in results]
     cols = f"grid-template-columns:repeat({len(results)},minmax(0,360px))"
     out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(' vs '.join(names))}</title>"
@@ -73,8 +294,8 @@ def comparison_page(results: list[dict], table_md: str, curves: dict[str, str]) 
                      "</div>" for n, v in zip(names, per_run)]
             out.append(f"<div class='row' style='{cols}'>" + "".join(cells) + "</div>")
     out.append("<h2>Metrics</h2>" + markdown_table(table_md))
-    for run, svg in curves.items():
-        out.append(f"<h2>Reward curve: {html.escape(run)}</h2>{svg}")
+    for run, curve in curves.items():
+        out.append(f"<h2>Reward curve: {html.escape(run)}</h2>{curve}")
     return "\n".join(out + ["</body></html>"]) + "\n"
 
 
@@ -204,8 +425,17 @@ def win_rate(study: dict, resamples: int = 10000, seed: int = 0) -> dict:
             "ci95": [means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]]}
 
 
+def print_study(paths: list[str]) -> dict:
+    """Fig. 4: the second run against the first over every rater's judgements."""
+    w = win_rate(read_study(paths))
+    print(f"{w['second']} vs {w['first']}: {w['wins']} wins, {w['ties']} ties, {w['losses']} losses in "
+          f"{w['judgements']} judgements; win rate {w['win_rate']:.3f} (95% CI {w['ci95'][0]:.3f}-{w['ci95'][1]:.3f}, "
+          "bootstrap over judgements; a tie counts half)")
+    return w
+
+
 def study_manifest(study: dict) -> list[dict]:
-    """reward.py agreement's groups from a study: each decided pair is a group of two videos with the human's
+    """agreement.py's groups from a study: each decided pair is a group of two videos with the human's
     pick as best (ties carry no choice and are left out)."""
     return [{"prompt": j["prompt"], "videos": j["videos"], "best": 0 if j["choice"] == "left" else 1}
             for j in study["judgements"] if j["choice"] != "tie"]

@@ -8,10 +8,11 @@ import re
 import pytest
 import torch
 
+import agreement
 import evaluate
 import page
-import reward
-import sample
+from inputs import UserError
+from videos import write_video
 
 PROMPTS = ["a red circle moves left", "a blue bar moves up"]
 
@@ -24,7 +25,7 @@ def make_run(folder, level: int, n: int = 2):
         for i in range(n):
             v = torch.full((6, 16, 16, 3), 100, dtype=torch.int32) + torch.randint(0, level + 1, (6, 16, 16, 3),
                                                                                       generator=g)
-            sample.write_video(os.path.join(folder, f"{prompt}-{i}.mp4"), v.clamp(0, 255).to(torch.uint8), fps=8)
+            write_video(os.path.join(folder, f"{prompt}-{i}.mp4"), v.clamp(0, 255).to(torch.uint8), fps=8)
     out = os.path.join(folder, "evaluation.json")
     evaluate.main([str(folder), "--metrics", "temporal_flickering", "--out", out, "--name", os.path.basename(folder)])
     return out
@@ -101,11 +102,11 @@ def test_bad_study_inputs_are_one_line(runs, tmp_path):
         assert message in str(e.value) and "\n" not in str(e.value)
     a = json.load(open(runs[0]))
     b = {**a, "name": "other", "videos": {"a cat-0.mp4": {"prompt": "a cat"}}}  # mismatched folders
-    with pytest.raises(reward.UserError, match="share no video file name"):
+    with pytest.raises(UserError, match="share no video file name"):
         page.study_pairs(a, b)
     gone = {**a, "video_dir": str(tmp_path / "moved")}  # results whose videos are no longer there
-    with pytest.raises(reward.UserError, match="cannot read video"):
-        page.comparison_page([gone], "| a |\n|---|\n| 1 |", {})
+    with pytest.raises(UserError, match="cannot read video"):
+        page.comparison_page([gone], "| a |\n|---|\n| 1 |", [])
 
 
 def test_a_study_feeds_reward_agreement(runs, tmp_path):
@@ -116,5 +117,5 @@ def test_a_study_feeds_reward_agreement(runs, tmp_path):
         {"pair": i, "prompt": p["prompt"], "videos": p["videos"], "runs": p["runs"],
          "choice": "left" if p["runs"][0] == "after" else "right"} for i, p in enumerate(pairs)]}
     (tmp_path / "study.json").write_text(json.dumps(results))
-    out = reward.main(["agreement", str(tmp_path / "study.json"), "--reward", "pixel"])
+    out = agreement.main([str(tmp_path / "study.json"), "--reward", "pixel"])
     assert out["temporal_consistency"]["recall@1"] == 1.0  # the flicker score agrees with this rater on every pair
