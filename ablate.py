@@ -21,7 +21,7 @@ import sys
 
 import torch
 
-import run
+import checkpoint
 import toy
 import train
 from inputs import UserError
@@ -81,7 +81,7 @@ def run_one(name: str, seed: int, args, model, reward, prompts: list[str]) -> di
                           "--save-every", str(args.steps), "--out", out]
     policy = os.path.join(out, f"checkpoint-{args.steps}", "model.safetensors")
     if not os.path.isfile(policy):  # continue an interrupted run, or start one
-        train.train(train.parse_args(flags + (["--resume"] if run.latest_checkpoint(out) else ["--overwrite"])))
+        train.train(train.parse_args(flags + (["--resume"] if checkpoint.latest_checkpoint(out) else ["--overwrite"])))
     return {**cached_eval(os.path.join(out, "eval.json"), model, reward, prompts, policy), **training_stats(out)}
 
 

@@ -1,8 +1,10 @@
-"""The paper's comparisons, over the same Run as OnlineVPO (run.py).
+"""The paper's comparisons: two entries of train.py's method table, run by the same loop as OnlineVPO.
 
 - Offline DPO (Table 4d): Algorithm 1 with a pair pool filled ONCE from the initial policy and a fixed
-  reference (train.py's loop with K = 0 and `pool_pairs` instead of fresh samples).
-- ReFL (Table 4c): reward feedback learning, its own short loop: the reward's gradient instead of preferences.
+  reference (`offline_pool` before the first step, `pool_pairs` instead of fresh samples).
+- ReFL (Table 4c): reward feedback learning, the reward's gradient instead of preferences, no reference.
+
+Torch only: what the methods need of the job, the reward and the model comes in through `run` (run.Run).
 """
 import math
 import os
@@ -13,11 +15,10 @@ from tqdm import tqdm
 import dpo
 import parallel
 from inputs import UserError
-from reward import pick
-from run import Run, warn
+from parallel import warn
 
 
-def offline_pool(run: Run, sample_pairs) -> list:
+def offline_pool(run, sample_pairs) -> list:
     """Table 4d, Diffusion-DPO style: --offline-pairs prompts sampled ONCE with the initial policy and scored
     by the same reward (`sample_pairs`: train.online_pairs), best vs worst kept (ties as None); cached to
     OUT/offline_pairs.pt so a resumed run trains on the same pairs. With several ranks each samples every
@@ -58,14 +59,14 @@ def offline_pool(run: Run, sample_pairs) -> list:
     return pairs
 
 
-def pool_pairs(run: Run, pool: list, counters: list[int]) -> list[tuple]:
+def pool_pairs(run, pool: list, counters: list[int]) -> list[tuple]:
     """The pool's pairs for these prompt counters, cycling through it; a tied entry counts as a tie."""
     found = [(c, pool[c % len(pool)]) for c in counters]
     run.ties += sum(pair is None for _, pair in found)
     return [dpo.video_pair(c, *pair) for c, pair in found if pair is not None]
 
 
-def refl_backward(run: Run, counters: list[int], sync: bool = True):
+def refl_backward(run, counters: list[int], sync: bool = True):
     """Table 4c, ReFL (ImageReward's reward feedback learning, applied to video): denoise without gradients
     to a random step among the last quarter of the sampling steps, take ONE guided step with gradients,
     jump to the predicted x0, decode (only --refl-latent-frames latent frames) and maximise the reward.
@@ -83,22 +84,25 @@ def refl_backward(run: Run, counters: list[int], sync: bool = True):
             videos = model.decode_float(x0, args.refl_latent_frames)
         with run.clock("reward"):
             scores = run.reward.score_float(videos, prompts, model.fps)
-            r = pick(scores, run.dim).float()
+            r = run.preference(scores).float()
             loss = -r.mean()
             (loss * len(prompts) * parallel.WORLD / args.batch_size).backward()  # a NaN skips the step everywhere
     run.log["loss"] += [loss.item()] * len(prompts)
     run.log["reward_mean"] += r.tolist()
     for d, v in scores.items():
         run.log[f"reward/{d}"] += v.tolist()
-    run.pairs += len(prompts)
+    run.examples += len(prompts)
     run.finite = run.finite and bool(torch.isfinite(loss))
 
 
-def refl(run: Run) -> dict:
-    """ReFL's loop: no pairs, no reference, the same batches, optimizer step, metrics and checkpoints."""
-    while run.step < run.args.steps:
-        for counters, last in run.batches():
-            refl_backward(run, counters, sync=last)
-        run.optimizer_step()
-        run.end_step()
-    return run.close()
+def refl_check(run):
+    """ReFL needs a reward with a gradient, a model that predicts x0 in one call, and one score per video."""
+    if not hasattr(run.reward, "score_float"):  # the reward interface's optional differentiable score
+        raise UserError(f"--method refl needs a differentiable reward; {run.args.reward!r} is not")
+    if "=" in run.dim or "," in run.dim:  # a weighted mix (reward.parse_dim)
+        raise UserError("--method refl maximises one score of single videos; a weighted --reward-dim is scaled by "
+                        "the spread among one prompt's N candidates, which ReFL does not sample: name one "
+                        "dimension or global")
+    if not run.model.predicts_x0:
+        raise UserError(f"--method refl is implemented for the Open-Sora family (opensora, toy, tiny), "
+                        f"not {run.args.model!r}")

@@ -11,8 +11,8 @@ Parts (--parts a,b,c,d):
      as the paper's Fig. 7;
   c  N candidates sampled in one batched call vs N calls of one;
   d  GPU only: model FLOPs utilisation (MFU) of sampling and of the DPO step.
-The step is train.py's own: train.online_pairs + train.dpo_step (grpo.grpo_backward for GRPO,
-baselines.refl_backward for ReFL) over a run.Run built from train.py's flags around the random models, so its
+The step is train.py's own: the method's entry in train.METHODS (train.online_pairs + train.dpo_step for
+OnlineVPO, grpo.grpo_backward for GRPO, baselines.refl_backward for ReFL) over a run.Run built from train.py's flags around the random models, so its
 memory levers are train.py's defaults: gradient checkpointing, the reference stored like the policy (fp32), the
 text encoder freed once every prompt is encoded. The loop's phase clock is bench's for the measured steps. Tables print as markdown with the
 machine named.
@@ -31,13 +31,12 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-import baselines
-import grpo
 import opensora as osr
-import reward as rw
 import train
+import videoscore as rw
 from inputs import UserError
-from model import ByteTokenizer, VideoModel, tiny_t5
+from model import ByteTokenizer, OpenSoraModel, tiny_t5
+from reward import PixelReward
 from run import Run
 
 PARTS = ("a", "b", "c", "d")
@@ -147,20 +146,20 @@ def build(size: str, device: str, reward_name: str, seed: int = 0, reward_offloa
             vae = osr.OpenSoraVAE()
             t5 = T5EncoderModel(T5Config(**T5_XXL)).eval()
         # a byte-level tokenizer stands in for T5's sentencepiece (no files); the encoder always sees 300 tokens
-        model = VideoModel("opensora", dit, vae, t5, ByteTokenizer(), 240, 426, 51, max_length=300)
+        model = OpenSoraModel("opensora", dit, vae, t5, ByteTokenizer(), 240, 426, 51, max_length=300)
     else:
         dit = osr.STDiT3(**(MEDIUM_DIT if size == "medium" else TINY_DIT))
         vae = osr.OpenSoraVAE(**TINY_VAE)
-        model = VideoModel("bench-tiny", dit, vae, tiny_t5(TINY_DIT["caption_channels"]), ByteTokenizer(),
+        model = OpenSoraModel("bench-tiny", dit, vae, tiny_t5(TINY_DIT["caption_channels"]), ByteTokenizer(),
                            32, 64, 17, sample_steps=10, max_length=TINY_DIT["model_max_length"])
     model.to(dev, dtype)
     model.set_grad_checkpointing(True)  # lever 1 (train.py's default)
     if reward_name == "videoscore":
         return model, RandomVideoScore(dev, offload=reward_offload), "VideoScore architecture, random weights"
-    return model, rw.PixelReward(device=dev), "PixelReward (pixel formula, no network)"
+    return model, PixelReward(device=dev), "PixelReward (pixel formula, no network)"
 
 
-def set_point(model: VideoModel, point: tuple):
+def set_point(model: OpenSoraModel, point: tuple):
     _, model.height, model.width, model.frames = point
 
 
@@ -215,7 +214,7 @@ class Clock:
 # The two steps: train.py's own loop functions over a run.Run that holds bench's prebuilt models
 
 
-def make_run(model: VideoModel, reward, reward_name: str, method: str, n: int, seed: int = 0,
+def make_run(model: OpenSoraModel, reward, reward_name: str, method: str, n: int, seed: int = 0,
              split: bool = False, lora_rank: int = 0) -> Run:
     """The training job as train.py builds it from its flags, over bench's random model and reward: its reference
     G_ref (none for ReFL: Fig. 7 compares that memory too), AdamW, and train.py's default memory levers
@@ -230,7 +229,7 @@ def make_run(model: VideoModel, reward, reward_name: str, method: str, n: int, s
                             + ((["--grpo-micro-batch", "1"] if method == "grpo" else ["--split-pair"]) if split else [])
                             + (["--lora-rank", str(lora_rank)] if lora_rank else []))
     args.out = None
-    return Run(args, model=model, reward=reward, prompts=PROMPTS)
+    return Run(args, train.METHODS[method], model=model, reward=reward, prompts=PROMPTS)
 
 
 @contextlib.contextmanager
@@ -245,40 +244,18 @@ def measured(run: Run, clock: Clock, steps: int):
         run.model.sample_steps = old
 
 
-def online_step(run: Run, clock: Clock, steps: int):
-    """One OnlineVPO step of train.py's loop (Alg. 1 lines 3-10): online_pairs samples N candidates per prompt in
-    one batched call, decodes and scores them, pairs best vs worst; dpo_step takes the Diffusion-DPO loss
-    against the reference and its backward; then the optimizer step."""
+def method_step(run: Run, clock: Clock, steps: int):
+    """One step of train.py's loop for the run's --method, through its entry in train.METHODS (Alg. 1 lines 3-10
+    for OnlineVPO: N candidates per prompt in one batched call, decoded, scored, best vs worst, the Diffusion-DPO
+    loss against the reference and its backward; GRPO's SDE rollout and clipped update; ReFL's one step with
+    gradients into the reward), then the optimizer step."""
+    backward = train.METHODS[run.args.method].backward
     with measured(run, clock, steps):
         for counters, last in run.batches():
-            train.dpo_step(run, train.online_pairs(run, counters), last)
-        if not run.pairs:  # the loop skips a tie; the benchmark has nothing to time then, and says so
-            raise UserError(f"the {run.args.n} candidates' rewards tied (or were NaN): this step has no pair and no "
-                            "DPO phases to measure; try another --seed")
-        with clock("optimizer"):
-            run.optimizer_step()
-
-
-def refl_step(run: Run, clock: Clock, steps: int):
-    """One ReFL step of baselines.refl's loop: refl_backward denoises without gradients into the last quarter
-    of the sampling steps, takes one guided step with gradients, decodes differentiably, loss = -reward."""
-    with measured(run, clock, steps):
-        for counters, last in run.batches():
-            baselines.refl_backward(run, counters, last)
-        with clock("optimizer"):
-            run.optimizer_step()
-
-
-def grpo_step(run: Run, clock: Clock, steps: int):
-    """One GRPO step of grpo.train's loop: grpo_backward samples N SDE trajectories per prompt, scores them, and
-    for each trained sampling step (here the first; --grpo-timestep-fraction of 2 steps) takes the clipped loss
-    over all N guided videos with gradients and the reference's forward for the KL; then the optimizer step."""
-    with measured(run, clock, steps):
-        for counters, last in run.batches():
-            grpo.grpo_backward(run, counters, last)
-        if not run.pairs:  # a zero-variance group is skipped, as the loop skips it
-            raise UserError(f"the {run.args.n} candidates' rewards tied (or were NaN): this GRPO step has no "
-                            "advantage and no update to measure; try another --seed")
+            backward(run, counters, last)
+        if not run.examples:  # the loop skips a tie; the benchmark has nothing to time then, and says so
+            raise UserError(f"the {run.args.n} candidates' rewards tied (or were NaN): this step has nothing to "
+                            "train on and no update to measure; try another --seed")
         with clock("optimizer"):
             run.optimizer_step()
 
@@ -289,9 +266,9 @@ def grpo_step(run: Run, clock: Clock, steps: int):
 
 def phase_breakdown(run: Run, steps: int) -> dict:
     """a: seconds per phase of one OnlineVPO step, after a warm-up step (1 sampling step, the next prompt)."""
-    online_step(run, Clock(run.model.device), 1)
+    method_step(run, Clock(run.model.device), 1)
     clock = Clock(run.model.device)
-    online_step(run, clock, steps)
+    method_step(run, clock, steps)
     return clock.seconds
 
 
@@ -318,9 +295,9 @@ def mfu(run: Run, steps: int, peak_tflops: float) -> dict:
     and --split-pair's no-grad pass, one policy forward each, i.e. half of the counted DPO forward (policy and
     reference forward on the same batch)."""
     count = Clock(run.model.device, count=True)
-    online_step(run, count, 1)
+    method_step(run, count, 1)
     clock = Clock(run.model.device)
-    online_step(run, clock, steps)
+    method_step(run, clock, steps)
     f, s = count.flops, clock.seconds
     sample_flops = f["sample"] * steps
     extra = int(run.model.dit.grad_checkpointing) + int(run.args.split_pair)
@@ -332,7 +309,6 @@ def mfu(run: Run, steps: int, peak_tflops: float) -> dict:
 
 
 METHODS = {"OnlineVPO": "online", "GRPO": "grpo", "ReFL": "refl"}  # b's columns: train.py --method
-STEPS = {"OnlineVPO": online_step, "GRPO": grpo_step, "ReFL": refl_step}
 LORA = "OnlineVPO LoRA"  # b's column with --lora-rank: the online method with adapters
 MEMORY_STEPS = 2  # peak memory does not depend on the number of sampling steps (no gradients while sampling)
 
@@ -351,12 +327,12 @@ def gpu_peak(step) -> dict | str:
         return "OOM"
 
 
-def gpu_memory(run: Run, points: list, step) -> dict:
-    """b on a GPU, in this process: step (online_step, grpo_step or refl_step) of the run at every point."""
+def gpu_memory(run: Run, points: list) -> dict:
+    """b on a GPU, in this process: one step of the run's method at every point."""
     out = {}
     for point in points:
         set_point(run.model, point)
-        out[point[0]] = gpu_peak(lambda: step(run, Clock(run.model.device), MEMORY_STEPS))
+        out[point[0]] = gpu_peak(lambda: method_step(run, Clock(run.model.device), MEMORY_STEPS))
         run.opt.zero_grad(set_to_none=True)  # after an OOM too
         free_memory(run.model.device)
     return out
@@ -380,13 +356,12 @@ def child_memory(spec: dict, conn):
         lora = spec["method"] == LORA
         run = make_run(model, reward, spec["reward"], "online" if lora else METHODS[spec["method"]], spec["n"],
                        spec["seed"], spec["split"], spec["lora_rank"] if lora else 0)
-        step = online_step if lora else STEPS[spec["method"]]
         set_point(model, parse_point(WARM_POINT))
-        step(run, Clock(model.device), MEMORY_STEPS)
+        method_step(run, Clock(model.device), MEMORY_STEPS)
         set_point(model, parse_point(spec["point"]))
         gc.collect()
         before = rss_bytes()
-        step(run, Clock(model.device), MEMORY_STEPS)
+        method_step(run, Clock(model.device), MEMORY_STEPS)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
         conn.send(dict(peak=(peak - start) / 1e6, before=(before - start) / 1e6))
     except Exception as e:  # noqa: BLE001 - reported in the table's cell
@@ -637,18 +612,18 @@ def run(args) -> dict:
     if "b" in parts:
         log(f"b: memory at {args.points}")
         if dev.type == "cuda":
-            mem = {"OnlineVPO": gpu_memory(job, cfg["points"], online_step)}
+            mem = {"OnlineVPO": gpu_memory(job, cfg["points"])}
             for name in ("GRPO", "ReFL"):  # each a run of its own: ReFL's holds no reference
                 del job
                 free_memory(dev)
                 job = make_run(model, reward, args.reward, METHODS[name], args.n, args.seed, args.split_pair)
-                mem[name] = gpu_memory(job, cfg["points"], STEPS[name])
+                mem[name] = gpu_memory(job, cfg["points"])
             if args.lora_rank:  # last: the adapters stay on the network, the frozen base takes no AdamW state
                 del job
                 free_memory(dev)
                 job = make_run(model, reward, args.reward, "online", args.n, args.seed, args.split_pair,
                                args.lora_rank)
-                mem[LORA] = gpu_memory(job, cfg["points"], online_step)
+                mem[LORA] = gpu_memory(job, cfg["points"])
             unit = "peak allocated GB (10^9 bytes; in brackets: allocated before the step, i.e. weights, " \
                    "AdamW state, reward)"
         else:

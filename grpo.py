@@ -1,5 +1,5 @@
-"""GRPO in Flow-GRPO's formulation (Liu et al. 2025, yifan123/flow_grpo), the method today's open video-alignment
-systems use (DanceGRPO, Pref-GRPO, VeRL-Omni), on the same models, rewards and budget as OnlineVPO:
+"""GRPO in Flow-GRPO's formulation (Liu et al. 2025, yifan123/flow_grpo), on the same models, rewards and budget as
+OnlineVPO: an entry of train.py's method table.
 
     python train.py --method grpo --n 4 --k 5                   # the toy model
     python train.py --model opensora --method grpo --reward videoscore --n 4 --k 200 --grpo-beta 0.004
@@ -11,13 +11,16 @@ policy's to the sampler's log-density of each step taken, plus beta times the KL
 DPO, becomes the policy every K steps). Open-Sora's convention: x_t = (1 - s) x0 + s noise with s = t / 1000,
 the network predicts v = x0 - noise (Flow-GRPO's SD3 and Wan predict noise - x0: Wan's model flips the sign before
 it reaches this file). Wan follows Flow-GRPO's Wan2.1 pipeline: its scheduler's sigmas and std_t = sigmas[1] * s.
+
+Torch only: the models supply their schedule and velocity (model.sde_schedule), the job the reward's preference
+(run.preference).
 """
 import math
 
 import torch
 
 import parallel
-from reward import pick
+from inputs import UserError
 
 
 def step_std(sigmas: list[float], i: int, noise_level: float | None) -> float:
@@ -57,7 +60,7 @@ def sde_rollout(velocity, z: torch.Tensor, generators: list[torch.Generator], si
     """The sampler as an SDE from the noise z: at each timestep the guided velocity(z, t) in Open-Sora's sign, then
     sde_step from sigmas[i] to sigmas[i + 1] with candidate j's noise drawn from generators[j]. Returns the
     trajectory [z_0, ..., z_K] and the log-densities (K, B) of the steps taken. The models own the schedule and the
-    velocity (model.sample_sde); this loop is the same for all of them."""
+    velocity (model.sde_schedule); this loop is the same for all of them."""
     trajectory, log_probs = [z], []
     for i, t in enumerate(timesteps):
         noise = torch.stack([torch.randn(z.shape[1:], generator=g) for g in generators]).to(z)
@@ -65,6 +68,23 @@ def sde_rollout(velocity, z: torch.Tensor, generators: list[torch.Generator], si
         trajectory.append(z)
         log_probs.append(log_prob)
     return trajectory, torch.stack(log_probs)
+
+
+@torch.no_grad()
+def sample_sde(model, prompts: list[str], n: int, generators: list[torch.Generator], noise_level: float | None,
+               net: torch.nn.Module | None = None, steps: int | None = None):
+    """GRPO's rollout: the model's sampler as an SDE (Flow-GRPO), every step a Gaussian with a known log-density.
+    Candidate j draws its starting noise and every step's noise from generators[j]. Returns the trajectory
+    [z at t_0, ..., z at t_K = clean] (K + 1 tensors, candidates of a prompt adjacent), the per-step log-densities
+    (K, B) of the steps taken, the K + 1 noise levels (the last 0) and the K timesteps the network sees."""
+    net = net or model.dit
+    velocity, sigmas, timesteps = model.sde_schedule(prompts, n, net, steps)
+    z = torch.stack([torch.randn(model.latent_shape, generator=g) for g in generators]).to(model.device)
+    was_training = net.training
+    net.eval()
+    trajectory, log_probs = sde_rollout(velocity, z, generators, sigmas, timesteps, noise_level)
+    net.train(was_training)
+    return trajectory, log_probs, sigmas, timesteps
 
 
 def step_kl(mean: torch.Tensor, mean_ref: torch.Tensor, sigmas: list[float], i: int,
@@ -107,12 +127,12 @@ def rollout(run, counters: list[int]):
     prompts = [run.prompt(c) for c in counters]
     gens = [torch.Generator().manual_seed(s) for c in counters for s in run.candidate_seeds(c, stream="grpo")]
     with run.clock("sample"):
-        traj, old_log_probs, sigmas, timesteps = model.sample_sde(prompts, n, gens, noise_level(run))
+        traj, old_log_probs, sigmas, timesteps = sample_sde(model, prompts, n, gens, noise_level(run))
     with run.clock("decode"):
         videos = model.decode(traj[-1])
     with run.clock("reward"):
         scores = run.reward.score(videos, [p for p in prompts for _ in range(n)], model.fps)
-        r = pick(scores, run.dim, group=n).view(len(prompts), n)
+        r = run.preference(scores, group=n).view(len(prompts), n)
     for d, v in scores.items():
         run.log[f"reward/{d}"] += v.tolist()
     run.log["reward_mean"] += r.mean(1).tolist()
@@ -166,16 +186,11 @@ def grpo_backward(run, counters: list[int], sync: bool = True):
             run.log["ratio"] += ratio[counted].tolist()
             run.log["clipped"] += ((ratio[counted] - 1).abs() > args.grpo_clip).float().tolist()
             run.finite = run.finite and bool(torch.isfinite(loss).all())
-    run.pairs += int(weight.sum())
+    run.examples += int(weight.sum())
 
 
-def train(run) -> dict:
-    """GRPO's loop: the same batches of prompts, optimizer step, reference update every K, metrics, checkpoints."""
-    while run.step < run.args.steps:
-        for counters, last in run.batches():
-            grpo_backward(run, counters, sync=last)
-        run.optimizer_step()
-        if run.args.k and run.step % run.args.k == 0:  # the reference of the KL term, as DPO's (Alg. 1 line 14)
-            run.update_reference()
-        run.end_step()
-    return run.close()
+def check(run):
+    """GRPO needs a sampler with an SDE form (a flow: model.sde_schedule)."""
+    if not run.model.has_sde:
+        raise UserError(f"--method grpo needs a flow-matching model (opensora, toy, tiny, wan), not "
+                        f"{run.args.model!r}: its sampler has no SDE form here")

@@ -161,17 +161,21 @@ def default_prompts(model: str, kind: str) -> str:
     return os.path.join(PROMPTS_DIR, names[kind])
 
 
-def load_prompts(path: str, column: str | None = None) -> list[str]:
-    """A .txt file (one prompt per line) or a .csv file (the column --prompt-column, default 'text')."""
+PROMPT_COLUMNS = ("text", "prompt", "caption", "name")  # a csv's prompt column, the first present (WebVid: name)
+
+
+def load_prompts(path: str) -> list[str]:
+    """A .txt file (one prompt per line) or a .csv file (its column text, prompt, caption or name)."""
     text = read_text(path, "prompt file")
     if path.lower().endswith(".csv"):
         import csv
         import io
 
         reader = csv.DictReader(io.StringIO(text))
-        column = column or "text"
-        if column not in (reader.fieldnames or []):
-            raise UserError(f"{path} has no column {column!r} (columns: {reader.fieldnames}); pass --prompt-column")
+        column = next((c for c in PROMPT_COLUMNS if c in (reader.fieldnames or [])), None)
+        if column is None:
+            raise UserError(f"{path} has no prompt column (one of {', '.join(PROMPT_COLUMNS)}; its columns: "
+                            f"{reader.fieldnames})")
         prompts = [(row[column] or "").strip() for row in reader]
     else:
         prompts = [line.strip() for line in text.splitlines()]

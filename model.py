@@ -1,10 +1,12 @@
-"""VideoModel: the one interface the OnlineVPO loop sees, whatever the base model.
+"""VideoModel: the one interface the training loop and the methods see, whatever the base model, written down as a
+Protocol; the Open-Sora family's implementation (OpenSoraModel: opensora, toy, tiny); the registry.
 
 A VideoModel owns a trainable denoiser (`.dit`, the policy), a frozen autoencoder and a frozen text encoder,
-and knows the video size it generates. The loop needs exactly these verbs:
-  encode_prompts -> sample (N candidates per prompt, one batched call) -> decode (uint8 videos)
-  and, for the Diffusion-DPO loss (paper Eq. 3), noise / target / errors with a given network (policy or ref).
-`MODELS` maps a `--model` name to its builder; that dict is the whole registry.
+and knows the video size it generates. A step goes
+  encode_prompts -> sample (N candidates per prompt, one batched call) -> decode (uint8 videos) -> reward
+  and, for the Diffusion-DPO loss (paper Eq. 3), training_timesteps and errors with a given network (policy or ref).
+`MODELS` maps a `--model` name to its builder; that dict is the whole registry (toy.py and diffusers_models.py
+are named by string and imported on first use: they import this file).
 """
 import copy
 import importlib
@@ -12,6 +14,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
+from typing import Callable, Protocol
 
 import torch
 import torch.nn as nn
@@ -156,8 +159,53 @@ def load_t5(path: str):
 # The interface
 
 
+class VideoModel(Protocol):
+    """What train.py, run.py, the methods, sample.py and bench.py use of a base model; latents (B, C, T, H, W),
+    videos uint8 (B, T, H, W, 3). OpenSoraModel below and diffusers_models.DiffusersVideoModel implement it."""
+    name: str  # the --model name, recorded in checkpoints
+    dit: nn.Module  # the policy network G_theta (what the optimizer trains, LoRA wraps and checkpoints hold)
+    vae: nn.Module  # frozen autoencoder
+    text_encoder: nn.Module | None  # frozen; None once every prompt is cached (--text-encoder-offload free)
+    height: int  # the generated video's pixels, frames and frame rate
+    width: int
+    frames: int
+    fps: int
+    sample_steps: int  # sampler steps and classifier-free guidance scale
+    cfg: float
+    beta: float  # the default DPO beta in this model's error space
+    segment_seconds: float  # DenseDPO's default segment length
+    device: torch.device
+    dtype: torch.dtype  # the frozen parts' storage dtype; the policy stays fp32
+    has_sde: bool  # its sampler has an SDE form (sde_schedule): --method grpo
+    predicts_x0: bool  # predict_x0 and decode_float exist: --method refl
+    grpo_noise_level: float | None  # GRPO's default SDE noise level (None: Wan2.1's std_t = sigma_1 s)
+
+    @property
+    def latent_shape(self) -> tuple: ...  # (C, T, H, W) of one video's latents
+    @property
+    def latent_spans(self) -> list[tuple[int, int]]: ...  # the pixel frames each latent frame encodes (DenseDPO)
+    def to(self, device, dtype: torch.dtype = torch.float32) -> "VideoModel": ...
+    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]: ...  # cached per prompt
+    def sample(self, prompts: list[str], n: int, seeds: list[int], net: nn.Module | None = None, *,
+               source: torch.Tensor | None = None, eta: float = 1.0): ...  # N candidates per prompt, one call
+    def encode(self, videos: torch.Tensor) -> torch.Tensor: ...  # uint8 videos -> latents (DenseDPO's sources)
+    def decode(self, latents: torch.Tensor) -> torch.Tensor: ...  # latents -> uint8 videos
+    def training_timesteps(self, b: int, generator: torch.Generator) -> torch.Tensor: ...  # the DPO t
+    def errors(self, net: nn.Module, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+               mask: torch.Tensor, segments: list[tuple[int, int]] | None = None) -> torch.Tensor: ...  # Eq. 3's
+    def sde_schedule(self, prompts: list[str], n: int, net: nn.Module,
+                     steps: int | None = None) -> tuple[Callable, list[float], list]: ...  # GRPO, if has_sde
+    def grpo_velocity(self, net: nn.Module, z: torch.Tensor, t, prompts: list[str], n: int) -> torch.Tensor: ...
+    def set_grad_checkpointing(self, on: bool): ...
+    def frozen_copy(self) -> nn.Module: ...  # the reference network G_ref
+    def save_weights(self, folder: str, net: nn.Module | None = None, file: str = "model.safetensors"): ...
+    def load_weights(self, file: str, net: nn.Module | None = None): ...
+
+
 @dataclass
-class VideoModel:
+class OpenSoraModel:
+    """The Open-Sora v1.2 family behind the VideoModel interface: STDiT3, a VAE (Open-Sora's, or PixelSpace for the
+    toy and tiny models) and T5, rectified-flow sampling with classifier-free guidance."""
     name: str
     dit: osr.STDiT3  # the policy network G_theta
     vae: nn.Module
@@ -178,6 +226,8 @@ class VideoModel:
     dtype: torch.dtype = torch.float32
     _cache: dict = field(default_factory=dict, repr=False)
     grpo_noise_level = 0.7  # GRPO's SDE: Flow-GRPO's default noise level (--grpo-noise-level)
+    has_sde = True  # rectified flow: grpo.sample_sde
+    predicts_x0 = True  # ReFL
 
     # --- sizes
     @property
@@ -190,7 +240,7 @@ class VideoModel:
         """The pixel frames (first, end) that each latent frame encodes (DenseDPO's segments: dpo.segments)."""
         return self.vae.frame_spans(self.frames)
 
-    def to(self, device, dtype: torch.dtype = torch.float32) -> "VideoModel":
+    def to(self, device, dtype: torch.dtype = torch.float32) -> "OpenSoraModel":
         """Policy weights stay fp32 (autocast does bf16 compute); frozen parts are stored in `dtype`."""
         self.device, self.dtype = torch.device(device), dtype
         self.dit.to(self.device)
@@ -256,7 +306,7 @@ class VideoModel:
         """Clean latents (len(prompts) * n, C, T, H, W), candidates of a prompt adjacent. All candidates and
         both CFG halves go through the network as ONE batch per step; candidate j uses seeds[j] for its noise.
         With `until=i` it stops after i of the steps and returns (z_t, t): the partly denoised latents (ReFL).
-        With `source` (len(prompts), C, T, H, W), DenseDPO's guided sampling: candidate j is prompt i's source
+        With `source` (len(prompts), C, T, H, W), DenseDPO's aligned candidates: candidate j is prompt i's source
         corrupted with its own noise to the state at t = eta * 1000, x_t = (1 - eta) x + eta noise, and denoised
         from there over the sampler's remaining steps; eta = 1 is plain sampling."""
         net = net or self.dit
@@ -277,29 +327,14 @@ class VideoModel:
         net.train(was_training)
         return z if until is None else (z, ts[until])
 
-    @torch.no_grad()
-    def sample_sde(self, prompts: list[str], n: int, generators: list[torch.Generator], noise_level: float | None,
-                   net: nn.Module | None = None, steps: int | None = None
-                   ) -> tuple[list[torch.Tensor], torch.Tensor, list[float], list[float]]:
-        """GRPO's rollout (grpo.py): the sampler as an SDE (Flow-GRPO), every step a Gaussian with a known log-density.
-        Candidate j draws its starting noise and every step's noise from generators[j]. Returns the trajectory
-        [z at t_0, ..., z at t_K = clean] (K + 1 tensors, candidates of a prompt adjacent), the per-step log-densities
-        (K, B) of the steps taken, the K + 1 noise levels sigma_i = t_i / 1000 (the last 0), and the K timesteps
-        t_i the network sees (for grpo_velocity)."""
-        import grpo
-
-        net = net or self.dit
+    def sde_schedule(self, prompts: list[str], n: int, net: nn.Module, steps: int | None = None):
+        """GRPO's rollout (grpo.sample_sde): the guided velocity v(z, t) of `net` (x0 - noise, Open-Sora's sign), the
+        K + 1 noise levels sigma_i = t_i / 1000 (the last 0) and the K timesteps t_i the network sees."""
         y_all, mask, kw = self._conditioning(net, prompts, n)
         velocity = self._cfg_velocity(net, y_all, mask, kw)
         timesteps = osr.sampling_timesteps(steps or self.sample_steps, self.transform)
         sigmas = [t / osr.NUM_TIMESTEPS for t in timesteps] + [0.0]
-        z = torch.stack([torch.randn(self.latent_shape, generator=g) for g in generators]).to(self.device)
-        was_training = net.training
-        net.eval()
-        trajectory, log_probs = grpo.sde_rollout(lambda z, t: self.guided_velocity(velocity, z, t), z, generators,
-                                                 sigmas, timesteps, noise_level)
-        net.train(was_training)
-        return trajectory, log_probs, sigmas, timesteps
+        return lambda z, t: self.guided_velocity(velocity, z, t), sigmas, timesteps
 
     def guided_velocity(self, velocity, z: torch.Tensor, t: float, cfg: float | None = None) -> torch.Tensor:
         """Open-Sora's classifier-free guided velocity at timestep t (both halves in one batch)."""
@@ -421,7 +456,7 @@ def size_for(resolution: str, aspect: str, size: str | None, multiple: int) -> t
 
 
 def build_opensora(dit: str = DIT_ID, vae: str = VAE_ID, text_encoder: str = T5_ID, resolution: str = "240p",
-                   aspect: str = "9:16", size: str | None = None, frames: int | None = None, **_) -> VideoModel:
+                   aspect: str = "9:16", size: str | None = None, frames: int | None = None, **_) -> OpenSoraModel:
     """Open-Sora v1.2 as the paper fine-tunes it: 240p 9:16, 51 frames, 24 fps, 30 steps, cfg 7.0, aes 6.5."""
     height, width = size_for(resolution, aspect, size, 16)
     frames = frames or 51
@@ -431,14 +466,14 @@ def build_opensora(dit: str = DIT_ID, vae: str = VAE_ID, text_encoder: str = T5_
     net = load_dit(dit)
     ae = load_vae(vae)
     t5, tok = load_t5(text_encoder)
-    return VideoModel("opensora", net, ae, t5, tok, height, width, frames, max_length=net.config["model_max_length"])
+    return OpenSoraModel("opensora", net, ae, t5, tok, height, width, frames, max_length=net.config["model_max_length"])
 
 
 TINY_DIT = dict(in_channels=3, patch_size=(1, 4, 4), hidden_size=64, depth=2, num_heads=4, pred_sigma=False,
                 caption_channels=32, model_max_length=48, input_sq_size=32, qk_norm=True)
 
 
-def build_tiny(size: str | None = None, frames: int | None = None, dit: str | None = None, **_) -> VideoModel:
+def build_tiny(size: str | None = None, frames: int | None = None, dit: str | None = None, **_) -> OpenSoraModel:
     """The embedded default: the same STDiT3 class, small, working on 32x32 pixels directly, with a random
     byte-level T5. No files, no downloads; samples an 8-frame video on a CPU in well under a second."""
     height, width = size_for("", "", size or "32x32", 8)
@@ -448,7 +483,7 @@ def build_tiny(size: str | None = None, frames: int | None = None, dit: str | No
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             net = osr.STDiT3(**TINY_DIT)
-    return VideoModel("tiny", net, PixelSpace(), tiny_t5(TINY_DIT["caption_channels"]), ByteTokenizer(),
+    return OpenSoraModel("tiny", net, PixelSpace(), tiny_t5(TINY_DIT["caption_channels"]), ByteTokenizer(),
                       height, width, frames or 8, fps=8, sample_steps=20, cfg=4.0, beta=500.0,
                       max_length=TINY_DIT["model_max_length"], aes=None, use_timestep_transform=False,
                       segment_seconds=0.25)

@@ -12,6 +12,7 @@ On CPU the gloo backend runs the same code (CI runs two processes).
 """
 import contextlib
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -46,6 +47,12 @@ def shutdown():
 
 def is_main() -> bool:
     return RANK == 0
+
+
+def warn(message: str):
+    """One `warning:` line on stderr, from rank 0 only (every rank meets the same condition)."""
+    if is_main():
+        print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def barrier():

@@ -16,39 +16,7 @@ import torch  # noqa: E402  (inputs first: Ctrl-C during this slow import is one
 
 import lora  # noqa: E402
 from model import MODELS, build_model
-
-
-def write_video(path: str, video: torch.Tensor, fps: int):
-    """uint8 (T, H, W, 3) -> H.264 mp4 through PyAV (odd sizes are padded by one pixel for yuv420p)."""
-    import av
-
-    video = video.cpu()
-    T, H, W, _ = video.shape
-    video = torch.nn.functional.pad(video.permute(3, 0, 1, 2), (0, W % 2, 0, H % 2), mode="replicate")
-    video = video.permute(1, 2, 3, 0).contiguous().numpy()
-    with av.open(path, mode="w") as container:
-        stream = container.add_stream("libx264", rate=int(fps))
-        stream.width, stream.height, stream.pix_fmt = video.shape[2], video.shape[1], "yuv420p"
-        stream.options = {"crf": "17"}
-        for frame in video:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-
-
-def write_png(path: str, image: torch.Tensor):
-    """uint8 (H, W, 3) -> PNG with zlib alone (no imaging library needed)."""
-    import struct
-    import zlib
-
-    h, w, _ = image.shape
-    raw = b"".join(b"\x00" + row.tobytes() for row in image.contiguous().cpu().numpy())
-    chunk = lambda kind, data: (struct.pack(">I", len(data)) + kind + data
-                                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
-    with open(path, "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-                + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+from videos import write_png, write_video
 
 
 def frame_strip(videos: torch.Tensor, scale: int = 1, gap: int = 2) -> torch.Tensor:
@@ -144,7 +112,6 @@ def main(argv=None):
     add_model_args(p)
     p.add_argument("--checkpoint", default=None, help="a train.py checkpoint-<step> folder (its policy weights)")
     p.add_argument("--prompts", default=None, help="txt (one per line) or csv (default: the model's eval prompts)")
-    p.add_argument("--prompt-column", default=None, help="csv column holding the prompts (default: text)")
     p.add_argument("--n", type=int, default=5, help="videos per prompt (VBench uses 5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="samples")
@@ -153,7 +120,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.n < 1 or args.strip_scale < 1:
         raise UserError("--n and --strip-scale must be at least 1")
-    prompts = load_prompts(args.prompts or default_prompts(args.model, "eval"), args.prompt_column)
+    prompts = load_prompts(args.prompts or default_prompts(args.model, "eval"))
     weights = checkpoint_weights(args.checkpoint) if args.checkpoint else None  # before the model loads
     writable_dir(args.out, "--out")  # before the sampling, not after it
     if args.strip:

@@ -2,7 +2,7 @@
 
 A video is one coloured shape moving in a straight line over a plain background; its prompt names the
 colour, the shape and the direction: "a red circle moving left". Everything a video reward can judge in
-this world is computable from pixels (see reward.ToyReward), so the paper's comparisons (online vs offline,
+this world is computable from pixels (see ToyReward), so the paper's comparisons (online vs offline,
 N, K, reward dimension) can be re-run in minutes before spending GPU-days.
 
     python toy.py                  # pretrain the toy model (about 25 minutes on 2 CPU cores) -> toy/
@@ -23,7 +23,8 @@ from inputs import UserError, command, writable_dir
 import torch  # noqa: E402  (inputs first: Ctrl-C during this slow import is one line too)
 
 import opensora as osr  # noqa: E402
-from model import ByteTokenizer, PixelSpace, VideoModel, load_dit, size_for, tiny_t5  # noqa: E402
+from model import ByteTokenizer, PixelSpace, OpenSoraModel, load_dit, size_for, tiny_t5  # noqa: E402
+from reward import FormulaReward  # noqa: E402
 
 # The world's vocabulary. Colours are RGB on 0..255; directions are (dx, dy) in image coordinates (y down).
 COLORS = {"red": (220, 50, 50), "green": (60, 190, 70), "blue": (60, 100, 235), "yellow": (235, 210, 60),
@@ -41,7 +42,7 @@ TOY_DIT = dict(in_channels=3, patch_size=(1, 4, 4), hidden_size=96, depth=3, num
                caption_channels=32, model_max_length=48, input_sq_size=32, qk_norm=True)
 
 
-def build_toy(size: str | None = None, frames: int | None = None, dit: str | None = None, **_) -> VideoModel:
+def build_toy(size: str | None = None, frames: int | None = None, dit: str | None = None, **_) -> OpenSoraModel:
     """`--model toy`, the README's default: the toy world's model, a wider STDiT3 pretrained on moving shapes, 32x32,
     8 frames. Its weights ship in the repository (toy/); `dit="random"` gives the untrained network."""
     height, width = size_for("", "", size or f"{SIZE}x{SIZE}", 8)
@@ -54,7 +55,7 @@ def build_toy(size: str | None = None, frames: int | None = None, dit: str | Non
         if not os.path.isfile(os.path.join(folder, "model.safetensors")):
             raise UserError(f"toy weights: {folder}/model.safetensors not found; run `python toy.py` to make them")
         net = load_dit(folder)
-    return VideoModel("toy", net, PixelSpace(), tiny_t5(TOY_DIT["caption_channels"]), ByteTokenizer(),
+    return OpenSoraModel("toy", net, PixelSpace(), tiny_t5(TOY_DIT["caption_channels"]), ByteTokenizer(),
                       height, width, frames or FRAMES, fps=FPS, sample_steps=10, cfg=4.0, beta=500.0,
                       max_length=TOY_DIT["model_max_length"], aes=None, use_timestep_transform=False,
                       segment_seconds=0.25)  # DenseDPO: 4 segments of 2 frames in the 1 s toy clip
@@ -201,6 +202,70 @@ def random_batch(b: int, generator: torch.Generator) -> tuple[torch.Tensor, list
 def to_latents(videos: torch.Tensor) -> torch.Tensor:
     """uint8 (B, T, H, W, 3) -> the tiny model's pixel latents (B, 3, T, H, W) in [-1, 1]."""
     return videos.permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The toy reward: the judge's questions as differentiable scores, for training (reward.REWARDS['toy'])
+
+
+class ToyReward(FormulaReward):
+    """`--reward toy`: what this world can judge, with dimensions named after VideoScore's so the paper's
+    Table 4b has a toy analogue. All five are in [0, 1] and differentiable in the pixels (ReFL uses them).
+
+    Per pixel, a = how far it is from the world's background colour, relative to the colour the prompt names:
+    a is the shape's coverage for a correct render (anti-aliased edges included). From a:
+    - visual_quality: sharpness, 1 / (1 + max(0, w - 0.75)) with w = sum 4a(1-a) / perimeter, the width in
+      pixels of the shape's edge (a clean anti-aliased render has w = 0.6..0.75, a 3x3 box blur about 2, and
+      grain makes it large); the perimeter is that of the named shape (a disc if the prompt names none) with the
+      render's area;
+    - temporal_consistency: 1 - mean over consecutive frames of (relative change of the shape's area +
+      change of its mean colour / 255) / 2: a shape that flickers, fades or vanishes loses;
+    - dynamic_degree: mean centroid speed over the world's speed (1.5 px/frame), capped at 1;
+    - color_alignment: 1 - |mean shape colour - named colour| / 200, floored at 0;
+    - direction_alignment: net centroid travel along the named direction over the world's travel,
+      mapped from [-1, 1] to [0, 1]: 0.5 for a still shape, 1 for the right path, 0 for the opposite one.
+    A prompt that names no colour (direction) gets 0.5 for that dimension: the world cannot judge it."""
+
+    dims = ["visual_quality", "temporal_consistency", "dynamic_degree", "color_alignment", "direction_alignment"]
+    default_dim = "temporal_consistency"
+
+    def score_float(self, x: torch.Tensor, prompts: list[str], fps: float | None = None) -> dict[str, torch.Tensor]:
+        """Differentiable: float videos (B, T, H, W, 3) on 0..255."""
+        B, T, H, W, _ = x.shape
+        named = [parse_prompt(p) for p in prompts]
+        bg = torch.tensor(BACKGROUND, dtype=x.dtype, device=x.device)
+        target = torch.tensor([COLORS.get(c, (255, 255, 255)) for c, _, _ in named], dtype=x.dtype,
+                              device=x.device)  # (B, 3)
+        d_ref = (target - bg).norm(dim=-1).view(B, 1, 1, 1)
+        a = ((x - bg).norm(dim=-1) / d_ref).clamp(0, 1)  # (B, T, H, W) coverage estimate
+        eps = 1e-6
+        area = a.sum((2, 3))  # (B, T)
+        # perimeter = P_s r with r = sqrt(area / A_s): for a disc 2 sqrt(pi area)
+        per = torch.tensor([SHAPE_PERIMETER.get(s, 2 * math.pi) / math.sqrt(SHAPE_AREA.get(s, math.pi))
+                            for _, s, _ in named], dtype=x.dtype, device=x.device)[:, None]
+        edge = (4 * a * (1 - a)).sum((2, 3)) / (per * (area + eps).sqrt() + eps)  # (B, T) in pixels
+        sharp = (1 / (1 + (edge - 0.75).clamp(min=0))).mean(1)
+        colour = (a[..., None] * x).sum((2, 3)) / (area[..., None] + eps)  # (B, T, 3)
+        ys, xs = torch.meshgrid(torch.arange(H, dtype=x.dtype, device=x.device),
+                                torch.arange(W, dtype=x.dtype, device=x.device), indexing="ij")
+        centre = torch.stack([(a * xs).sum((2, 3)), (a * ys).sum((2, 3))], -1) / (area[..., None] + eps)
+        if T > 1:
+            d_area = (area[:, 1:] - area[:, :-1]).abs() / (torch.maximum(area[:, 1:], area[:, :-1]) + eps)
+            d_colour = (colour[:, 1:] - colour[:, :-1]).norm(dim=-1) / 255
+            consistency = 1 - ((d_area + d_colour.clamp(max=1)) / 2).mean(1)
+            speed = (centre[:, 1:] - centre[:, :-1]).norm(dim=-1).mean(1)
+            dynamic = (speed / SPEED).clamp(max=1)
+        else:
+            consistency, dynamic = torch.ones(B, device=x.device), torch.zeros(B, device=x.device)
+        direction = torch.tensor([DIRECTIONS.get(d, (0, 0)) for _, _, d in named], dtype=x.dtype,
+                                 device=x.device)
+        along = ((centre[:, -1] - centre[:, 0]) * direction).sum(-1) / (SPEED * max(T - 1, 1))
+        direction_ok = (along.clamp(-1, 1) + 1) / 2
+        colour_ok = 1 - ((colour.mean(1) - target).norm(dim=-1) / 200).clamp(max=1)
+        no_colour = torch.tensor([c is None for c, _, _ in named], device=x.device)
+        colour_ok = torch.where(no_colour, torch.full_like(colour_ok, 0.5), colour_ok)
+        return {"visual_quality": sharp, "temporal_consistency": consistency.clamp(0, 1),
+                "dynamic_degree": dynamic, "color_alignment": colour_ok, "direction_alignment": direction_ok}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,29 +1,36 @@
-"""OnlineVPO training: Algorithm 1 of the paper, one loop.
+"""OnlineVPO training: Algorithm 1 of the paper, one loop, and a table of what differs per method.
 
     python train.py --model opensora --reward videoscore --n 4 --k 200     # the paper's setting
     python train.py --steps 40 --batch-size 4 --k 20                        # the shipped toy model, CPU, minutes
     python train.py --method offline                                        # Table 4d: offline DPO (baselines.py)
     python train.py --method refl                                           # Table 4c: ReFL (baselines.py)
     python train.py --method dense                                          # DenseDPO: aligned pairs, per segment
-    python train.py --method grpo                                           # Flow-GRPO, the same budget (grpo.py)
+    python train.py --method grpo                                           # Flow-GRPO (grpo.py)
     torchrun --nproc_per_node 8 train.py --model opensora ...               # many GPUs (parallel.py)
 
-For each prompt: sample N videos from the current policy, score them with the video reward, take best vs worst,
-apply the Diffusion-DPO loss against the reference model; every K optimizer steps the reference becomes the
-policy. Everything around the loop (flags, checkpoints, metrics, ranks, memory levers) lives in run.py.
+For each prompt: sample N videos from the current policy, score them with the video reward, take best vs worst
+(winner and loser), apply the Diffusion-DPO loss against the reference model; every K optimizer steps the reference
+becomes the policy. Everything around the loop (the job, its flags, checkpoints, ranks, memory levers) lives in
+run.py, flags.py and checkpoint.py.
 """
 import os
 
 from inputs import command
 
 import torch  # noqa: E402  (inputs first: Ctrl-C during the slow imports is one line too)
+from typing import Callable, NamedTuple  # noqa: E402
 
 import baselines  # noqa: E402
 import dpo  # noqa: E402
 import grpo  # noqa: E402
 import parallel  # noqa: E402
-from reward import pick  # noqa: E402
-from run import GUIDED, Run, parse_args, release_locks  # noqa: E402
+from checkpoint import release_locks  # noqa: E402
+from flags import parse_args  # noqa: E402
+from run import Run  # noqa: E402
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Alg. 1 lines 4-8, the paper's path: N videos per prompt, winner and loser, the Diffusion-DPO loss (Eq. 3)
 
 
 def online_pairs(run: Run, counters: list[int]) -> list[dpo.Pair]:
@@ -35,7 +42,7 @@ def online_pairs(run: Run, counters: list[int]) -> list[dpo.Pair]:
     return judged_pairs(run, counters, prompts, latents)
 
 
-def guided_pairs(run: Run, counters: list[int]) -> list[dpo.Pair]:
+def aligned_pairs(run: Run, counters: list[int]) -> list[dpo.Pair]:
     """DenseDPO: N candidates that share their motion. Each prompt's source video (its --videos clip, or the current
     policy's own fresh sample) is corrupted N times with independent noise to level eta and denoised again by the
     current policy; the copies keep the source's layout and motion and differ in local detail, so a preference
@@ -43,13 +50,13 @@ def guided_pairs(run: Run, counters: list[int]) -> list[dpo.Pair]:
     prompts = [run.prompt(c) for c in counters]
     with run.clock("sample"):
         source = run.source(counters)
-        seeds = [s for c in counters for s in run.candidate_seeds(c, stream="guided")]
+        seeds = [s for c in counters for s in run.candidate_seeds(c, stream="guided")]  # the stream's first name
         latents = run.model.sample(prompts, run.args.n, seeds, source=source, eta=run.args.eta)
     return judged_pairs(run, counters, prompts, latents)
 
 
 def judged_pairs(run: Run, counters: list[int], prompts: list[str], latents: torch.Tensor) -> list[dpo.Pair]:
-    """Alg. 1 lines 5-6: decode, score, best vs worst; per segment for DenseDPO (run.segments, one segment, the
+    """Alg. 1 lines 5-6: decode, score, winner and loser; per segment for DenseDPO (run.segments, one segment, the
     whole video, otherwise). Returns the pairs of the prompts that are not ties (counted in run.ties)."""
     args, n = run.args, run.args.n
     if not torch.isfinite(latents).all():  # a broken policy: NaN videos would all tie, silently
@@ -60,7 +67,7 @@ def judged_pairs(run: Run, counters: list[int], prompts: list[str], latents: tor
     with run.clock("reward"):  # Alg. 1 line 5: each segment's frames judged on their own
         each = [p for p in prompts for _ in range(n)]
         per_segment = [run.reward.score(videos[:, lo:hi], each, run.model.fps) for (lo, hi), _ in run.segments]
-        scores = torch.stack([pick(s, run.dim, group=n) for s in per_segment], 1).view(len(prompts), n, -1)
+        scores = torch.stack([run.preference(s, group=n) for s in per_segment], 1).view(len(prompts), n, -1)
     for d in run.reward.dims:  # every dimension's raw mean, whatever the pairs are built on
         run.log[f"reward/{d}"] += torch.stack([s[d] for s in per_segment]).mean(0).tolist()
     pairs = []
@@ -82,12 +89,12 @@ def judged_pairs(run: Run, counters: list[int], prompts: list[str], latents: tor
 
 
 def dpo_step(run: Run, pairs: list[dpo.Pair], sync: bool = True):
-    """Alg. 1 lines 7-8: the Diffusion-DPO loss of the pairs and its backward; per segment of latent frames for
-    DenseDPO (dpo.segment_dpo_loss; one segment, the video-level loss, otherwise). Both candidates of a pair share
-    one noise and one t, drawn from the pair's prompt counter. `sync`: reduce gradients across ranks in this
-    backward (the step's last one). The gradients sum to the mean over the step's global batch, a labelled
-    segment weighing 1/S of a video, so ties lower the step's weight instead of re-weighting the other pairs
-    (DDP/FSDP2 average over ranks, hence the factor WORLD)."""
+    """Alg. 1 lines 7-8: the Diffusion-DPO loss of the pairs (Eq. 3) and its backward; per segment of latent frames
+    for DenseDPO (dpo.segment_dpo_loss; one segment, the video-level loss, otherwise). Winner and loser share one
+    noise and one t, drawn from the pair's prompt counter. `sync`: reduce gradients across ranks in this backward
+    (the step's last one). The gradients sum to the mean over the step's global batch, a labelled segment weighing
+    1/S of a video, so ties lower the step's weight instead of re-weighting the other pairs (DDP/FSDP2 average
+    over ranks, hence the factor WORLD)."""
     model, args, segments = run.model, run.args, [lat for _, lat in run.segments]
     pairs, weight = parallel.stand_in(pairs, run.prompts[0], model.latent_shape, len(segments))
     if not pairs:
@@ -97,7 +104,7 @@ def dpo_step(run: Run, pairs: list[dpo.Pair], sync: bool = True):
     prompts = [p.prompt for p in pairs]
     labels = torch.stack([p.labels for p in pairs])
     with run.clock("DPO forward"):
-        x0 = torch.stack([p.a for p in pairs] + [p.b for p in pairs]).to(model.device)
+        x0 = torch.stack([p.a for p in pairs] + [p.b for p in pairs]).to(model.device)  # winners, then losers
         noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(x0.device).repeat(2, 1, 1, 1, 1)
         t = torch.cat([model.training_timesteps(1, g) for g in gens]).repeat(2)
         y, mask = model.encode_prompts(prompts + prompts)
@@ -105,7 +112,21 @@ def dpo_step(run: Run, pairs: list[dpo.Pair], sync: bool = True):
             ref_err = model.errors(ref, x0, noise, t, y, mask, segments)
     scale = weight * int((labels != 0).sum()) / len(segments) * parallel.WORLD / args.batch_size
     # a NaN loss still runs backward: the ranks stay in step, and its NaN gradient skips the step on every rank
-    if not args.split_pair:
+    loss, m = policy_backward(run, x0, noise, t, y, mask, ref_err, labels, scale, sync)
+    if weight == 0:
+        return
+    for key in ("loss", "accuracy", "margin", "kl"):
+        run.log[key] += [m[key]] * P
+    run.examples += P
+    run.finite = run.finite and bool(torch.isfinite(loss))
+
+
+def policy_backward(run: Run, x0, noise, t, y, mask, ref_err, labels, scale: float, sync: bool):
+    """The policy's errors on the pairs, the segment DPO loss and its backward. --split-pair, a memory lever with
+    the same gradient: dL/de from a no-grad pass, then sum_i dL/de_i * de_i/dtheta, winners then losers (half the
+    activations for one more forward)."""
+    model, segments, P = run.model, [lat for _, lat in run.segments], len(labels)
+    if not run.args.split_pair:
         with parallel.gradient_sync(run.net, sync):
             with run.clock("DPO forward"):
                 policy_err = model.errors(run.net, x0, noise, t, y, mask, segments)
@@ -113,41 +134,69 @@ def dpo_step(run: Run, pairs: list[dpo.Pair], sync: bool = True):
                                                run.beta)
             with run.clock("DPO backward"):
                 (loss * scale).backward()
-    else:  # --split-pair: dL/de from a no-grad pass, then sum_i dL/de_i * de_i/dtheta, a's then b's
-        with run.clock("DPO forward"), torch.no_grad():
-            policy_err = model.errors(run.net, x0, noise, t, y, mask, segments)
-        policy_err.requires_grad_(True)
-        loss, m = dpo.segment_dpo_loss(policy_err[:P], policy_err[P:], ref_err[:P], ref_err[P:], labels, run.beta)
-        (coef,) = torch.autograd.grad(loss * scale, policy_err)
-        for half, last in ((slice(0, P), False), (slice(P, 2 * P), True)):
-            with run.clock("DPO backward"), parallel.gradient_sync(run.net, sync and last):
-                e = model.errors(run.net, x0[half], noise[half], t[half], y[half], mask[half], segments)
-                (e * coef[half]).sum().backward()
-    if weight == 0:
-        return
-    for key in ("loss", "accuracy", "margin", "kl"):
-        run.log[key] += [m[key]] * P
-    run.pairs += P
-    run.finite = run.finite and bool(torch.isfinite(loss))
+        return loss, m
+    with run.clock("DPO forward"), torch.no_grad():
+        policy_err = model.errors(run.net, x0, noise, t, y, mask, segments)
+    policy_err.requires_grad_(True)
+    loss, m = dpo.segment_dpo_loss(policy_err[:P], policy_err[P:], ref_err[:P], ref_err[P:], labels, run.beta)
+    (coef,) = torch.autograd.grad(loss * scale, policy_err)
+    for half, last in ((slice(0, P), False), (slice(P, 2 * P), True)):
+        with run.clock("DPO backward"), parallel.gradient_sync(run.net, sync and last):
+            e = model.errors(run.net, x0[half], noise[half], t[half], y[half], mask[half], segments)
+            (e * coef[half]).sum().backward()
+    return loss, m
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The method table: each method's backward for a share of a step's prompts, and its reference
+
+
+def online(run: Run, counters: list[int], sync: bool):
+    dpo_step(run, online_pairs(run, counters), sync)  # Alg. 1 lines 4-8
+
+
+def aligned(run: Run, counters: list[int], sync: bool):
+    dpo_step(run, aligned_pairs(run, counters), sync)  # DenseDPO and StructuralDPO: aligned candidates
+
+
+def offline(run: Run, counters: list[int], sync: bool):
+    dpo_step(run, baselines.pool_pairs(run, run.pool, counters), sync)  # Table 4d: the pool sampled once
+
+
+def offline_start(run: Run):
+    run.pool = baselines.offline_pool(run, online_pairs)  # from the initial policy, before the first step
+
+
+class Method(NamedTuple):
+    """What differs between the methods; everything else is Algorithm 1's loop (train) and the job (run.Run)."""
+    backward: Callable  # (run, counters, sync): a share of one step's prompts -> gradients (Alg. 1 lines 4-8)
+    reference: str  # "curriculum": G_ref <- G_theta every K steps (line 14); "fixed": never; "none": no reference
+    per_segment: bool = False  # a preference per segment of about a second (DenseDPO), not per video
+    check: Callable | None = None  # (run): refuses a model or reward the method cannot use, before anything is written
+    start: Callable | None = None  # (run): before the first step
+
+
+METHODS = {  # --method (flags.METHOD_NAMES)
+    "online": Method(online, "curriculum"),
+    "offline": Method(offline, "fixed", start=offline_start),
+    "dense": Method(aligned, "curriculum", per_segment=True),
+    "structural": Method(aligned, "curriculum"),  # DenseDPO's ablation: aligned pairs, one label per video
+    "refl": Method(baselines.refl_backward, "none", check=baselines.refl_check),
+    "grpo": Method(grpo.grpo_backward, "curriculum", check=grpo.check),  # the reference of the KL term
+}
 
 
 def train(args) -> dict:
-    run = Run(args)  # model, reward, AdamW, --resume; G_ref <- G_theta (Alg. 1 line 1)
-    if args.method == "refl":
-        return baselines.refl(run)  # Table 4c: reward gradients instead of preferences, its own loop
-    if args.method == "grpo":
-        return grpo.train(run)  # the method people pick instead: group-relative policy gradients, its own loop
-    # Table 4d: offline DPO is this loop on pairs sampled once from the initial policy, with a fixed reference
-    pool = baselines.offline_pool(run, online_pairs) if args.method == "offline" else None
-    K = 0 if pool else args.k
-    sample_pairs = guided_pairs if args.method in GUIDED else online_pairs  # DenseDPO / StructuralDPO: aligned
+    method = METHODS[args.method]
+    run = Run(args, method)  # model, reward, AdamW, --resume; G_ref <- G_theta (Alg. 1 line 1)
+    if method.start:
+        method.start(run)
     while run.step < args.steps:  # Alg. 1 line 2
         for counters, last in run.batches():  # this rank's share of the step's --batch-size prompts (line 3)
-            pairs = baselines.pool_pairs(run, pool, counters) if pool else sample_pairs(run, counters)  # lines 4-6
-            dpo_step(run, pairs, sync=last)  # lines 7-8
+            method.backward(run, counters, sync=last)  # lines 4-8
         run.optimizer_step()  # line 10
-        if K and run.step % K == 0:  # lines 13-14: the curriculum update G_ref <- G_theta
-            run.update_reference()
+        if method.reference == "curriculum" and args.k and run.step % args.k == 0:
+            run.update_reference()  # lines 13-14: the curriculum update G_ref <- G_theta
         run.end_step()  # metrics.jsonl, checkpoint, eval samples
     return run.close()
 

@@ -104,30 +104,30 @@ def test_mfu_counts_the_sampler_and_the_dpo_step():
 
 
 def test_steps_are_the_training_loops_own(monkeypatch):
-    """bench times train.py's and baselines.py's loop functions, not copies of them: the online step calls
-    online_pairs then dpo_step on its run (which holds a reference) and its optimizer step moves the weights;
-    the ReFL step calls refl_backward on a run built with --method refl, which holds no reference (Fig. 7); the
-    GRPO step calls grpo_backward on a run that holds the reference of its KL term."""
+    """bench times train.py's method-table entries, not copies of them: the online step calls online_pairs then
+    dpo_step on its run (which holds a reference) and its optimizer step moves the weights; the ReFL step calls
+    refl_backward on a run built with --method refl, which holds no reference (Fig. 7); the GRPO step calls
+    grpo_backward on a run that holds the reference of its KL term."""
     calls = []
-    for module, name in ((bench.train, "online_pairs"), (bench.train, "dpo_step"),
-                         (bench.baselines, "refl_backward")):
-        spy = lambda run, *a, _f=getattr(module, name), _name=name: calls.append((_name, run)) or _f(run, *a)
-        monkeypatch.setattr(module, name, spy)
+    spy = lambda name, f: lambda run, *a: calls.append((name, run)) or f(run, *a)
+    for name in ("online_pairs", "dpo_step"):
+        monkeypatch.setattr(bench.train, name, spy(name, getattr(bench.train, name)))
+    for method, name in (("refl", "refl_backward"), ("grpo", "grpo_backward")):
+        entry = bench.train.METHODS[method]
+        monkeypatch.setitem(bench.train.METHODS, method, entry._replace(backward=spy(name, entry.backward)))
     model, reward, _ = bench.build("tiny", "cpu", "pixel")
     bench.set_point(model, bench.parse_point("16x32:17"))
     online = bench.make_run(model, reward, "pixel", "online", n=2)
     before = [p.detach().clone() for p in model.dit.parameters()]
-    bench.online_step(online, bench.Clock(model.device), 2)
+    bench.method_step(online, bench.Clock(model.device), 2)
     assert calls == [("online_pairs", online), ("dpo_step", online)] and online.ref is not None
     assert any(not torch.equal(a, b) for a, b in zip(before, model.dit.parameters()))
     refl = bench.make_run(model, reward, "pixel", "refl", n=2)
-    bench.refl_step(refl, bench.Clock(model.device), 2)
+    bench.method_step(refl, bench.Clock(model.device), 2)
     assert calls[2:] == [("refl_backward", refl)] and refl.ref is None
-    monkeypatch.setattr(bench.grpo, "grpo_backward",
-                        lambda run, *a, _f=bench.grpo.grpo_backward: calls.append(("grpo_backward", run)) or _f(run, *a))
     grpo_run = bench.make_run(model, reward, "pixel", "grpo", n=2)
-    bench.grpo_step(grpo_run, bench.Clock(model.device), 2)
-    assert calls[3:] == [("grpo_backward", grpo_run)] and grpo_run.ref is not None and grpo_run.pairs == 2
+    bench.method_step(grpo_run, bench.Clock(model.device), 2)
+    assert calls[3:] == [("grpo_backward", grpo_run)] and grpo_run.ref is not None and grpo_run.examples == 2
 
 
 class TiedReward(rw.PixelReward):
@@ -143,7 +143,7 @@ def test_a_tied_step_is_reported_not_paired():
     run = bench.make_run(model, TiedReward(), "pixel", "online", n=2)
     clock = bench.Clock(model.device)
     with pytest.raises(UserError, match="tied"):
-        bench.online_step(run, clock, 1)
+        bench.method_step(run, clock, 1)
     assert run.ties == 1 and "DPO forward" not in clock.seconds
 
 

@@ -3,7 +3,6 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import dpo
 import run
@@ -80,7 +79,8 @@ def test_split_pair_gives_the_joint_gradient(tmp_path):
     """--split-pair: winners then losers, each with its own backward, weighted by dL/de from a no-grad pass."""
     grads = []
     for split in ([], ["--split-pair"]):
-        job = run.Run(train.parse_args(FAST + split + ["--batch-size", "3", "--out", str(tmp_path / str(len(grads)))]))
+        args = train.parse_args(FAST + split + ["--batch-size", "3", "--out", str(tmp_path / str(len(grads)))])
+        job = run.Run(args, train.METHODS[args.method])
         torch.manual_seed(0)
         with torch.no_grad():  # a reference that differs from the policy, so the loss is not at its symmetric point
             for p in job.ref.parameters():
@@ -89,7 +89,7 @@ def test_split_pair_gives_the_joint_gradient(tmp_path):
         pairs = [dpo.video_pair(c, p, torch.randn(3, 4, 16, 16, generator=g), torch.randn(3, 4, 16, 16, generator=g))
                  for c, p in enumerate(job.prompts[:3])]
         train.dpo_step(job, pairs)
-        assert job.pairs == 3 and job.finite
+        assert job.examples == 3 and job.finite
         grads.append(torch.cat([p.grad.flatten() for p in job.model.dit.parameters() if p.grad is not None]))
     top = grads[0].abs().max()
     assert top > 0  # batch 3 vs batch 6 forwards: float rounding only

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 import reward
 import train
-from model import VideoModel
+from model import OpenSoraModel
 from sample import model_from_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,13 +18,13 @@ FAST = ["--model", "tiny", "--size", "16x16", "--frames", "4", "--sample-steps",
 
 def count_sampling(monkeypatch) -> list:
     calls = []
-    original = VideoModel.sample
+    original = OpenSoraModel.sample
 
     def counted(self, *args, **kwargs):
         calls.append(kwargs.get("until"))
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(VideoModel, "sample", counted)
+    monkeypatch.setattr(OpenSoraModel, "sample", counted)
     return calls
 
 

@@ -1,13 +1,12 @@
 """The toy world: rendering, the toy reward's judgements, and toy.py's pretraining entry point."""
 import json
-import os
 
 import pytest
 import torch
 
 import toy
 from model import UserError, build_model
-from reward import ToyReward
+from toy import ToyReward
 
 PROMPTS = ["a red circle moving left", "a blue bar moving up", "a yellow pole moving right",
            "a white circle moving down"]
