@@ -7,15 +7,12 @@ Transformer, VAE, text encoder, tokenizer and scheduler are diffusers' and trans
 published folder layout. Ours is only what the VideoModel verbs need: prompt embeddings cached per prompt; the N
 candidates and both CFG halves in ONE transformer forward per step, stepped by the pipeline's own scheduler; decoding;
 the per-sample error in the space of each model's own training objective; weights written with `save_pretrained`, so
-a fine-tuned transformer drops into CogVideoXPipeline / WanPipeline.
-
-    python diffusers_models.py --model wan     # benchmark: batched sampling of N=4 vs 4 pipeline calls (tiny, CPU)
+a fine-tuned transformer drops into CogVideoXPipeline / WanPipeline. pipeline_bench.py times (and checks) the batched
+sampling against the pipelines; tests/tiny_diffusers.py writes tiny random pipelines in these layouts.
 """
-import argparse
 import copy
 import json
 import os
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -161,6 +158,8 @@ class DiffusersVideoModel:
     _cache: dict = field(default_factory=dict, repr=False)
     vae_fp32 = False  # keep the VAE in fp32 whatever the compute dtype
     segment_seconds = 1.0  # DenseDPO labels about 1 s subclips
+    has_sde = False  # GRPO's SDE rollout: Wan (a flow) only
+    predicts_x0 = False  # ReFL: the Open-Sora family only
 
     @property
     def latent_spans(self) -> list[tuple[int, int]]:
@@ -205,7 +204,7 @@ class DiffusersVideoModel:
         """Clean latents (len(prompts) * n, C, T, H, W), candidates of a prompt adjacent. All candidates and both CFG
         halves go through the transformer as ONE batch per step; candidate j uses seeds[j] for its initial noise.
         The loop is the pipelines' own: scheduler.timesteps, uncond + cfg * (cond - uncond), scheduler.step.
-        With `source` (len(prompts), C, T, H, W), DenseDPO's guided sampling as the pipelines' video-to-video mode
+        With `source` (len(prompts), C, T, H, W), DenseDPO's aligned candidates as the pipelines' video-to-video mode
         does it: the first sampling timestep at or below eta * 1000, each copy of the source noised to it by the
         scheduler's add_noise with its own noise, then the remaining steps."""
         net = net or self.dit
@@ -244,11 +243,11 @@ class DiffusersVideoModel:
     def guided_prediction(self, net: nn.Module, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
                           cfg: float) -> torch.Tensor:
         """The pipelines' prediction at timestep t: both CFG halves in one batch, uncond + cfg (cond - uncond)."""
-        guided = y.shape[0] == 2 * z.shape[0]
-        z_in = torch.cat([z, z]) if guided else z
+        both = y.shape[0] == 2 * z.shape[0]  # the unconditional and conditional halves in one batch
+        z_in = torch.cat([z, z]) if both else z
         with self.autocast():
             pred = self.predict(net, z_in, torch.as_tensor(t, device=z.device).expand(z_in.shape[0]), y).float()
-        if not guided:
+        if not both:
             return pred
         uncond, cond = pred.chunk(2)
         return uncond + cfg * (cond - uncond)
@@ -473,31 +472,19 @@ class Wan(DiffusersVideoModel):
         return mean_error((v.float() - (noise - x0).float()).pow(2), segments)
 
     # --- GRPO (grpo.py): Flow-GRPO's Wan2.1 rollout, the pipeline scheduler's sigmas stepped as an SDE
+    has_sde = True
     grpo_noise_level = None  # Flow-GRPO's Wan2.1 pipeline: std_t = sigmas[1] * s, no noise level (grpo.step_std)
 
-    @torch.no_grad()
-    def sample_sde(self, prompts: list[str], n: int, generators: list[torch.Generator], noise_level: float | None,
-                   net: nn.Module | None = None, steps: int | None = None
-                   ) -> tuple[list[torch.Tensor], torch.Tensor, list[float], list[torch.Tensor]]:
-        """As Flow-GRPO's wan_pipeline_with_logprob: the scheduler's timesteps and sigmas (set_timesteps), the guided
-        prediction at each timestep, and instead of the scheduler's step the SDE step (grpo.sde_step) from sigmas[i]
-        to sigmas[i + 1]. Wan predicts noise - x0; grpo.py takes Open-Sora's x0 - noise, hence the sign. Candidate j
-        draws its starting noise and every step's noise from generators[j]. Returns the trajectory (K + 1 states), the
-        log-densities (K, B), the K + 1 sigmas (the last 0) and the K timesteps the transformer sees."""
-        import grpo
-
-        net = net or self.dit
+    def sde_schedule(self, prompts: list[str], n: int, net: nn.Module, steps: int | None = None):
+        """GRPO's rollout (grpo.sample_sde), as Flow-GRPO's wan_pipeline_with_logprob: the scheduler's timesteps and
+        sigmas (set_timesteps) and the guided prediction at each timestep. Wan predicts noise - x0; grpo.py takes
+        Open-Sora's x0 - noise, hence the sign. Returns v(z, t), the K + 1 sigmas (the last 0) and the K timesteps
+        the transformer sees."""
         y = self.guidance_text(prompts, n, self.cfg)
         scheduler = copy.deepcopy(self.scheduler)
         scheduler.set_timesteps(steps or self.sample_steps, device=self.device)
         timesteps, sigmas = list(scheduler.timesteps), scheduler.sigmas.float().tolist()
-        z = torch.stack([torch.randn(self.latent_shape, generator=g) for g in generators]).to(self.device)
-        was_training = net.training
-        net.eval()
-        trajectory, log_probs = grpo.sde_rollout(lambda z, t: -self.guided_prediction(net, z, t, y, self.cfg), z,
-                                                 generators, sigmas, timesteps, noise_level)
-        net.train(was_training)
-        return trajectory, log_probs, sigmas, timesteps
+        return lambda z, t: -self.guided_prediction(net, z, t, y, self.cfg), sigmas, timesteps
 
     def grpo_velocity(self, net: nn.Module, z: torch.Tensor, t: torch.Tensor, prompts: list[str],
                       n: int) -> torch.Tensor:
@@ -529,138 +516,3 @@ def build_wan(dit: str | None = None, vae: str | None = None, text_encoder: str 
 
 
 BUILDERS = {"cogvideox": build_cogvideox, "wan": build_wan}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Tiny random components in the published layouts: for tests, the benchmark and smoke runs; nothing is downloaded
-
-
-def byte_tokenizer():
-    """A T5-like tokenizer with no files: one token per UTF-8 byte (byte-level BPE without merges), </s> appended."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "</s>", "<unk>"]
-    vocab = {t: i for i, t in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-
-
-def save_tiny(name: str, folder: str, rope: bool = False, seed: int = 0) -> str:
-    """A complete `name` pipeline of small random components (the same on every machine), written by the diffusers
-    pipeline's own save_pretrained; `--dit folder` loads it. rope: a CogVideoX-5b-like transformer with RoPE."""
-    import diffusers
-    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
-
-    tok = byte_tokenizer()
-    text = dict(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
-                feed_forward_proj="gated-gelu", relative_attention_num_buckets=8, dropout_rate=0.0)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        if name == "cogvideox":
-            pipe = diffusers.CogVideoXPipeline(
-                tokenizer=tok, text_encoder=T5EncoderModel(T5Config(**text)),
-                vae=diffusers.AutoencoderKLCogVideoX(
-                    block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1, norm_num_groups=2,
-                    down_block_types=("CogVideoXDownBlock3D",) * 4, up_block_types=("CogVideoXUpBlock3D",) * 4),
-                transformer=diffusers.CogVideoXTransformer3DModel(
-                    num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=16,
-                    text_embed_dim=32, num_layers=2, sample_width=4, sample_height=4, sample_frames=9, patch_size=2,
-                    max_text_seq_length=16, use_rotary_positional_embeddings=rope),
-                scheduler=diffusers.CogVideoXDDIMScheduler(  # the published CogVideoX-2b scheduler settings
-                    beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
-                    prediction_type="v_prediction", rescale_betas_zero_snr=True, set_alpha_to_one=True,
-                    snr_shift_scale=3.0, timestep_spacing="trailing"))
-        elif name == "wan":
-            pipe = diffusers.WanPipeline(
-                tokenizer=tok, text_encoder=UMT5EncoderModel(UMT5Config(**text)),
-                vae=diffusers.AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                                               temperal_downsample=[False, True, True]),
-                transformer=diffusers.WanTransformer3DModel(
-                    patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16,
-                    out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, rope_max_seq_len=32),
-                scheduler=diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
-                                                            flow_shift=3.0))
-        else:
-            raise UserError(f"no tiny {name!r}; choose one of {', '.join(BUILDERS)}")
-    pipe.save_pretrained(folder)
-    return folder
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Benchmark: our batched sampling of N videos vs the diffusers pipeline called once per video
-
-
-PIPELINES = {"cogvideox": "CogVideoXPipeline", "wan": "WanPipeline"}
-
-
-def benchmark(name: str, dit: str, n: int = 4, steps: int = 10, size: str | None = None, frames: int | None = None,
-              device: str = "cpu", dtype: torch.dtype = torch.float32, repeats: int = 3) -> dict:
-    """Seconds to sample N videos of one prompt (latents only: same weights, steps, guidance, initial noise and
-    prompt embeddings on both sides), best of `repeats`, and the largest latent difference between the two."""
-    import diffusers
-
-    model = BUILDERS[name](dit=dit, size=size, frames=frames).to(device, dtype)
-    pipe = getattr(diffusers, PIPELINES[name])(tokenizer=model.tokenizer, text_encoder=model.text_encoder,
-                                               vae=model.vae, transformer=model.dit, scheduler=model.scheduler)
-    pipe.set_progress_bar_config(disable=True)
-    prompt, seeds = "a red panda climbs a snowy tree", list(range(n))
-    y, neg = model.encode_prompts([prompt])[0], model.encode_prompts([model.negative_prompt])[0]
-    noise = torch.stack([torch.randn(model.latent_shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
-    layout = (lambda z: z.transpose(1, 2)) if name == "cogvideox" else (lambda z: z)  # pipeline latents <-> ours
-
-    def pipeline_one(j):
-        with model.autocast():
-            out = pipe(prompt_embeds=y, negative_prompt_embeds=neg, latents=layout(noise[j:j + 1]).to(device),
-                       height=model.height, width=model.width, num_frames=model.frames, num_inference_steps=steps,
-                       guidance_scale=model.cfg, output_type="latent", max_sequence_length=model.max_length)
-        return layout(out.frames).float()
-
-    def best(fn):
-        times = []
-        for _ in range(repeats):
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            tic = time.perf_counter()
-            out = fn()
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - tic)
-        return min(times), out
-
-    ours_s, ours = best(lambda: model.sample([prompt], n, seeds, steps=steps))
-    pipe_s, theirs = best(lambda: torch.cat([pipeline_one(j) for j in range(n)]))
-    return {"model": name, "n": n, "steps": steps, "latent_shape": list(model.latent_shape), "ours_s": round(ours_s, 3),
-            "pipeline_s": round(pipe_s, 3), "speedup": round(pipe_s / ours_s, 2),
-            "max_latent_diff": float((ours - theirs).abs().max())}
-
-
-def main(argv=None):
-    import tempfile
-
-    p = argparse.ArgumentParser(description="batched sampling of N videos vs N diffusers pipeline calls")
-    p.add_argument("--model", default="wan", choices=list(BUILDERS))
-    p.add_argument("--dit", default=None, help="pipeline Hub id or folder (default: tiny random components)")
-    p.add_argument("--n", type=int, default=4)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--size", default=None, help="HxW (default: 32x32 tiny, the model's own otherwise)")
-    p.add_argument("--frames", type=int, default=None, help="default: 9 tiny, the model's own otherwise")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, choices=["fp32", "bf16"])
-    p.add_argument("--threads", type=int, default=1, help="CPU threads (1: stable timings on a shared machine)")
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    bf16 = (args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")) == "bf16"
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    with tempfile.TemporaryDirectory() as tmp:
-        tiny = args.dit is None
-        dit = save_tiny(args.model, tmp) if tiny else args.dit
-        size, frames = (args.size or "32x32", args.frames or 9) if tiny else (args.size, args.frames)
-        print(json.dumps(benchmark(args.model, dit, args.n, args.steps, size, frames, args.device, dtype)))
-
-
-if __name__ == "__main__":
-    main()

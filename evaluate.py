@@ -12,6 +12,10 @@ Faithful to Vchitect/VBench (its models, preprocessing, formulas and aggregation
 consistency, temporal flickering, aesthetic quality, motion smoothness (AMT-S, amt.py), dynamic degree (torchvision's
 RAFT), imaging quality (pyiqa's MUSIQ): all seven quality dimensions of the paper's Table 3. Two weight-free proxies
 (of motion smoothness and dynamic degree) are named as proxies.
+
+This file measures the videos and runs the command line. The tables, the charts (--plot, --run), the pages (--html,
+--study-html) and the study's win rate (--study) are drawn by page.py, which imports no torch: it is handed what is
+measured (VBENCH_QUALITY, PROXIES, quality_score).
 """
 import argparse
 import glob
@@ -20,19 +24,20 @@ import json
 import math
 import os
 import re
-import sys
 import types
 
-from inputs import UserError, command, read_json, read_metrics, read_text, writable_file, write_atomically
+from inputs import UserError, command, read_text, writable_file, write_atomically
 
 import torch  # noqa: E402  (inputs first: Ctrl-C during this slow import is one line too)
 import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import amt  # noqa: E402
+import fvd  # noqa: E402
 import page  # noqa: E402
-from reward import (CLIP_MEAN, CLIP_STD, REWARDS, AestheticReward, PixelReward, build_reward, parse_dim, pick,
-                    read_fps, read_video, reward_names, vbench_preprocess)
+from image_rewards import CLIP_MEAN, CLIP_STD, AestheticReward, vbench_preprocess  # noqa: E402
+from reward import REWARDS, PixelReward, build_reward, parse_dim, pick, reward_names  # noqa: E402
+from videos import read_fps, read_video  # noqa: E402
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -132,7 +137,8 @@ def temporal_flickering(frames: torch.Tensor) -> float:
 
 @torch.no_grad()
 def aesthetic_quality(frames: torch.Tensor, aesthetic: AestheticReward) -> float:
-    """vbench/aesthetic_quality.py: LAION aesthetic predictor / 10 on CLIP ViT-L/14, mean over frames (reward.py)."""
+    """vbench/aesthetic_quality.py: LAION aesthetic predictor / 10 on CLIP ViT-L/14, mean over frames
+    (image_rewards.py)."""
     return aesthetic.frame_scores(frames).mean().item()
 
 
@@ -291,56 +297,6 @@ def imaging_quality(frames: torch.Tensor, musiq) -> float:
     return sum(musiq(x[i:i + 1]).item() for i in range(len(x))) / len(x) / 100
 
 
-# ----------------------------------------------------------------------------------------------------------
-# FVD, content-debiased (Ge et al. 2024, the paper's reference 19; Table 5c): the cd-fvd package's feature
-# models and Frechet distance, between a folder of generated videos and a folder of reference videos. Each video
-# goes in as that package's folder loader prepares it: its first 16 frames, the shorter side to 256 (bilinear,
-# antialiased), a centre crop, back to uint8.
-
-
-def fvd_clip(frames: torch.Tensor, resolution: int = 256, length: int = 16) -> torch.Tensor:
-    """(T, H, W, 3) uint8 -> (1, length, resolution, resolution, 3) uint8, as cdfvd's data_utils.preprocess and
-    compute_*_stats: [0, 1], the first `length` frames, short side to `resolution` (ceil), centre crop, x 255,
-    truncated to uint8."""
-    if len(frames) < length:
-        raise UserError(f"a {len(frames)}-frame video: FVD takes the first {length} frames")
-    x = frames[:length].permute(0, 3, 1, 2).float() / 255
-    h, w = x.shape[2:]
-    s = resolution / min(h, w)
-    size = (resolution, math.ceil(w * s)) if h < w else (math.ceil(h * s), resolution)
-    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
-    top, left = (x.shape[2] - resolution) // 2, (x.shape[3] - resolution) // 2
-    x = x[:, :, top:top + resolution, left:left + resolution]
-    return (x * 255).to(torch.uint8).permute(0, 2, 3, 1)[None]
-
-
-def fvd_folder(folder: str, what: str) -> list[str]:
-    if not os.path.isdir(folder):
-        raise UserError(f"{what} {folder!r} is not a folder")
-    paths = sorted(glob.glob(os.path.join(folder, "*.mp4")))
-    if len(paths) < 2:
-        raise UserError(f"{what} {folder!r} holds {len(paths)} .mp4 files; a Frechet distance needs at least 2")
-    return paths
-
-
-def compute_fvd(generated: str, reference: str, model: str, ckpt: str | None, device: str) -> float:
-    """cd-fvd's FVD (model 'videomae': VideoMAE-v2 features, the content-debiased one; 'i3d': the classic)."""
-    fake, real = fvd_folder(generated, "generated videos"), fvd_folder(reference, "--fvd reference")
-    try:
-        from cdfvd import fvd as cdfvd
-    except Exception as e:  # noqa: BLE001 - missing, or its torchvision import failing
-        raise UserError(f"--fvd needs the cd-fvd package ({type(e).__name__}): pip install cd-fvd") from None
-    try:  # the package downloads its weights to ckpt_path (or its own folder) when the file is not there
-        ev = cdfvd.cdfvd(model=model, n_real="full", n_fake="full", ckpt_path=ckpt, device=device)
-    except Exception as e:  # noqa: BLE001 - offline download, truncated file: one line
-        raise UserError(f"cd-fvd could not load its {model} weights ({type(e).__name__}: {e}); give a local copy with "
-                        "--fvd-ckpt") from None
-    for paths, add in ((real, ev.add_real_stats), (fake, ev.add_fake_stats)):
-        for p in tqdm(paths, desc="FVD features", dynamic_ncols=True):
-            add(fvd_clip(read_video(p)).numpy())
-    return float(ev.compute_fvd_from_stats())
-
-
 def quality_score(summary: dict) -> tuple[float | None, int]:
     """scripts/cal_final_score.py: (x - Min) / (Max - Min) * weight summed over the quality dimensions, divided by
     the summed weights (6.5 for all seven); here over the dimensions present. Returns (score, dimensions used)."""
@@ -462,9 +418,7 @@ def evaluate(video_dir: str, args) -> dict:
     if args.vbench and importlib.util.find_spec("vbench") is None:
         raise UserError("--vbench needs the official package: pip install vbench (see github.com/Vchitect/VBench)")
     if args.fvd:  # before minutes of scoring
-        fvd_folder(video_dir, "generated videos"), fvd_folder(args.fvd, "--fvd reference")
-        if importlib.util.find_spec("cdfvd") is None:
-            raise UserError("--fvd needs the cd-fvd package: pip install cd-fvd")
+        fvd.check(video_dir, args.fvd)
     only = load_full_info(args.full_info) if args.full_info else None
     metrics = build_metrics(args)
     # NAME, NAME=PATH (train.py's --reward-path) or NAME,NAME (train.py's mixture)
@@ -519,7 +473,7 @@ def evaluate(video_dir: str, args) -> dict:
         except Exception as e:  # its models, downloads and dependencies are its own: keep our results
             print(f"skipping --vbench: the vbench package failed ({type(e).__name__}: {e})")
     if args.fvd:
-        summary["fvd"] = compute_fvd(video_dir, args.fvd, args.fvd_model, args.fvd_ckpt, args.device)
+        summary["fvd"] = fvd.compute_fvd(video_dir, args.fvd, args.fvd_model, args.fvd_ckpt, args.device)
         result["sources"]["fvd"] = f"cd-fvd ({args.fvd_model}) against {args.fvd}"
     result["quality_score"], result["quality_dims"] = quality_score(summary)
     return result
@@ -538,186 +492,6 @@ def run_official_vbench(video_dir: str, mode: str, dims: str | None, out_dir: st
                                                        else "custom_input")
     with open(os.path.join(out_dir, "vbench_eval_results.json")) as f:
         return {d: v[0] for d, v in json.load(f).items()}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Tables (the paper's Table 3 layout: a row per model, a column per dimension) and plots
-
-LABELS = {d: d.replace("_", " ").title() for d in VBENCH_QUALITY}
-LABELS.update(proxy_interp_smoothness="interp. smoothness (proxy)", proxy_frame_motion="frame motion (proxy)")
-
-
-def columns(results: list[dict]) -> list[str]:
-    present = dict.fromkeys(k for r in results for k in r["summary"])
-    return ([d for d in VBENCH_QUALITY if d in present] + [p for p in PROXIES if p in present] +
-            [k for k in present if k not in VBENCH_QUALITY and k not in PROXIES])
-
-
-def table(results: list[dict]) -> str:
-    """Markdown table; VBench dimensions and the quality score in percent as VBench reports them; * marks a number
-    that came from the official vbench package (--vbench)."""
-    cols = columns(results)
-    head = ["model"] + [LABELS.get(c, c) for c in cols if c in VBENCH_QUALITY] + ["Quality Score"] + \
-           [LABELS.get(c, c) for c in cols if c not in VBENCH_QUALITY]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in results:
-        s, official = r["summary"], [c for c, src in r.get("sources", {}).items() if src == "vbench"]
-        cell = lambda c, pct: "-" if s.get(c) is None else f"{100 * s[c]:.2f}{'*' * (c in official)}" if pct \
-            else f"{s[c]:.4f}"
-        q, n = quality_score(s)
-        row = [r["name"]] + [cell(c, True) for c in cols if c in VBENCH_QUALITY]
-        row += ["-" if q is None else f"{100 * q:.2f} ({n}/7 dims)"]
-        row += [cell(c, False) for c in cols if c not in VBENCH_QUALITY]
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
-
-
-COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]
-
-
-def chart(path: str, title: str, series: dict, xlabels: list[str] | None = None, vlines=()):
-    """Lines (series name -> [(x, y)], dashed vertical lines at `vlines`) or, given `xlabels`, grouped bars (series
-    name -> [y or None per label]); SVG written by hand, or PNG through matplotlib when `path` ends with .png."""
-    (png_chart if path.lower().endswith(".png") else svg_chart)(path, title, series, xlabels, vlines)
-
-
-def svg_chart(path, title, series, xlabels, vlines):
-    with open(path, "w") as f:
-        f.write(svg(title, series, xlabels, vlines))
-
-
-def svg(title: str, series: dict, xlabels: list[str] | None = None, vlines=()) -> str:
-    """The chart as SVG text (chart's arguments)."""
-    W, H, L, R, T, B = 840, 380, 60, 250, 40, 70
-    bars = xlabels is not None
-    ys = [v for vals in series.values() for v in vals if v is not None] if bars else \
-         [y for pts in series.values() for _, y in pts]
-    lo, hi = (min(ys + [0.0]), max(ys + [0.0])) if bars else (min(ys), max(ys))
-    pad = 0.05 * (hi - lo) or 0.5
-    lo, hi = (lo if bars and lo == 0 else lo - pad), hi + pad
-    xs = [x for pts in series.values() for x, _ in pts] + list(vlines) if not bars else [0, len(xlabels)]
-    x0, x1 = min(xs), max(max(xs), min(xs) + 1)
-    X = lambda x: L + (x - x0) / (x1 - x0) * (W - L - R)
-    Y = lambda y: T + (hi - y) / (hi - lo) * (H - T - B)
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="11">',
-           f'<rect width="{W}" height="{H}" fill="white"/><text x="{L}" y="22" font-size="13">{esc(title)}</text>',
-           f'<line x1="{L}" y1="{H - B}" x2="{W - R}" y2="{H - B}" stroke="black"/>',
-           f'<line x1="{L}" y1="{T}" x2="{L}" y2="{H - B}" stroke="black"/>']
-    for i in range(5):  # y grid
-        y = lo + (hi - lo) * i / 4
-        out.append(f'<line x1="{L}" y1="{Y(y):.1f}" x2="{W - R}" y2="{Y(y):.1f}" stroke="#eee"/>'
-                   f'<text x="{L - 6}" y="{Y(y) + 4:.1f}" text-anchor="end">{y:.3g}</text>')
-    for v in vlines:  # reference updates
-        out.append(f'<line class="ref-update" x1="{X(v):.1f}" y1="{T}" x2="{X(v):.1f}" y2="{H - B}" '
-                   'stroke="gray" stroke-dasharray="4,3"/>')
-    for j, (name, vals) in enumerate(series.items()):
-        color = COLORS[j % len(COLORS)]
-        out.append(f'<rect x="{W - R + 12}" y="{T + 16 * j}" width="12" height="10" fill="{color}"/>'
-                   f'<text x="{W - R + 30}" y="{T + 16 * j + 9}">{esc(name)}</text>')  # legend
-        if not bars:
-            pts = " ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y in vals)
-            out.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{pts}"/>')
-            continue
-        w = 0.8 / len(series)
-        for i, v in enumerate(vals):
-            if v is not None:
-                out.append(f'<rect x="{X(i + 0.1 + j * w):.1f}" y="{Y(max(v, 0)):.1f}" width="{X(w) - X(0):.1f}" '
-                           f'height="{abs(Y(v) - Y(0)):.1f}" fill="{color}"><title>{esc(name)}: {v:.4f}</title></rect>')
-    for i, label in enumerate(xlabels or []):
-        out.append(f'<text x="{X(i + 0.5):.1f}" y="{H - B + 14}" text-anchor="end" '
-                   f'transform="rotate(-20 {X(i + 0.5):.1f} {H - B + 14})">{esc(label)}</text>')
-    if not bars:
-        ticks = sorted({round(x0 + (x1 - x0) * i / 4) for i in range(5)})  # steps are integers
-        out += [f'<text x="{X(x):.1f}" y="{H - B + 16}" text-anchor="middle">{x}</text>' for x in ticks]
-        out.append(f'<text x="{(L + W - R) / 2}" y="{H - B + 34}" text-anchor="middle">optimizer step</text>')
-    return "\n".join(out + ["</svg>"]) + "\n"
-
-
-def esc(s) -> str:
-    return str(s).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-
-def png_chart(path, title, series, xlabels, vlines):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserError("a .png plot needs matplotlib (pip install matplotlib); or write .svg")
-    fig, ax = plt.subplots(figsize=(8, 4))
-    for j, (name, vals) in enumerate(series.items()):
-        if xlabels is None:
-            ax.plot(*zip(*vals), label=name)
-        else:
-            w = 0.8 / len(series)
-            ax.bar([i + 0.1 + (j + 0.5) * w for i in range(len(vals))], [v or 0 for v in vals], w, label=name)
-    for v in vlines:
-        ax.axvline(v, color="gray", linestyle="--", linewidth=0.8)
-    if xlabels is None:
-        ax.set_xlabel("optimizer step")
-    else:
-        ax.set_xticks([i + 0.5 for i in range(len(xlabels))], xlabels, rotation=20, ha="right")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
-
-
-def read_run_metrics(path: str) -> list[dict]:
-    """inputs.read_metrics, and at least one whole row to draw."""
-    rows = read_metrics(path)
-    if not rows:
-        raise UserError(f"{path} holds no whole metrics row")
-    return rows
-
-
-def run_k(run_dir: str):
-    """K from the run's args.json, for the title only: '?' (with a warning if the file is there but unreadable)."""
-    path = os.path.join(run_dir, "args.json")
-    if not os.path.isfile(path):
-        return "?"
-    try:
-        return read_json(path, "args file").get("k", "?")
-    except UserError as e:
-        print(f"warning: {path} is unreadable ({str(e).splitlines()[0]}); K shown as ?", file=sys.stderr)
-        return "?"
-
-
-def plot_reward_curve(run_dir: str, path: str):
-    """Paper Fig. 5 as a file (see reward_curve)."""
-    title, series, updates = reward_curve(run_dir)
-    writable_file(path, "--plot")  # here, not in main: the default path is inside a run folder known to exist now
-    chart(path, title, series, vlines=updates)
-    return updates
-
-
-def reward_curve(run_dir: str) -> tuple[str, dict, list[int]]:
-    """Paper Fig. 5: mean / winner / loser reward of each optimizer step from train.py's metrics.jsonl; dashed lines
-    where the reference model was updated (every K steps). Returns (title, series, update steps)."""
-    metrics = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.isfile(metrics):
-        raise UserError(f"{metrics} not found: --run takes a train.py output folder")
-    rows = read_run_metrics(metrics)
-    k = run_k(run_dir)
-    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-    series = {label: [(r["step"], r[key]) for r in rows if number(r.get(key))]
-              for key, label in (("reward_mean", "mean of N"), ("reward_w", "winner"), ("reward_l", "loser"))}
-    series = {k: v for k, v in series.items() if v}
-    if not series:
-        raise UserError(f"{metrics} holds no reward values")
-    # train.py logs the cumulative count of reference updates (G_ref <- G_theta every K steps): mark where it grows
-    counts = [0] + [r.get("ref_updates", 0) for r in rows]
-    updates = [r["step"] for r, before in zip(rows, counts) if r.get("ref_updates", 0) > before]
-    title = f"reward ({rows[-1].get('reward_dim', '?')}); dashed: reference update (K = {k})"
-    return title, series, updates
-
-
-def plot_comparison(results: list[dict], path: str):
-    cols = [c for c in columns(results) if "." not in c]  # VBench dimensions and proxies share the 0..1 scale
-    series = {r["name"]: [r["summary"].get(c) for c in cols] for r in results}
-    chart(path, "per-dimension comparison", series, xlabels=[LABELS.get(c, c) for c in cols])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -782,19 +556,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def check_plot(path: str) -> str:
-    """The plot file can be written, and drawn (.png needs matplotlib): known before any scoring."""
-    writable_file(path, "--plot")
-    if path.lower().endswith(".png") and importlib.util.find_spec("matplotlib") is None:
-        raise UserError("a .png plot needs matplotlib (pip install matplotlib); or write .svg")
-    return path
-
-
 @command()
 def main(argv=None):
     args = parse_args(argv)
     if args.study:
-        return print_study(args.study)
+        return page.print_study(args.study)
     runs_only = args.run is not None and args.html is None
     if sum(x is not None for x in (args.video_dir, args.compare)) + runs_only != 1:
         raise UserError("give exactly one of VIDEO_DIR, --compare RESULTS..., --run RUN_DIR, --study RESULTS...")
@@ -804,12 +570,12 @@ def main(argv=None):
         if path:
             writable_file(path, "--html")  # before minutes of scoring
     if args.plot:
-        check_plot(args.plot)
+        page.check_plot(args.plot)
     if runs_only:
         if len(args.run) != 1:
             raise UserError("--run plots one run's reward curve (several go on an --html page)")
         path = args.plot or os.path.join(args.run[0], "reward_curve.svg")
-        updates = plot_reward_curve(args.run[0], path)
+        updates = page.plot_reward_curve(args.run[0], path)
         print(f"reward curve ({len(updates)} reference updates) -> {path}")
         return
     if args.compare:
@@ -822,32 +588,20 @@ def main(argv=None):
         write_atomically(out, [json.dumps(r, indent=1)])
         print(f"{len(r['videos'])} videos scored, {len(r['skipped'])} skipped; results -> {out}")
         results = [r]
-    print(table(results))
+    md = page.table(results, VBENCH_QUALITY, PROXIES, quality_score)
+    print(md)
     if any(k in PROXIES for r in results for k in r["summary"]):
         print("(proxy) columns are weight-free stand-ins, not VBench's motion smoothness / dynamic degree")
     if args.plot:
-        plot_comparison(results, args.plot)
+        page.plot_comparison(results, args.plot, VBENCH_QUALITY, PROXIES)
         print(f"plot -> {args.plot}")
     if args.html:
-        curves = {}
-        for run_dir in args.run or []:
-            title, series, updates = reward_curve(run_dir)
-            curves[os.path.basename(os.path.normpath(run_dir))] = svg(title, series, vlines=updates)
-        write_atomically(args.html, [page.comparison_page(results, table(results), curves)])
+        write_atomically(args.html, [page.comparison_page(results, md, args.run or [])])
         print(f"page -> {args.html}")
     if args.study_html:
         write_atomically(args.study_html, [page.study_page(results[0], results[1], args.seed)])
         print(f"study page ({len(page.study_pairs(results[0], results[1], args.seed)[1])} pairs) -> "
               f"{args.study_html}")
-
-
-def print_study(paths: list[str]) -> dict:
-    """Fig. 4: the second run against the first over every rater's judgements."""
-    w = page.win_rate(page.read_study(paths))
-    print(f"{w['second']} vs {w['first']}: {w['wins']} wins, {w['ties']} ties, {w['losses']} losses in "
-          f"{w['judgements']} judgements; win rate {w['win_rate']:.3f} (95% CI {w['ci95'][0]:.3f}-{w['ci95'][1]:.3f}, "
-          "bootstrap over judgements; a tie counts half)")
-    return w
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from diffusers.models import AutoencoderKL
 
 # ----------------------------------------------------------------------------------------------------------
 # Resolutions, named as Open-Sora names them: (height, width) per resolution and aspect-ratio name.
@@ -102,11 +101,9 @@ class CaptionEmbedder(nn.Module):
         self.y_proj = Mlp(in_channels, hidden, hidden)
         self.register_buffer("y_embedding", torch.randn(token_num, in_channels) / in_channels**0.5)
 
-    def forward(self, y, drop=None):
-        # Open-Sora drops captions at random whenever model.training is true; here dropout only happens
-        # when the caller passes `drop` (a bool per sample), so the DPO loss never sees a random null caption.
-        if drop is not None:
-            y = torch.where(drop[:, None, None, None], self.y_embedding.to(y.dtype), y)
+    def forward(self, y):
+        # Open-Sora drops captions at random whenever model.training is true; never here, so the DPO loss never
+        # sees a random null caption (the null caption enters only as classifier-free guidance's, model.py).
         return self.y_proj(y)
 
 
@@ -253,7 +250,9 @@ class STDiT3(nn.Module):
                  model_max_length: int = 300, input_sq_size: int = 512, qk_norm: bool = True,
                  class_dropout_prob: float = 0.1, **ignored):
         # ignored: keys of the published config that do not change the math (enable_flash_attn,
-        # enable_layernorm_kernel, enable_sequence_parallelism, drop_path, architectures, model_type, ...)
+        # enable_layernorm_kernel, enable_sequence_parallelism, drop_path, architectures, model_type, ...).
+        # class_dropout_prob changes nothing either (no caption dropout, CaptionEmbedder) but stays in self.config,
+        # so a saved config.json reads as the published one.
         super().__init__()
         self.config = dict(in_channels=in_channels, patch_size=list(patch_size), hidden_size=hidden_size,
                            depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, pred_sigma=pred_sigma,
@@ -263,7 +262,6 @@ class STDiT3(nn.Module):
         self.out_channels = in_channels * 2 if pred_sigma else in_channels
         self.patch_size = tuple(patch_size)
         self.input_sq_size = input_sq_size
-        self.class_dropout_prob = class_dropout_prob  # used only when a caller asks for dropout
         self.grad_checkpointing = False
 
         self.pos_embed = PositionEmbedding2D(hidden_size)
@@ -293,10 +291,9 @@ class STDiT3(nn.Module):
             nn.init.zeros_(block.cross_attn.proj.weight)
             nn.init.zeros_(block.mlp.fc2.weight)
 
-    def forward(self, x, timestep, y, mask=None, fps=None, height=None, width=None, drop_caption=None):
+    def forward(self, x, timestep, y, mask=None, fps=None, height=None, width=None):
         """x (B, C, T, H, W) latents; timestep (B,) on 0..1000; y (B, 1, L, caption_channels) T5 features;
         mask (B, L) text mask (None = all tokens valid); fps, height, width (B,) in frames/s and pixels.
-        drop_caption: optional bool (B,) replacing those captions by the null caption (explicit CFG dropout).
         Returns (B, out_channels, T, H, W) float32; the velocity is the first in_channels channels."""
         dtype = self.x_embedder.proj.weight.dtype
         B, _, Tx, Hx, Wx = x.shape
@@ -316,7 +313,7 @@ class STDiT3(nn.Module):
             mask = torch.ones(y.shape[0], y.shape[2], dtype=torch.bool, device=x.device)
         if mask.shape[0] != y.shape[0]:  # Open-Sora reuses the prompts' mask for their null captions
             mask = mask.repeat(y.shape[0] // mask.shape[0], 1)
-        y = self.y_embedder(y, drop_caption).squeeze(1)
+        y = self.y_embedder(y).squeeze(1)
         mask = mask.bool()
 
         x = self.x_embedder(x).view(B, T, S, -1) + pos
@@ -469,11 +466,10 @@ class TemporalVAE(nn.Module):
         return [(max(0, k * self.time_factor - pad), (k + 1) * self.time_factor - pad)
                 for k in range(self.latent_frames(frames))]
 
-    def encode(self, x, generator=None):
-        """Returns (mean, std) of the diagonal Gaussian posterior."""
+    def encode(self, x):
+        """The mean of the diagonal Gaussian posterior (its log-variance, the other half, is not needed)."""
         x = F.pad(x, (0, 0, 0, 0, self.front_pad(x.shape[2]), 0))
-        mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
-        return mean, torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+        return self.quant_conv(self.encoder(x)).chunk(2, dim=1)[0]
 
     def decode(self, z, num_frames: int):
         x = self.decoder(self.post_quant_conv(z))
@@ -485,6 +481,8 @@ class SpatialVAE(nn.Module):
 
     def __init__(self, config: dict):
         super().__init__()
+        from diffusers.models import AutoencoderKL  # here: `python train.py --help` need not import diffusers
+
         self.module = AutoencoderKL(**config)
 
 
@@ -520,23 +518,12 @@ class OpenSoraVAE(nn.Module):
         x = torch.cat([fn(chunk) for chunk in x.split(self.micro_batch_size)])
         return x.unflatten(0, (B, -1)).transpose(1, 2)
 
-    def encode(self, x, sample: bool = False, generator=None):
-        """Pixels -> normalised latents. sample=False takes the posterior means (deterministic);
-        Open-Sora samples both posteriors (sample=True)."""
+    def encode(self, x):
+        """Pixels -> normalised latents: the posterior means of both VAEs, so encoding is deterministic (Open-Sora
+        samples both posteriors)."""
         ae = self.spatial_vae.module
-
-        def spatial(f):
-            dist = ae.encode(f).latent_dist
-            return (dist.sample(generator) if sample else dist.mean) * SPATIAL_SCALE
-
-        x = self._per_frame(spatial, x)
-        zs = []
-        for chunk in x.split(self.micro_frame_size, dim=2):
-            mean, std = self.temporal_vae.encode(chunk)
-            if sample:
-                mean = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device,
-                                                dtype=mean.dtype)
-            zs.append(mean)
+        x = self._per_frame(lambda f: ae.encode(f).latent_dist.mean * SPATIAL_SCALE, x)
+        zs = [self.temporal_vae.encode(chunk) for chunk in x.split(self.micro_frame_size, dim=2)]
         return (torch.cat(zs, dim=2) - self.shift.to(x.dtype)) / self.scale.to(x.dtype)
 
     def decode(self, z, num_frames: int):

@@ -59,7 +59,7 @@ def small_opensora(tmp_path_factory):
 @pytest.fixture(scope="session")
 def diffusers_folders(tmp_path_factory) -> dict[str, str]:
     """Tiny CogVideoX (plain and with RoPE) and Wan pipelines saved by diffusers' save_pretrained, once a session."""
-    from diffusers_models import save_tiny
+    from tiny_diffusers import save_tiny
 
     root = tmp_path_factory.mktemp("pipelines")
     return {"cogvideox": save_tiny("cogvideox", str(root / "cogvideox")),

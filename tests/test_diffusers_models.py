@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import diffusers
+import grpo
 import train
 from diffusers_models import load_model
 from model import UserError, build_model
@@ -197,11 +198,11 @@ def test_wan_grpo_rollout_is_the_pipelines_schedule_stepped_as_an_sde(diffusers_
     by default its noise is Flow-GRPO's Wan2.1 std_t = sigmas[1] s."""
     model = build_model("wan", dit=diffusers_folders["wan"], **SIZE).to("cpu")
     gens = lambda: [torch.Generator().manual_seed(s) for s in (3, 4)]
-    traj, log_probs, sigmas, timesteps = model.sample_sde(["a red ball rolls"], 2, gens(), None, steps=3)
+    traj, log_probs, sigmas, timesteps = grpo.sample_sde(model, ["a red ball rolls"], 2, gens(), None, steps=3)
     assert len(traj) == 4 and log_probs.shape == (3, 2) and sigmas[-1] == 0.0 and torch.isfinite(log_probs).all()
     assert [int(t) for t in timesteps] == [int(s * 1000) for s in sigmas[:-1]]  # UniPC's int timesteps
     model.scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
-    traj, _, _, _ = model.sample_sde(["a red ball rolls"], 2, gens(), 1e-12, steps=3)
+    traj, _, _, _ = grpo.sample_sde(model, ["a red ball rolls"], 2, gens(), 1e-12, steps=3)
     assert torch.equal(traj[-1], model.sample(["a red ball rolls"], 2, [3, 4], steps=3))
 
 

@@ -1,0 +1,107 @@
+"""Our batched sampling of N videos (diffusers_models.py) against the diffusers pipeline called once per video, for
+CogVideoX-2B and Wan2.1: same weights, steps, guidance, initial noise and prompt embeddings on both sides. Prints
+one JSON line: the seconds of each (best of 3), the speedup, and the largest latent difference between the two, so
+the benchmark doubles as a parity check of our sampler on real weights.
+
+    python pipeline_bench.py --model wan          # tiny random components (tests/tiny_diffusers.py), CPU
+    python pipeline_bench.py --model wan --dit Wan-AI/Wan2.1-T2V-1.3B-Diffusers --size 480x832 --frames 81
+"""
+import argparse
+import json
+import tempfile
+import time
+
+from inputs import UserError, command
+
+import torch  # noqa: E402  (inputs first: Ctrl-C during this slow import is one line too)
+
+from diffusers_models import BUILDERS  # noqa: E402
+from tests.tiny_diffusers import save_tiny  # noqa: E402
+
+PIPELINES = {"cogvideox": "CogVideoXPipeline", "wan": "WanPipeline"}
+
+
+def benchmark(name: str, dit: str, n: int = 4, steps: int = 10, size: str | None = None, frames: int | None = None,
+              device: str = "cpu", dtype: torch.dtype = torch.float32, repeats: int = 3) -> dict:
+    """Seconds to sample N videos of one prompt (latents only: same weights, steps, guidance, initial noise and
+    prompt embeddings on both sides), best of `repeats`, and the largest latent difference between the two."""
+    import diffusers
+
+    model = BUILDERS[name](dit=dit, size=size, frames=frames).to(device, dtype)
+    pipe = getattr(diffusers, PIPELINES[name])(tokenizer=model.tokenizer, text_encoder=model.text_encoder,
+                                               vae=model.vae, transformer=model.dit, scheduler=model.scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    prompt, seeds = "a red panda climbs a snowy tree", list(range(n))
+    y, neg = model.encode_prompts([prompt])[0], model.encode_prompts([model.negative_prompt])[0]
+    noise = torch.stack([torch.randn(model.latent_shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    layout = (lambda z: z.transpose(1, 2)) if name == "cogvideox" else (lambda z: z)  # pipeline latents <-> ours
+
+    def pipeline_one(j):
+        with model.autocast():
+            out = pipe(prompt_embeds=y, negative_prompt_embeds=neg, latents=layout(noise[j:j + 1]).to(device),
+                       height=model.height, width=model.width, num_frames=model.frames, num_inference_steps=steps,
+                       guidance_scale=model.cfg, output_type="latent", max_sequence_length=model.max_length)
+        return layout(out.frames).float()
+
+    def best(fn):
+        times = []
+        for _ in range(repeats):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            tic = time.perf_counter()
+            out = fn()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - tic)
+        return min(times), out
+
+    ours_s, ours = best(lambda: model.sample([prompt], n, seeds, steps=steps))
+    pipe_s, theirs = best(lambda: torch.cat([pipeline_one(j) for j in range(n)]))
+    return {"model": name, "n": n, "steps": steps, "latent_shape": list(model.latent_shape), "ours_s": round(ours_s, 3),
+            "pipeline_s": round(pipe_s, 3), "speedup": round(pipe_s / ours_s, 2),
+            "max_latent_diff": float((ours - theirs).abs().max())}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="batched sampling of N videos vs N diffusers pipeline calls")
+    p.add_argument("--model", default="wan", choices=list(BUILDERS))
+    p.add_argument("--dit", default=None, help="pipeline Hub id or folder (default: tiny random components)")
+    p.add_argument("--n", type=int, default=4)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--size", default=None, help="HxW (default: 32x32 tiny, the model's own otherwise)")
+    p.add_argument("--frames", type=int, default=None, help="default: 9 tiny, the model's own otherwise")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16"])
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (1: stable timings on a shared machine)")
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    """The flags' values, before a pipeline is written or loaded."""
+    for flag in ("n", "steps", "threads"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UserError(f"--device {args.device!r}: not a device name (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: no GPU is visible to torch here; use --device cpu")
+
+
+@command()
+def main(argv=None):
+    args = parse_args(argv)
+    check_args(args)
+    torch.set_num_threads(args.threads)
+    bf16 = (args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")) == "bf16"
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny = args.dit is None
+        dit = save_tiny(args.model, tmp) if tiny else args.dit
+        size, frames = (args.size or "32x32", args.frames or 9) if tiny else (args.size, args.frames)
+        print(json.dumps(benchmark(args.model, dit, args.n, args.steps, size, frames, args.device, dtype)))
+
+
+if __name__ == "__main__":
+    main()
