@@ -17,8 +17,6 @@ import sys
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_optimizer_state_dict)
 
 import dpo
 
@@ -156,7 +154,16 @@ def gradient_sync(net: nn.Module, on: bool):
 # ----------------------------------------------------------------------------------------------------------
 # Checkpoints: full (unsharded) state dicts, so a checkpoint made with 8 GPUs resumes on 1 and vice versa
 
-FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+def state_dicts():
+    """torch.distributed.checkpoint's state-dict functions, imported when a checkpoint is written or read (a second
+    of imports that `python train.py --help` need not pay)."""
+    from torch.distributed.checkpoint import state_dict
+
+    return state_dict
+
+
+def full(cpu_offload: bool = True):
+    return state_dicts().StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload)
 
 
 def savable(net: nn.Module) -> nn.Module | None:
@@ -165,7 +172,7 @@ def savable(net: nn.Module) -> nn.Module | None:
     None)."""
     if not hasattr(net, "reshard"):
         return net
-    state = get_model_state_dict(net, options=FULL)
+    state = state_dicts().get_model_state_dict(net, options=full())
     return plain_twin(net, state) if is_main() else None
 
 
@@ -180,8 +187,8 @@ def plain_twin(net: nn.Module, state: dict) -> nn.Module:
 
 def optimizer_state(net: nn.Module, opt: torch.optim.Optimizer) -> dict:
     """Optimizer state keyed by parameter names, unsharded (the same file whatever the number of ranks)."""
-    return get_optimizer_state_dict(net, opt, options=FULL)
+    return state_dicts().get_optimizer_state_dict(net, opt, options=full())
 
 
 def load_optimizer_state(net: nn.Module, opt: torch.optim.Optimizer, state: dict):
-    set_optimizer_state_dict(net, opt, state, options=StateDictOptions(full_state_dict=True))
+    state_dicts().set_optimizer_state_dict(net, opt, state, options=full(cpu_offload=False))
