@@ -132,19 +132,33 @@ def save_files(folder: str, states: dict[str, dict], config: dict, model_name: s
     """A checkpoint's adapters (adapter_state of POLICY and REFERENCE) and their config (rank, alpha, dropout,
     targets, and the base network they were trained on)."""
     from peft import LoraConfig
-    from safetensors.torch import save_file
 
     # the LoRA config as diffusers writes it (save_lora_weights' metadata), so load_lora_weights scales by alpha / r
     peft_config = LoraConfig(r=config["rank"], lora_alpha=config["alpha"], lora_dropout=config["dropout"],
                              target_modules=config["targets"]).to_dict()
-    packed = {f"transformer.{k}": list(v) if isinstance(v, set) else v for k, v in peft_config.items()}
+    packed = {f"transformer.{k}": sorted(v) if isinstance(v, set) else v for k, v in peft_config.items()}
     metadata = {"format": "pt", "model": model_name, "lora_adapter_metadata": json.dumps(packed, indent=2,
                                                                                          sort_keys=True)}
     os.makedirs(folder, exist_ok=True)
     for name, file in ((POLICY, ADAPTER_FILE), (REFERENCE, REFERENCE_FILE)):
-        save_file(states[name], os.path.join(folder, file), metadata=metadata)
+        save_sorted(states[name], os.path.join(folder, file), metadata)
     with open(os.path.join(folder, CONFIG_FILE), "w") as f:
         json.dump({**config, "model": model_name}, f, indent=1)
+
+
+def save_sorted(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]):
+    """safetensors.save_file with the header's keys sorted: safetensors writes its metadata in a hash map's order,
+    which changes from process to process, so two identical runs would write files with different sha256. The
+    tensors' offsets count from the end of the header, so re-writing it (padded to 8 bytes, as the format asks)
+    moves nothing else."""
+    from safetensors.torch import save
+
+    data = save(tensors, metadata)
+    n = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8: 8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    with open(path, "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header + data[8 + n:])
 
 
 def read_config(folder: str) -> dict:
@@ -199,9 +213,7 @@ def merged_state(net: nn.Module) -> dict[str, torch.Tensor] | None:
     layout of a full checkpoint (loadable as --dit, no peft needed). Computed from the full state dict, so an
     FSDP2-sharded network merges like a whole one (gathered on rank 0; the other ranks get None)."""
     if hasattr(net, "reshard"):  # FSDP2: the whole state on rank 0's CPU (collective)
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-        state = get_model_state_dict(net, options=parallel.FULL)
+        state = parallel.state_dicts().get_model_state_dict(net, options=parallel.full())
         if not parallel.is_main():
             return None
     else:

@@ -122,6 +122,7 @@ class Run:
 
     def __init__(self, args: argparse.Namespace, method, model=None, reward=None, prompts: list[str] | None = None):
         check_args(args)
+        torch.manual_seed(stream_seed("torch", args.seed))  # torch starts from a random seed; rng.pt saves this state
         self.method = method  # train.METHODS[args.method]: what differs between the methods
         args.device = parallel.setup(args.device)
         self.args = args
