@@ -229,7 +229,11 @@ def make_run(model: OpenSoraModel, reward, reward_name: str, method: str, n: int
                             + ((["--grpo-micro-batch", "1"] if method == "grpo" else ["--split-pair"]) if split else [])
                             + (["--lora-rank", str(lora_rank)] if lora_rank else []))
     args.out = None
-    return Run(args, train.METHODS[method], model=model, reward=reward, prompts=PROMPTS)
+    method = train.entry(args)
+    run = Run(args, method, model=model, reward=reward, prompts=PROMPTS)
+    if method.start:  # GRPO's store of a sampling round's rollouts
+        method.start(run)
+    return run
 
 
 @contextlib.contextmanager

@@ -50,6 +50,12 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
                    "Wan: 0.004; 0 = none)")
     g.add_argument("--grpo-timestep-fraction", type=float, default=0.99, help="train on the first int(K x this) of "
                    "the K sampling steps (Flow-GRPO: 0.99, the last step left out)")
+    g.add_argument("--grpo-steps-per-round", type=int, default=2, help="optimizer steps per sampling round: the "
+                   "round's first step samples the rollouts of all of them, so the later ones train off-policy and the "
+                   "clip acts (Flow-GRPO's configs: 2; 1 = every update on-policy, REINFORCE with a KL)")
+    g.add_argument("--grpo-kl-reference", default="base", choices=["base", "moving"], help="the KL term's reference: "
+                   "the base model, fixed (Flow-GRPO; with LoRA the adapter disabled), or the policy every --k steps "
+                   "(DPO's curriculum)")
     g.add_argument("--grpo-micro-batch", type=int, default=0, help="videos per forward/backward of the GRPO update "
                    "(the same gradient, less activation memory; 0 = all of a --sample-batch's prompts' N videos)")
     g = p.add_argument_group("DenseDPO (--method dense, structural)")
@@ -149,6 +155,10 @@ DOMAINS = [
     ("grpo_beta", lambda v, a: a.method != "grpo" or finite(v) and v >= 0, "out of range: {v} (see --help)"),
     ("grpo_timestep_fraction", lambda v, a: a.method != "grpo" or finite(v) and 0 < v <= 1,
      "out of range: {v} (see --help)"),
+    ("grpo_steps_per_round", lambda v, a: a.method != "grpo" or v >= 1, "must be at least 1, got {v}"),
+    ("save_every", lambda v, a: a.method != "grpo" or v % a.grpo_steps_per_round == 0,
+     "{v} must be a multiple of --grpo-steps-per-round: a checkpoint inside a sampling round could not resume it "
+     "exactly (its rollouts are not saved)"),
     ("grpo_micro_batch", lambda v, a: a.method != "grpo" or v >= 0,
      "must be at least 1 (0: all videos at once), got {v}"),
     ("eta", lambda v, a: finite(v) and 0 < v <= 1, "must be in (0, 1] (the noise level of the corrupted copies), got {v}"),

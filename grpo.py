@@ -119,10 +119,10 @@ def noise_level(run) -> float | None:
     return run.args.grpo_noise_level if run.args.grpo_noise_level is not None else run.model.grpo_noise_level
 
 
-def rollout(run, counters: list[int]):
-    """N SDE samples per prompt from the current policy, decoded and scored; returns what the update needs:
-    prompts, trajectory, the sampler's log-densities, sigmas, the network's timesteps and the advantages
-    (prompts, N)."""
+def rollout(run, counters: list[int]) -> dict:
+    """N SDE samples per prompt from the current policy, decoded and scored; returns what the updates need:
+    prompts, trajectory, the sampler's log-densities (the old policy of the ratio), sigmas, the network's timesteps,
+    the scores and the advantages (prompts, N)."""
     model, n = run.model, run.args.n
     prompts = [run.prompt(c) for c in counters]
     gens = [torch.Generator().manual_seed(s) for c in counters for s in run.candidate_seeds(c, stream="grpo")]
@@ -133,20 +133,42 @@ def rollout(run, counters: list[int]):
     with run.clock("reward"):
         scores = run.reward.score(videos, [p for p in prompts for _ in range(n)], model.fps)
         r = run.preference(scores, group=n).view(len(prompts), n)
-    for d, v in scores.items():
-        run.log[f"reward/{d}"] += v.tolist()
-    run.log["reward_mean"] += r.mean(1).tolist()
-    return prompts, traj, old_log_probs, sigmas, timesteps, group_advantages(r)
+    return dict(prompts=prompts, traj=traj, old_log_probs=old_log_probs, sigmas=sigmas, timesteps=timesteps,
+                scores=scores, r=r, adv=group_advantages(r))
+
+
+def start(run):
+    """Rollouts sampled at a round's first step wait here for the round's later steps (keyed by the counter of
+    their group's first prompt)."""
+    run.rollouts = {}
+
+
+def next_rollout(run, counters: list[int]) -> dict:
+    """Flow-GRPO's sampling round: its first optimizer step samples the rollouts of all --grpo-steps-per-round
+    steps at once (the same group of this rank's prompts in each later step has counters + j * --batch-size), so
+    the later steps train on samples of an older policy: their ratio departs from 1 and the clip acts. A run
+    resumed inside a round samples the rest of that round with the policy it resumed."""
+    R, B = run.args.grpo_steps_per_round, run.args.batch_size
+    if counters[0] not in run.rollouts:
+        for j in range(R - run.step % R):
+            later = [c + j * B for c in counters]
+            run.rollouts[later[0]] = rollout(run, later)
+    return run.rollouts.pop(counters[0])
 
 
 def grpo_backward(run, counters: list[int], sync: bool = True):
-    """Rollout, then for each trained step one forward of the policy (and of the reference for the KL) on the
-    stored states and one backward, in micro-batches of --grpo-micro-batch videos (the same gradient, less
+    """The rollouts of these prompts (sampled now, or at the round's first step), then for each trained sampling
+    step one forward of the policy (and of the reference for the KL) on the stored states and one backward, in micro-batches of --grpo-micro-batch videos (the same gradient, less
     activation memory). Groups with zero variance carry no signal: skipped and counted as ties. Under torchrun a
     rank makes the same network calls whatever tied (DDP's and FSDP2's collectives wait for every rank): its tied
     groups stay in the batch with weight 0, as DPO's stand-in pairs do (parallel.stand_in)."""
     args, model, n = run.args, run.model, run.args.n
-    prompts, traj, old_lp, sigmas, timesteps, adv = rollout(run, counters)
+    data = next_rollout(run, counters)
+    prompts, traj, old_lp, sigmas, timesteps, adv = (data[k] for k in ("prompts", "traj", "old_log_probs", "sigmas",
+                                                                       "timesteps", "adv"))
+    for d, v in data["scores"].items():
+        run.log[f"reward/{d}"] += v.tolist()
+    run.log["reward_mean"] += data["r"].mean(1).tolist()
     level = noise_level(run)
     keep = adv.abs().sum(1) > 0
     run.ties += int((~keep).sum())
@@ -187,6 +209,12 @@ def grpo_backward(run, counters: list[int], sync: bool = True):
             run.log["clipped"] += ((ratio[counted] - 1).abs() > args.grpo_clip).float().tolist()
             run.finite = run.finite and bool(torch.isfinite(loss).all())
     run.examples += int(weight.sum())
+
+
+def kl_reference(args) -> str:
+    """The KL term's reference: the base model, fixed (Flow-GRPO's; with LoRA the reference adapter stays at zero,
+    i.e. the adapter disabled), or the policy of every K steps as DPO's curriculum (--grpo-kl-reference moving)."""
+    return "curriculum" if args.grpo_kl_reference == "moving" else "fixed"
 
 
 def check(run):

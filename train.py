@@ -77,21 +77,21 @@ def judged_pairs(run: Run, counters: list[int], prompts: list[str], latents: tor
         if not found:
             run.ties += 1
             continue
-        for a, b, labels in dpo.keep_labels(found, args.label_fraction, run.label_generator(counter)):
+        for k, (a, b, labels) in enumerate(dpo.keep_labels(found, args.label_fraction, run.label_generator(counter))):
             w = torch.where(labels > 0, scores[i, a], scores[i, b])[labels != 0]  # each labelled segment's winner
             l = torch.where(labels > 0, scores[i, b], scores[i, a])[labels != 0]
             run.log["reward_w"].append(w.mean().item())
             run.log["reward_l"].append(l.mean().item())
             run.log["gap"].append((w - l).mean().item())
             run.log["labelled"].append(len(w) / len(labels))
-            pairs.append(dpo.Pair(counter, prompt, latents[i * n + a], latents[i * n + b], labels))
+            pairs.append(dpo.Pair(counter, prompt, latents[i * n + a], latents[i * n + b], labels, k))
     return pairs
 
 
 def dpo_step(run: Run, pairs: list[dpo.Pair], sync: bool = True):
     """Alg. 1 lines 7-8: the Diffusion-DPO loss of the pairs (Eq. 3) and its backward; per segment of latent frames
     for DenseDPO (dpo.segment_dpo_loss; one segment, the video-level loss, otherwise). Winner and loser share one
-    noise and one t, drawn from the pair's prompt counter. `sync`: reduce gradients across ranks in this backward
+    noise and one t, drawn from the pair's prompt counter (and its index among the prompt's pairs). `sync`: reduce gradients across ranks in this backward
     (the step's last one). The gradients sum to the mean over the step's global batch, a labelled segment weighing
     1/S of a video, so ties lower the step's weight instead of re-weighting the other pairs (DDP/FSDP2 average
     over ranks, hence the factor WORLD)."""
@@ -100,7 +100,7 @@ def dpo_step(run: Run, pairs: list[dpo.Pair], sync: bool = True):
     if not pairs:
         return
     P = len(pairs)
-    gens = [run.dpo_generator(p.counter) for p in pairs]
+    gens = [run.dpo_generator(p.counter, p.index) for p in pairs]
     prompts = [p.prompt for p in pairs]
     labels = torch.stack([p.labels for p in pairs])
     with run.clock("DPO forward"):
@@ -115,8 +115,9 @@ def dpo_step(run: Run, pairs: list[dpo.Pair], sync: bool = True):
     loss, m = policy_backward(run, x0, noise, t, y, mask, ref_err, labels, scale, sync)
     if weight == 0:
         return
+    labelled = int((labels != 0).sum())  # the metrics are means over labelled segments, however pairs are batched
     for key in ("loss", "accuracy", "margin", "kl"):
-        run.log[key] += [m[key]] * P
+        run.log[key] += [m[key]] * labelled
     run.examples += P
     run.finite = run.finite and bool(torch.isfinite(loss))
 
@@ -170,10 +171,17 @@ def offline_start(run: Run):
 class Method(NamedTuple):
     """What differs between the methods; everything else is Algorithm 1's loop (train) and the job (run.Run)."""
     backward: Callable  # (run, counters, sync): a share of one step's prompts -> gradients (Alg. 1 lines 4-8)
-    reference: str  # "curriculum": G_ref <- G_theta every K steps (line 14); "fixed": never; "none": no reference
+    reference: str | Callable  # "curriculum": G_ref <- G_theta every K steps (line 14); "fixed": never; "none": no
+    # reference; or a function of the flags naming one of them (GRPO's --grpo-kl-reference)
     per_segment: bool = False  # a preference per segment of about a second (DenseDPO), not per video
     check: Callable | None = None  # (run): refuses a model or reward the method cannot use, before anything is written
     start: Callable | None = None  # (run): before the first step
+
+
+def entry(args) -> Method:
+    """The method's table entry, its reference rule resolved for these flags."""
+    method = METHODS[args.method]
+    return method._replace(reference=method.reference(args)) if callable(method.reference) else method
 
 
 METHODS = {  # --method (flags.METHOD_NAMES)
@@ -182,12 +190,12 @@ METHODS = {  # --method (flags.METHOD_NAMES)
     "dense": Method(aligned, "curriculum", per_segment=True),
     "structural": Method(aligned, "curriculum"),  # DenseDPO's ablation: aligned pairs, one label per video
     "refl": Method(baselines.refl_backward, "none", check=baselines.refl_check),
-    "grpo": Method(grpo.grpo_backward, "curriculum", check=grpo.check),  # the reference of the KL term
+    "grpo": Method(grpo.grpo_backward, grpo.kl_reference, check=grpo.check, start=grpo.start),
 }
 
 
 def train(args) -> dict:
-    method = METHODS[args.method]
+    method = entry(args)
     run = Run(args, method)  # model, reward, AdamW, --resume; G_ref <- G_theta (Alg. 1 line 1)
     if method.start:
         method.start(run)

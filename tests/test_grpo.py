@@ -5,6 +5,7 @@ import math
 import os
 
 import pytest
+from conftest import refusal
 import torch
 
 import grpo
@@ -106,10 +107,55 @@ def test_the_trained_reward_rises_and_follows_its_sign(tmp_path):
         out = tmp_path / f"sign{sign}"
         train.main(["--model", "tiny", "--size", "16x16", "--frames", "4", "--sample-steps", "4", "--reward", "pixel",
                     "--reward-dim", f"colorfulness={sign}", "--method", "grpo", "--n", "4", "--batch-size", "2",
-                    "--lr", "1e-3", "--steps", "6", "--k", "0", "--prompts", os.path.join(ROOT, "prompts/train.txt"),
+                    "--lr", "3e-3", "--steps", "6", "--k", "0", "--prompts", os.path.join(ROOT, "prompts/train.txt"),
                     "--out", str(out)])
         curve = [json.loads(line)["reward/colorfulness"] for line in open(out / "metrics.jsonl")]
         last[sign] = (curve[0], sum(curve[-2:]) / 2)
     assert last["1"][0] == last["-1"][0]  # the same first rollouts
-    assert last["1"][1] > last["1"][0] + 0.03  # measured: 0.754 -> 0.808
-    assert last["1"][1] > last["-1"][1] + 0.05  # measured: 0.808 against 0.692
+    # measured with two updates per sampling round (the second off-policy, clipped at 1e-3): 0.754 -> 0.765 and
+    # 0.705 for the negated reward (one update per round, at lr 1e-3: 0.754 -> 0.808 against 0.692)
+    assert last["1"][1] > last["1"][0]
+    assert last["1"][1] > last["-1"][1] + 0.04
+
+
+GRPO_RUN = ["--model", "tiny", "--size", "16x16", "--frames", "4", "--sample-steps", "3", "--n", "3", "--batch-size",
+            "2", "--lr", "1e-2", "--method", "grpo", "--k", "0", "--prompts", os.path.join(ROOT, "prompts/train.txt")]
+
+
+def test_a_sampling_round_feeds_two_updates_and_the_clip_binds_after_the_first(tmp_path):
+    """Flow-GRPO's updates (--grpo-steps-per-round 2, the default): the round's first step is on-policy (ratio 1,
+    nothing clipped); the second trains on the same round's rollouts after one update, so its ratio departs from 1,
+    and a clip range that binds changes the weights there (and only there)."""
+    from safetensors.torch import load_file
+
+    rows, weights = {}, {}
+    for clip in ("1e-6", "1e6"):
+        out = tmp_path / clip
+        train.main(GRPO_RUN + ["--steps", "2", "--save-every", "2", "--grpo-clip", clip, "--out", str(out)])
+        rows[clip] = [json.loads(line) for line in open(out / "metrics.jsonl")]
+        weights[clip] = load_file(str(out / "checkpoint-2" / "model.safetensors"))
+    first, second = rows["1e-6"]
+    assert first["ratio"] == pytest.approx(1.0, abs=1e-5) and first["clipped"] == 0.0
+    assert abs(second["ratio"] - 1) > 1e-3 and second["clipped"] > 0
+    assert rows["1e6"][1]["clipped"] == 0.0 and rows["1e6"][0]["loss"] == pytest.approx(first["loss"], abs=1e-9)
+    assert any(not torch.equal(weights["1e-6"][k], weights["1e6"][k]) for k in weights["1e6"])
+    # the round's rollouts are one sampling: step 2 logs the rewards of the prompts it trains on, sampled at step 1
+    assert second["reward_mean"] != first["reward_mean"]
+
+
+def test_one_step_per_round_is_on_policy_and_the_kl_reference_is_the_base_unless_asked(tmp_path):
+    """--grpo-steps-per-round 1: every update on its own fresh rollouts (ratio 1 at every step). The KL term's
+    reference is the base model (no reference update at --k 1); --grpo-kl-reference moving updates it every K."""
+    for kind, updates in (("base", 0), ("moving", 2)):
+        out = tmp_path / kind
+        train.main(GRPO_RUN[:-4] + ["--k", "1", "--grpo-steps-per-round", "1", "--grpo-kl-reference", kind,
+                                    "--steps", "2", "--prompts", GRPO_RUN[-1], "--out", str(out)])
+        rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+        assert all(r["ratio"] == pytest.approx(1.0, abs=1e-5) for r in rows)
+        assert rows[-1]["ref_updates"] == updates
+        assert (rows[1]["kl"] > 0) == (kind == "base")  # a moving reference is the policy again before step 2
+
+
+def test_a_checkpoint_inside_a_sampling_round_is_refused(tmp_path, capsys):
+    message = refusal(train.main, GRPO_RUN + ["--save-every", "3", "--out", str(tmp_path)], capsys)
+    assert message.startswith("error: --save-every 3 must be a multiple of --grpo-steps-per-round")

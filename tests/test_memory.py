@@ -80,7 +80,7 @@ def test_split_pair_gives_the_joint_gradient(tmp_path):
     grads = []
     for split in ([], ["--split-pair"]):
         args = train.parse_args(FAST + split + ["--batch-size", "3", "--out", str(tmp_path / str(len(grads)))])
-        job = run.Run(args, train.METHODS[args.method])
+        job = run.Run(args, train.entry(args))
         torch.manual_seed(0)
         with torch.no_grad():  # a reference that differs from the policy, so the loss is not at its symmetric point
             for p in job.ref.parameters():

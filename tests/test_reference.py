@@ -17,7 +17,7 @@ def test_policy_and_its_reference_give_identical_errors_under_bf16_autocast(name
     flags = ["--model", name, "--reward", "pixel", "--dtype", "bf16", "--size", "32x32", "--frames", "5",
              "--out", str(tmp_path), "--prompts", os.path.join(ROOT, "prompts/train.txt")]
     args = train.parse_args(flags + (["--dit", diffusers_folders[name]] if name in diffusers_folders else []))
-    job = run.Run(args, train.METHODS["online"])
+    job = run.Run(args, train.entry(args))
     model = job.model
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(3, *model.latent_shape, generator=g)
