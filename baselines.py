@@ -42,7 +42,7 @@ def offline_pool(run, sample_pairs) -> list:
     for first in tqdm(range(0, len(mine), args.sample_batch), desc="collecting offline pairs",
                       disable=not parallel.is_main()):
         counters = mine[first: first + args.sample_batch]
-        found = {c: (p, w.cpu(), l.cpu()) for c, p, w, l, _ in sample_pairs(run, counters)}  # cached on disk
+        found = {p.counter: (p.prompt, p.a.cpu(), p.b.cpu()) for p in sample_pairs(run, counters)}  # cached on disk
         pairs += [found.get(c) for c in counters]
     everyone = parallel.gather((not run.finite, list(zip(mine, pairs))))
     run.new_step()  # the collection's rewards and ties are not the first step's

@@ -26,6 +26,7 @@ class Pair(NamedTuple):
     a: torch.Tensor
     b: torch.Tensor
     labels: torch.Tensor
+    index: int = 0  # which of its prompt's pairs (DenseDPO with N > 2 makes several): each draws its own noise and t
 
 
 def video_pair(counter: int, prompt: str, winner: torch.Tensor, loser: torch.Tensor) -> Pair:

@@ -66,9 +66,11 @@ def candidate_seeds(seed: int, counter: int, n: int, stream: str = "candidate") 
     return [stream_seed(stream, seed, counter, j) for j in range(n)]
 
 
-def dpo_generator(seed: int, counter: int) -> torch.Generator:
-    """The DPO noise and t of the pair made from prompt `counter` (Alg. 1 line 7)."""
-    return torch.Generator().manual_seed(stream_seed("dpo", seed, counter))
+def dpo_generator(seed: int, counter: int, index: int = 0) -> torch.Generator:
+    """The DPO noise and t of the pair made from prompt `counter` (Alg. 1 line 7); DenseDPO's further pairs of one
+    prompt (index 1, 2, ...) draw their own, so no two pairs share a noise and a t."""
+    ids = (counter,) if index == 0 else (counter, index)
+    return torch.Generator().manual_seed(stream_seed("dpo", seed, *ids))
 
 
 def label_generator(seed: int, counter: int) -> torch.Generator:
@@ -292,8 +294,8 @@ class Run:
         prompts = [self.prompt(c) for c in counters]
         return model.sample(prompts, 1, [self.candidate_seeds(c, 1, "source")[0] for c in counters])
 
-    def dpo_generator(self, counter: int) -> torch.Generator:
-        return dpo_generator(self.args.seed, counter)
+    def dpo_generator(self, counter: int, index: int = 0) -> torch.Generator:
+        return dpo_generator(self.args.seed, counter, index)
 
     def label_generator(self, counter: int) -> torch.Generator:
         return label_generator(self.args.seed, counter)
