@@ -38,7 +38,8 @@ def save_checkpoint(out: str, model, ref, opt, state: dict, args, adapters: dict
         tmp = os.path.join(out, f".tmp-checkpoint-{state['step']}")
         shutil.rmtree(tmp, ignore_errors=True)
         if adapters:
-            lora.save_files(tmp, states, {**adapters, "base": args.dit}, model.name)
+            lora.save_files(tmp, states, {**adapters, "base": args.dit}, model.name,
+                            peft_layout=not hasattr(model.dit, "add_adapter"))  # no pipeline loads STDiT3's
             if merged is not None:
                 model.save_weights(tmp, net=merged)  # loadable as --dit, like a full fine-tuning checkpoint
         else:

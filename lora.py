@@ -9,7 +9,9 @@ adapter into the reference adapter, so the reference becomes exactly the policy 
 network: the reference costs 2 * rank * (d_in + d_out) numbers per adapted layer.
 
 Checkpoints hold the adapters in the layout diffusers' `load_lora_weights` reads (keys `transformer.<module>.
-lora_A.weight`), so a CogVideoX or Wan adapter loads straight into the diffusers pipeline.
+lora_A.weight`), so a CogVideoX or Wan adapter loads straight into the diffusers pipeline. STDiT3 has no pipeline:
+its policy adapter is also saved in peft's own layout (adapter_config.json, adapter_model.safetensors), which
+`peft.PeftModel.from_pretrained(stdit3, checkpoint)` loads onto the base network.
 """
 import contextlib
 import json
@@ -26,6 +28,7 @@ POLICY, REFERENCE = "policy", "reference"
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default name: load_lora_weights(folder) finds it
 REFERENCE_FILE = "reference_lora.safetensors"
 CONFIG_FILE = "lora_config.json"
+PEFT_FILE = "adapter_model.safetensors"  # peft's name, beside its adapter_config.json
 # Attention and feed-forward linears of every block (not the embedders, not the final layer).
 TARGETS = {
     # our STDiT3 port: self-attention qkv/proj, cross-attention q/kv/proj, MLP fc1/fc2, spatial and temporal blocks
@@ -128,9 +131,10 @@ def adapter_state(net: nn.Module, name: str = POLICY) -> dict[str, torch.Tensor]
     return {f"transformer.{k}": full(v).detach().contiguous().cpu() for k, v in state.items()}
 
 
-def save_files(folder: str, states: dict[str, dict], config: dict, model_name: str):
+def save_files(folder: str, states: dict[str, dict], config: dict, model_name: str, peft_layout: bool = False):
     """A checkpoint's adapters (adapter_state of POLICY and REFERENCE) and their config (rank, alpha, dropout,
-    targets, and the base network they were trained on)."""
+    targets, and the base network they were trained on); with `peft_layout` the policy adapter once more as peft
+    saves it (PeftModel.from_pretrained reads it)."""
     from peft import LoraConfig
 
     # the LoRA config as diffusers writes it (save_lora_weights' metadata), so load_lora_weights scales by alpha / r
@@ -144,6 +148,11 @@ def save_files(folder: str, states: dict[str, dict], config: dict, model_name: s
         save_sorted(states[name], os.path.join(folder, file), metadata)
     with open(os.path.join(folder, CONFIG_FILE), "w") as f:
         json.dump({**config, "model": model_name}, f, indent=1)
+    if peft_layout:  # peft's names: adapter_config.json, adapter_model.safetensors, keys base_model.model.<module>
+        LoraConfig(r=config["rank"], lora_alpha=config["alpha"], lora_dropout=config["dropout"],
+                   target_modules=config["targets"]).save_pretrained(folder)
+        policy = {"base_model.model." + k.removeprefix("transformer."): v for k, v in states[POLICY].items()}
+        save_sorted(policy, os.path.join(folder, PEFT_FILE), {"format": "pt"})
 
 
 def save_sorted(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]):
