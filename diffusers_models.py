@@ -205,8 +205,8 @@ class DiffusersVideoModel:
         halves go through the transformer as ONE batch per step; candidate j uses seeds[j] for its initial noise.
         The loop is the pipelines' own: scheduler.timesteps, uncond + cfg * (cond - uncond), scheduler.step.
         With `source` (len(prompts), C, T, H, W), DenseDPO's aligned candidates as the pipelines' video-to-video mode
-        does it: the first sampling timestep at or below eta * 1000, each copy of the source noised to it by the
-        scheduler's add_noise with its own noise, then the remaining steps."""
+        does it: each copy of the source noised by the scheduler's add_noise with its own noise to the first sampling
+        step that corrupts it no more than eta does in the flow form (start_index), then the remaining steps."""
         net = net or self.dit
         cfg = self.cfg if cfg is None else cfg
         assert len(seeds) == len(prompts) * n
@@ -216,7 +216,7 @@ class DiffusersVideoModel:
         scheduler = copy.deepcopy(self.scheduler)  # multistep solvers keep a history: a fresh one per call
         scheduler.set_timesteps(steps or self.sample_steps, device=self.device)
         timesteps = scheduler.timesteps
-        begin = 0 if source is None else int((timesteps > eta * scheduler.config.num_train_timesteps).sum())
+        begin = 0 if source is None else self.start_index(scheduler, eta)
         if hasattr(scheduler, "set_begin_index"):  # as WanPipeline (the video-to-video pipelines: the first step)
             scheduler.set_begin_index(begin)
         if source is not None:
@@ -231,6 +231,23 @@ class DiffusersVideoModel:
             z = scheduler.step(self.guided_prediction(net, z, t, y, cfg), t, z, return_dict=False)[0]
         net.train(was_training)
         return z
+
+    def start_index(self, scheduler, eta: float) -> int:
+        """One meaning of DenseDPO's eta on every backend: the flow form x_t = (1 - eta) x + eta noise, whose
+        signal-to-noise ratio is (1 - eta) / eta. The copies start at the first sampling step whose own ratio a / b
+        (x_t = a x + b noise, self.levels) is at least that: corrupted no more than eta says. A multistep scheduler
+        cannot start between its steps; aligned_level says where it starts."""
+        a, b = self.levels(scheduler)
+        return int((a < (1 - eta) / eta * b).sum())  # the schedule runs from noise to clean
+
+    def aligned_level(self, eta: float, steps: int | None = None) -> tuple[float, float]:
+        """(a, b) of x_t = a x + b noise where the aligned copies start at this eta and number of steps; (1, 0) when
+        eta lies below the last step (the copies are the source)."""
+        scheduler = copy.deepcopy(self.scheduler)
+        scheduler.set_timesteps(steps or self.sample_steps, device="cpu")
+        a, b = self.levels(scheduler)
+        i = self.start_index(scheduler, eta)
+        return (1.0, 0.0) if i == len(a) else (float(a[i]), float(b[i]))
 
     def guidance_text(self, prompts: list[str], n: int, cfg: float) -> torch.Tensor:
         """Text features of each prompt repeated n times, after the negative prompt's when guided: [uncond; cond],
@@ -362,6 +379,12 @@ class CogVideoX(DiffusersVideoModel):
         return self.vae.encode(x).latent_dist.mode() * self.vae.config.scaling_factor
 
     # --- the Diffusion-DPO error (Alg. 1 line 7)
+    def levels(self, scheduler) -> tuple[torch.Tensor, torch.Tensor]:
+        """DDIM's x_t = sqrt(alpha_bar_t) x + sqrt(1 - alpha_bar_t) noise at each sampling timestep (CogVideoX's
+        alpha_bar carries its SNR shift)."""
+        alpha_bar = scheduler.alphas_cumprod[scheduler.timesteps.long().cpu()].double()
+        return alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+
     def training_timesteps(self, b: int, generator: torch.Generator) -> torch.Tensor:
         """Uniform over the 1000 training steps, as CogVideoX is fine-tuned (diffusers' CogVideoX training example)."""
         return torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), generator=generator).to(self.device)
@@ -452,6 +475,11 @@ class Wan(DiffusersVideoModel):
     def shift(self) -> float:
         c = self.scheduler.config  # UniPC / DPM-Solver name it flow_shift, FlowMatchEuler shift
         return float(c.get("flow_shift", c.get("shift", 1.0)))
+
+    def levels(self, scheduler) -> tuple[torch.Tensor, torch.Tensor]:
+        """The flow's x_t = (1 - sigma) x + sigma noise at each sampling step."""
+        sigma = scheduler.sigmas[: len(scheduler.timesteps)].double().cpu()
+        return 1 - sigma, sigma
 
     def training_timesteps(self, b: int, generator: torch.Generator) -> torch.Tensor:
         """sigma = shift * u / (1 + (shift - 1) u), u ~ U(0, 1), with the sampler's flow_shift: the DPO loss sees noise

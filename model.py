@@ -196,6 +196,7 @@ class VideoModel(Protocol):
     def sde_schedule(self, prompts: list[str], n: int, net: nn.Module,
                      steps: int | None = None) -> tuple[Callable, list[float], list]: ...  # GRPO, if has_sde
     def grpo_velocity(self, net: nn.Module, z: torch.Tensor, t, prompts: list[str], n: int) -> torch.Tensor: ...
+    def aligned_level(self, eta: float, steps: int | None = None) -> tuple[float, float]: ...  # DenseDPO's start
     def set_grad_checkpointing(self, on: bool): ...
     def frozen_copy(self) -> nn.Module: ...  # the reference network G_ref
     def save_weights(self, folder: str, net: nn.Module | None = None, file: str = "model.safetensors"): ...
@@ -326,6 +327,11 @@ class OpenSoraModel:
                                  self.cfg if cfg is None else cfg, end=end)
         net.train(was_training)
         return z if until is None else (z, ts[until])
+
+    def aligned_level(self, eta: float, steps: int | None = None) -> tuple[float, float]:
+        """(a, b) of x_t = a x + b noise where DenseDPO's aligned copies start: the flow form itself, exactly at eta
+        (the sampler starts at t = eta * 1000, then takes its remaining steps)."""
+        return 1.0 - eta, eta
 
     def sde_schedule(self, prompts: list[str], n: int, net: nn.Module, steps: int | None = None):
         """GRPO's rollout (grpo.sample_sde): the guided velocity v(z, t) of `net` (x0 - noise, Open-Sora's sign), the

@@ -26,6 +26,7 @@ import grpo  # noqa: E402
 import parallel  # noqa: E402
 from checkpoint import release_locks  # noqa: E402
 from flags import parse_args  # noqa: E402
+from parallel import warn  # noqa: E402
 from run import Run  # noqa: E402
 
 
@@ -164,6 +165,16 @@ def offline(run: Run, counters: list[int], sync: bool):
     dpo_step(run, baselines.pool_pairs(run, run.pool, counters), sync)  # Table 4d: the pool sampled once
 
 
+def aligned_start(run: Run):
+    """DenseDPO's eta is the flow form's x_t = (1 - eta) x + eta noise on every backend; a scheduler that cannot
+    start between its steps starts at the first one corrupting no more (diffusers_models.start_index): say so."""
+    a, b = run.model.aligned_level(run.args.eta)
+    level = b / (a + b)  # the flow form's eta with the same signal-to-noise ratio
+    if abs(level - run.args.eta) > 0.01:
+        warn(f"--eta {run.args.eta}: {run.model.name}'s {run.model.sample_steps}-step sampler starts the aligned "
+             f"copies at {a:.3f} x + {b:.3f} noise, the signal-to-noise ratio of eta {level:.3f}")
+
+
 def offline_start(run: Run):
     run.pool = baselines.offline_pool(run, online_pairs)  # from the initial policy, before the first step
 
@@ -187,8 +198,8 @@ def entry(args) -> Method:
 METHODS = {  # --method (flags.METHOD_NAMES)
     "online": Method(online, "curriculum"),
     "offline": Method(offline, "fixed", start=offline_start),
-    "dense": Method(aligned, "curriculum", per_segment=True),
-    "structural": Method(aligned, "curriculum"),  # DenseDPO's ablation: aligned pairs, one label per video
+    "dense": Method(aligned, "curriculum", per_segment=True, start=aligned_start),
+    "structural": Method(aligned, "curriculum", start=aligned_start),  # DenseDPO's ablation: aligned pairs, one label per video
     "refl": Method(baselines.refl_backward, "none", check=baselines.refl_check),
     "grpo": Method(grpo.grpo_backward, grpo.kl_reference, check=grpo.check, start=grpo.start),
 }

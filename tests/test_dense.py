@@ -216,6 +216,33 @@ def test_diffusers_guided_sampling_starts_from_the_scheduler_step_at_eta(diffuse
     assert torch.equal(unchanged, source.repeat(2, 1, 1, 1, 1))
 
 
+def test_eta_is_the_flow_forms_level_on_every_backend(diffusers_folders):
+    """--eta means x_t = (1 - eta) x + eta noise everywhere: exactly on the Open-Sora family; on CogVideoX (DDIM) and
+    Wan (a multistep flow solver) at the first sampling step corrupting no more, i.e. whose signal-to-noise ratio
+    is at least (1 - eta) / eta, the step before it corrupting more. The coefficients are the scheduler's own:
+    its add_noise at that step gives a x + b noise. (CogVideoX at eta 0.7 once started at 0.137 x + 0.991 noise.)"""
+    import copy
+
+    assert build_model("toy").aligned_level(0.7) == pytest.approx((0.3, 0.7))
+    for name in ("cogvideox", "wan"):
+        model = build_model(name, dit=diffusers_folders[name], size="32x32", frames=9)
+        scheduler = copy.deepcopy(model.scheduler)
+        scheduler.set_timesteps(50, device="cpu")
+        a_all, b_all = model.levels(scheduler)
+        for eta in (0.3, 0.5, 0.7, 0.9):
+            i = model.start_index(scheduler, eta)
+            a, b = model.aligned_level(eta, 50)
+            assert (a, b) == (float(a_all[i]), float(b_all[i])) and 0 < i < 50, (name, eta)
+            assert b / (a + b) <= eta + 1e-9 < b_all[i - 1] / (a_all[i - 1] + b_all[i - 1]), (name, eta)
+            assert eta - b / (a + b) < 0.05, (name, eta)  # 50 steps: within one step of eta (CogVideoX 0.3: 0.258)
+            t = scheduler.timesteps[i: i + 1]
+            one, zero = torch.ones(1, 2, 1, 1, 1), torch.zeros(1, 2, 1, 1, 1)
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(i)
+            assert float(scheduler.add_noise(one, zero, t).flatten()[0]) == pytest.approx(a, abs=1e-5)
+            assert float(scheduler.add_noise(zero, one, t).flatten()[0]) == pytest.approx(b, abs=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Through train.py
 
