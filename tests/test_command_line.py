@@ -56,12 +56,22 @@ def test_every_other_tool_refuses_in_one_line_with_status_1(tmp_path):
 
 
 def test_ctrl_c_during_the_imports_is_one_line(tmp_path):
-    p = start("train.py", TINY + ["--out", str(tmp_path / "run")])
-    time.sleep(0.5)  # inside `import torch` (seconds), after inputs.py set the quiet hook (milliseconds)
-    p.send_signal(signal.SIGINT)
-    out, err = p.communicate(timeout=60)
-    assert p.returncode != 0 and out == "" and err == "error: interrupted\n", err
-    assert not (tmp_path / "run").exists()
+    """Ctrl-C early, at several moments: whether it lands in `import torch` (seconds; inputs.py set the quiet hook
+    in its first milliseconds) or, on a machine with warm caches, already in main(), it is one line. At 0.2 s it
+    is in the imports on any machine we know."""
+    during_imports = 0
+    for i, delay in enumerate((0.2, 0.5)):
+        p = start("train.py", TINY + ["--out", str(tmp_path / f"run{i}")])
+        time.sleep(delay)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+        lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and "it/s" not in line
+                 and "s/it" not in line]  # a progress bar's redraws aside
+        assert p.returncode != 0 and out == "" and len(lines) == 1 and lines[0].startswith("error: interrupted"), err
+        if lines == ["error: interrupted"]:  # in the imports: nothing was written
+            during_imports += 1
+            assert not (tmp_path / f"run{i}").exists()
+    assert during_imports >= 1
 
 
 def test_ctrl_c_during_training_is_one_line_and_resume_continues(tmp_path):
