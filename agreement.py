@@ -14,7 +14,7 @@ from inputs import UserError, command, read_text, writable_file, write_atomicall
 import torch  # noqa: E402  (inputs first: Ctrl-C during these slow imports is one line too)
 
 import page  # noqa: E402
-from reward import REWARDS, build_reward, parse_dim, pick  # noqa: E402
+from reward import add_reward_args, build_reward, parse_dim, pick  # noqa: E402
 from videos import read_fps, read_video  # noqa: E402
 
 
@@ -101,14 +101,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Measure a reward's agreement with human choices (MRR, Recall@1/2/4; "
                                 "paper Table 2).")
     p.add_argument("manifest", help="a manifest JSON, or the results of an evaluate.py study")
-    p.add_argument("--reward", default="videoscore", help=f"one of {', '.join(REWARDS)}, or several: a,b")
     p.add_argument("--reward-dim", default=None, help="also a weighted mix of dimensions, as train.py's "
                    "(e.g. videoscore:temporal_consistency=1,aesthetic=0.5)")
-    p.add_argument("--reward-path", default=None, help="local folder or Hub id of the reward's weights (several "
-                   "rewards: comma-separated, in --reward's order)")
-    p.add_argument("--reward-batch", type=int, default=4, help="videos per reward forward")
-    p.add_argument("--out", default=None, help="also write the result as JSON to this file")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_reward_args(p, "the result")
     args = p.parse_args(argv)
     if args.out:
         writable_file(args.out, "--out")

@@ -16,6 +16,7 @@ from inputs import UserError, command
 import torch  # noqa: E402  (inputs first: Ctrl-C during this slow import is one line too)
 
 from diffusers_models import BUILDERS  # noqa: E402
+from sample import check_device  # noqa: E402
 from tests.tiny_diffusers import save_tiny  # noqa: E402
 
 PIPELINES = {"cogvideox": "CogVideoXPipeline", "wan": "WanPipeline"}
@@ -81,12 +82,7 @@ def check_args(args):
     for flag in ("n", "steps", "threads"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise UserError(f"--device {args.device!r}: not a device name (cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device}: no GPU is visible to torch here; use --device cpu")
+    check_device(args.device)
 
 
 @command()

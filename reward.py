@@ -221,6 +221,17 @@ def mix(scores: dict[str, torch.Tensor], weights: dict[str, float], group: "int 
     return total.float()
 
 
+def add_reward_args(p, what: str):
+    """The flags of the reward commands (reward.py score, agreement.py): which reward, its weights, its batch, where
+    the result goes, the device."""
+    p.add_argument("--reward", default="videoscore", help=f"one of {', '.join(REWARDS)}, or several: a,b")
+    p.add_argument("--reward-path", default=None, help="local folder or Hub id of the reward's weights (several "
+                   "rewards: comma-separated, in --reward's order)")
+    p.add_argument("--reward-batch", type=int, default=4, help="videos per reward forward")
+    p.add_argument("--out", default=None, help=f"also write {what} as JSON to this file")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
 @command()
 def main(argv=None):
     p = argparse.ArgumentParser(description="Score video files with a reward (its agreement with human choices: "
@@ -228,12 +239,7 @@ def main(argv=None):
     p.add_argument("command", choices=["score"])
     p.add_argument("paths", nargs="+", help="video files")
     p.add_argument("--prompt", default="", help="the text prompt of the videos")
-    p.add_argument("--reward", default="videoscore", help=f"one of {', '.join(REWARDS)}, or several: a,b")
-    p.add_argument("--reward-path", default=None, help="local folder or Hub id of the reward's weights (several "
-                   "rewards: comma-separated, in --reward's order)")
-    p.add_argument("--reward-batch", type=int, default=4, help="videos per reward forward")
-    p.add_argument("--out", default=None, help="also write the scores as JSON to this file")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_reward_args(p, "the scores")
     args = p.parse_args(argv)
     if args.out:
         writable_file(args.out, "--out")

@@ -67,14 +67,19 @@ def check_model_args(args):
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
     if args.cfg is not None and not math.isfinite(args.cfg):
         raise UserError(f"--cfg must be a finite number, got {args.cfg}")
+    check_device(args.device)
+
+
+def check_device(name: str):
+    """--device names a device torch can see: one line otherwise, before anything loads."""
     try:
-        device = torch.device(args.device)
+        device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"--device {args.device!r}: not a device name (cpu, cuda, cuda:1, ...)") from None
+        raise UserError(f"--device {name!r}: not a device name (cpu, cuda, cuda:1, ...)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device}: no GPU is visible to torch here; use --device cpu")
+        raise UserError(f"--device {name}: no GPU is visible to torch here; use --device cpu")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise UserError(f"--device {args.device}: only {torch.cuda.device_count()} GPU(s) are visible")
+        raise UserError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) are visible")
 
 
 def model_from_args(args) -> "VideoModel":  # noqa: F821
