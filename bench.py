@@ -227,7 +227,10 @@ def make_run(model: OpenSoraModel, reward, reward_name: str, method: str, n: int
                              # the name only passes run.check_args: the prebuilt model is what runs
                              "--model", "opensora" if model.name == "opensora" else "tiny"]
                             + ((["--grpo-micro-batch", "1"] if method == "grpo" else ["--split-pair"]) if split else [])
-                            + (["--lora-rank", str(lora_rank)] if lora_rank else []))
+                            + (["--lora-rank", str(lora_rank)] if lora_rank else [])
+                            # GRPO: every measured step samples its own rollouts (a round's later steps would reuse
+                            # the warm-up's, sampled at another point); the round's second trajectory is latents only
+                            + (["--grpo-steps-per-round", "1"] if method == "grpo" else []))
     args.out = None
     method = train.entry(args)
     run = Run(args, method, model=model, reward=reward, prompts=PROMPTS)
