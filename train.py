@@ -199,7 +199,7 @@ METHODS = {  # --method (flags.METHOD_NAMES)
     "online": Method(online, "curriculum"),
     "offline": Method(offline, "fixed", start=offline_start),
     "dense": Method(aligned, "curriculum", per_segment=True, start=aligned_start),
-    "structural": Method(aligned, "curriculum", start=aligned_start),  # DenseDPO's ablation: aligned pairs, one label per video
+    "structural": Method(aligned, "curriculum", start=aligned_start),  # DenseDPO's ablation: one label per video
     "refl": Method(baselines.refl_backward, "none", check=baselines.refl_check),
     "grpo": Method(grpo.grpo_backward, grpo.kl_reference, check=grpo.check, start=grpo.start),
 }
