@@ -12,10 +12,10 @@ Parts (--parts a,b,c,d):
   c  N candidates sampled in one batched call vs N calls of one;
   d  GPU only: model FLOPs utilisation (MFU) of sampling and of the DPO step.
 The step is train.py's own: the method's entry in train.METHODS (train.online_pairs + train.dpo_step for
-OnlineVPO, grpo.grpo_backward for GRPO, baselines.refl_backward for ReFL) over a run.Run built from train.py's flags around the random models, so its
-memory levers are train.py's defaults: gradient checkpointing, the reference stored like the policy (fp32), the
-text encoder freed once every prompt is encoded. The loop's phase clock is bench's for the measured steps. Tables print as markdown with the
-machine named.
+OnlineVPO, grpo.grpo_backward for GRPO, baselines.refl_backward for ReFL) over a run.Run built from train.py's
+flags around the random models, so its memory levers are train.py's defaults: gradient checkpointing, the
+reference stored like the policy (fp32), the text encoder freed once every prompt is encoded. The loop's phase
+clock is bench's for the measured steps. Tables print as markdown with the machine named.
 """
 import argparse
 import contextlib

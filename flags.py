@@ -72,7 +72,8 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
     g.add_argument("--captions", default=None, help="csv or jsonl: a clip's file (video/path/file, or WebVid's "
                    "videoid) and its caption (caption/text/prompt, or WebVid's name) per row")
     g = p.add_argument_group("LoRA (lora.py): train adapters, the base frozen; the reference is a second adapter")
-    g.add_argument("--lora-rank", type=int, default=0, help="LoRA rank r; 0 = full fine-tuning (Flow-GRPO's configs: 32)")
+    g.add_argument("--lora-rank", type=int, default=0, help="LoRA rank r; 0 = full fine-tuning (Flow-GRPO's "
+                   "configs: 32)")
     g.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha: the update is (alpha / r) B A "
                    "(default: r)")
     g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input (policy only)")
@@ -161,7 +162,8 @@ DOMAINS = [
      "exactly (its rollouts are not saved)"),
     ("grpo_micro_batch", lambda v, a: a.method != "grpo" or v >= 0,
      "must be at least 1 (0: all videos at once), got {v}"),
-    ("eta", lambda v, a: finite(v) and 0 < v <= 1, "must be in (0, 1] (the noise level of the corrupted copies), got {v}"),
+    ("eta", lambda v, a: finite(v) and 0 < v <= 1,
+     "must be in (0, 1] (the noise level of the corrupted copies), got {v}"),
     ("label_fraction", lambda v, a: finite(v) and 0 < v <= 1,
      "must be in (0, 1] (the share of labelled pairs kept), got {v}"),
     ("label_fraction", lambda v, a: v == 1 or a.method in ALIGNED,
