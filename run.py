@@ -174,8 +174,9 @@ class Run:
         self.opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
         if resume:
             load_optimizer(resume, model, self.opt)
-            for group in self.opt.param_groups:  # flags given now win over the saved optimizer's
-                group.update(lr=args.lr, weight_decay=args.weight_decay)
+            for group in self.opt.param_groups:  # flags given now win over the saved optimizer's; betas come back
+                # from the file as a list: a tuple again, so the resumed run's optimizer.pt is byte for byte the same
+                group.update(lr=args.lr, weight_decay=args.weight_decay, betas=tuple(group["betas"]))
         self.start_metrics(resume)
         self.bar = None
         self.new_step()
