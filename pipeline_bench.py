@@ -17,7 +17,6 @@ import torch  # noqa: E402  (inputs first: Ctrl-C during this slow import is one
 
 from diffusers_models import BUILDERS  # noqa: E402
 from sample import check_device  # noqa: E402
-from tests.tiny_diffusers import save_tiny  # noqa: E402
 
 PIPELINES = {"cogvideox": "CogVideoXPipeline", "wan": "WanPipeline"}
 
@@ -94,6 +93,8 @@ def main(argv=None):
     dtype = torch.bfloat16 if bf16 else torch.float32
     with tempfile.TemporaryDirectory() as tmp:
         tiny = args.dit is None
+        if tiny:  # the test suite's tiny random pipeline: imported only when no --dit is given
+            from tests.tiny_diffusers import save_tiny
         dit = save_tiny(args.model, tmp) if tiny else args.dit
         size, frames = (args.size or "32x32", args.frames or 9) if tiny else (args.size, args.frames)
         print(json.dumps(benchmark(args.model, dit, args.n, args.steps, size, frames, args.device, dtype)))
