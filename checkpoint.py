@@ -13,7 +13,7 @@ import torch
 
 import lora
 import parallel
-from inputs import UserError, check_safetensors, read_json, writable_dir
+from inputs import UserError, check_fields, check_safetensors, file_sha256, read_json, writable_dir
 from parallel import warn
 
 # ----------------------------------------------------------------------------------------------------------
@@ -23,7 +23,8 @@ from parallel import warn
 
 def save_checkpoint(out: str, model, ref, opt, state: dict, args, adapters: dict | None = None) -> str:
     """Every rank calls this (gathering sharded weights is collective); rank 0 writes. state.json, written last,
-    records every file's size, so a file cut short later (a full disk, a copy) is recognised, not half-loaded.
+    records every file's size and sha256, so a file cut short, zeroed or flipped later (a full disk, a bad copy, a
+    failing disk) is recognised before it loads, not half-loaded.
     With LoRA (`adapters`, the adapter config) the folder holds the two adapters instead of the network, the
     policy's in diffusers' layout (load_lora_weights), and with --merge-lora also the merged full weights."""
     if adapters:
@@ -50,7 +51,8 @@ def save_checkpoint(out: str, model, ref, opt, state: dict, args, adapters: dict
         torch.save({"torch": torch.get_rng_state()}, os.path.join(tmp, "rng.pt"))
         with open(os.path.join(tmp, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=1)
-        files = {name: os.path.getsize(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
+        files = {name: {"bytes": os.path.getsize(os.path.join(tmp, name)), "sha256": file_sha256(os.path.join(tmp, name))}
+                 for name in sorted(os.listdir(tmp)) if name != "args.json"}  # args.json: for people, not loaded
         with open(os.path.join(tmp, "state.json"), "w") as f:
             json.dump({**state, "files": files}, f, indent=1)
         shutil.rmtree(final, ignore_errors=True)
@@ -75,33 +77,67 @@ def latest_checkpoint(out: str) -> str | None:
     return found[-1] if found else None
 
 
+STATE = {"model": str, "step": int, "prompts_seen": int, "ties": int, "bad_steps": int, "skipped_nan": int,
+         "ref_updates": int}  # state.json's fields (and "files": each file's bytes and sha256)
+
+
 def read_state(path: str) -> dict:
-    """A checkpoint's state.json: a JSON object with an integer step; one line if it is anything else."""
+    """A checkpoint's state.json: every field of STATE of its kind, its step the folder's; one line otherwise."""
     file = os.path.join(path, "state.json")
     if not os.path.isfile(file):
         raise UserError(f"{path} is not a train.py checkpoint (no state.json)")
-    state = read_json(file, "checkpoint state")
-    if not isinstance(state.get("step"), int):
-        raise UserError(f"checkpoint state {file!r} is damaged (no integer step)")
+    state = check_fields(read_json(file, "checkpoint state"), STATE, f"checkpoint state {file}")
+    if re.fullmatch(r"checkpoint-\d+", os.path.basename(path.rstrip("/"))) and state["step"] != step_of(path):
+        raise UserError(f"checkpoint state {file} is damaged: it says step {state['step']}, its folder another")
+    if min(state[k] for k in STATE if k != "model") < 0:
+        raise UserError(f"checkpoint state {file} is damaged: a negative count")
     return state
 
 
 def check_checkpoint(path: str) -> dict:
-    """The checkpoint's state if every file is whole; a UserError naming the damaged file otherwise."""
+    """The checkpoint's state if every file is whole (the size and sha256 recorded at save; checkpoints of earlier
+    versions recorded sizes only); a UserError naming the damaged file otherwise."""
     state = read_state(path)
-    files = state.pop("files", None)  # sizes recorded at save (checkpoints of earlier versions have none)
+    files = recorded_files(path, state.pop("files", None))
     names = files or [n for n in os.listdir(path) if n.endswith(".safetensors")] + ["optimizer.pt", "rng.pt"]
     for name in names:
-        file = os.path.join(path, name)
-        if not os.path.isfile(file):
-            raise UserError(f"{path} is damaged: {name} is missing")
-        if files and os.path.getsize(file) != files[name]:
-            raise UserError(f"{path} is damaged: {name} has {os.path.getsize(file)} bytes, {files[name]} were saved")
-        if name.endswith(".safetensors"):
-            check_safetensors(file, f"{path}:")
-        elif name.endswith(".pt") and not zipfile.is_zipfile(file):  # torch.save writes a zip archive
-            raise UserError(f"{path} is damaged: {name} is not a torch.save file (cut short?)")
+        verify_file(path, name, files.get(name) if files else None)
     return state
+
+
+def recorded_files(path: str, files) -> dict | None:
+    """state.json's record of the files: {name: {"bytes", "sha256"}} (or {name: bytes} from earlier versions)."""
+    if files is not None and not (isinstance(files, dict) and files and all(
+            isinstance(v, int) or isinstance(v, dict) and isinstance(v.get("bytes"), int)
+            and isinstance(v.get("sha256"), str) for v in files.values())):
+        raise UserError(f"{path} is damaged: state.json's file list is not one this code wrote")
+    return files
+
+
+def verify_file(path: str, name: str, saved: int | dict | None):
+    """One file of a checkpoint against what state.json recorded for it (bytes, sha256); safetensors and
+    torch.save files also by their own structure (for checkpoints that recorded no sha256)."""
+    file = os.path.join(path, name)
+    if not os.path.isfile(file):
+        raise UserError(f"{path} is damaged: {name} is missing")
+    size = saved if isinstance(saved, int) else saved["bytes"] if saved else None
+    if size is not None and os.path.getsize(file) != size:
+        raise UserError(f"{path} is damaged: {name} has {os.path.getsize(file)} bytes, {size} were saved")
+    if isinstance(saved, dict) and file_sha256(file) != saved["sha256"]:
+        raise UserError(f"{path} is damaged: {name} is not the file that was saved (its sha256 differs)")
+    if name.endswith(".safetensors"):
+        check_safetensors(file, f"{path}:")
+    elif name.endswith(".pt") and not zipfile.is_zipfile(file):  # torch.save writes a zip archive
+        raise UserError(f"{path} is damaged: {name} is not a torch.save file (cut short?)")
+
+
+def verified(path: str, name: str) -> str:
+    """A file of a checkpoint folder checked against its state.json (where there is one) before it loads: sample.py
+    loads a checkpoint's weights without resuming it."""
+    files = recorded_files(path, read_state(path).get("files")) if os.path.isfile(os.path.join(path, "state.json")) \
+        else None
+    verify_file(path, name, files.get(name) if files else None)
+    return os.path.join(path, name)
 
 
 def load_checkpoint(path: str, model, ref, adapters: dict | None = None) -> dict:
@@ -125,8 +161,17 @@ def load_checkpoint(path: str, model, ref, adapters: dict | None = None) -> dict
 
 
 def load_optimizer(path: str, model, opt):
-    parallel.load_optimizer_state(model.dit, opt, torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))
-    torch.set_rng_state(torch.load(os.path.join(path, "rng.pt"), weights_only=True)["torch"])
+    """AdamW's state and the RNG. Checked whole by check_checkpoint; a file that still does not fit (a checkpoint of
+    an earlier version, which recorded no sha256, damaged inside) is one line naming it."""
+    try:
+        saved = torch.load(os.path.join(path, "optimizer.pt"), weights_only=True)
+        rng = torch.load(os.path.join(path, "rng.pt"), weights_only=True)["torch"]
+        parallel.load_optimizer_state(model.dit, opt, saved)
+        torch.set_rng_state(rng)
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise UserError(f"{path} is damaged: its optimizer.pt or rng.pt does not load into this run "
+                        f"({str(e).strip().splitlines()[0][:100] if str(e).strip() else type(e).__name__}); "
+                        "resume from the checkpoint before it (--resume OUT/checkpoint-<step>)") from None
 
 
 def finite_weights(path: str) -> bool:
@@ -201,16 +246,18 @@ def claim(out: str, resume: bool, overwrite: bool):
                 os.remove(os.path.join(out, name))
 
 
-def set_aside_newer(out: str, step: int):
+def set_aside_newer(out: str, step: int) -> str | None:
     """Resuming from an older checkpoint: the newer checkpoints and eval samples belong to a timeline that is being
-    replaced. They move to OUT/superseded-<time>/, never deleted, so a later --resume cannot jump onto them."""
+    replaced. They move to OUT/superseded-<time>/, never deleted, so a later --resume cannot jump onto them; the
+    folder is returned (None if nothing was newer), and run.start_metrics puts their metrics rows beside them."""
     newer = [p for p in checkpoints(out) + glob.glob(os.path.join(out, "samples", "step-*"))
              if re.fullmatch(r"(checkpoint|step)-\d+", os.path.basename(p)) and step_of(p) > step]
+    folder = os.path.join(out, f"superseded-{time.strftime('%Y%m%d-%H%M%S')}")
     if newer and parallel.is_main():
-        folder = os.path.join(out, f"superseded-{time.strftime('%Y%m%d-%H%M%S')}")
         for path in newer:
             target = os.path.join(folder, os.path.relpath(path, out))
             os.makedirs(os.path.dirname(target), exist_ok=True)
             os.replace(path, target)
         warn(f"resuming from step {step}: moved {', '.join(os.path.relpath(p, out) for p in newer)} to {folder}")
     parallel.barrier()
+    return folder if newer else None

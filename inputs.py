@@ -129,6 +129,41 @@ def read_json(path: str, what: str) -> dict:
     return value
 
 
+def check_fields(value, schema: dict, where: str) -> dict:
+    """`value` is a JSON object holding every key of `schema` with a value of that kind: int (not a bool), float
+    (any JSON number), str, bool, list, dict, or a tuple of kinds (None for null). One line naming `where` and the
+    first key that is missing or of another kind: what every reader of a file this project wrote checks before
+    indexing it."""
+    if not isinstance(value, dict):
+        raise UserError(f"{where} is damaged: not a JSON object")
+    for key, kinds in schema.items():
+        kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+        v = value.get(key, KeyError)
+        ok = any(v is None if k is None else isinstance(v, (int, float)) and not isinstance(v, bool) if k is float
+                 else isinstance(v, int) and not isinstance(v, bool) if k is int else isinstance(v, k) for k in kinds)
+        if not ok:
+            got = "missing" if v is KeyError else f"a {type(v).__name__}"
+            raise UserError(f"{where} is damaged: '{key}' is {got}, not {' or '.join(_kind(k) for k in kinds)}")
+    return value
+
+
+def _kind(k) -> str:
+    return {None: "null", float: "a number", int: "an integer", str: "a string", bool: "true/false",
+            list: "a list", dict: "an object"}.get(k, getattr(k, "__name__", str(k)))
+
+
+def file_sha256(path: str) -> str:
+    """The file's sha256, read in 16 MB chunks (checkpoints record it; `sha256sum` prints the same)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+METRICS_TEXT = ("method", "reward_dim")  # the only metrics fields that are not numbers
+
+
 def read_metrics(path: str) -> list[dict]:
     """train.py's metrics.jsonl, a row per optimizer step. A run killed mid-write (or a crash that left the file's
     tail zero-filled) cuts its last line short: that line is dropped with a warning. A bad line before the last is
@@ -142,13 +177,15 @@ def read_metrics(path: str) -> list[dict]:
         except ValueError:
             row = None
         integer = lambda v: isinstance(v, int) and not isinstance(v, bool)
-        if isinstance(row, dict) and integer(row.get("step")) and integer(row.get("ref_updates", 0)):
+        numbers = isinstance(row, dict) and all(v is None or isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                for k, v in row.items() if k not in METRICS_TEXT)
+        if numbers and integer(row.get("step")) and integer(row.get("ref_updates", 0)):
             rows.append(row)
         elif i == lines[-1][0]:
             print(f"warning: {path} line {i} is cut short (a run stopped mid-write?); dropped", file=sys.stderr)
         else:
-            raise UserError(f"{path} line {i} is not a train.py metrics row (JSON with an integer 'step'): the "
-                            "file is damaged")
+            raise UserError(f"{path} line {i} is not a train.py metrics row (JSON numbers with an integer 'step'): "
+                            "the file is damaged")
     return rows
 
 

@@ -163,6 +163,7 @@ class Run:
         self.segments = self.segments_of(model)
         self.state = {"model": args.model, "step": 0, "prompts_seen": 0, "ties": 0, "bad_steps": 0,
                       "skipped_nan": 0, "ref_updates": 0}
+        self.superseded = None  # where resume_from set a newer timeline aside
         resume = self.resume_from()
         # many ranks: DDP replicates the policy (rank 0's weights broadcast), or FSDP2 shards policy and reference
         self.net = parallel.wrap(model, args.fsdp)
@@ -227,17 +228,21 @@ class Run:
         self.state = load_checkpoint(path, self.model, self.ref, self.adapters)
         if self.state.get("model") != args.model:
             raise UserError(f"{path} is a checkpoint of model {self.state.get('model')!r}, not {args.model!r}")
-        set_aside_newer(args.out, self.step)
+        self.superseded = set_aside_newer(args.out, self.step)
         return path
 
     def start_metrics(self, resume: str | None):
-        """metrics.jsonl: cut back to the resumed step (rows logged after the checkpoint by the interrupted run
-        are dropped), or started empty; rewritten through a temporary file and a rename, never emptied in place."""
+        """metrics.jsonl: cut back to the resumed step, or started empty. Rows of a timeline set aside (resumed from an
+        older checkpoint) move to its superseded-<time>/metrics.jsonl; rows logged after the latest checkpoint by a
+        killed run are dropped (the resumed run logs those steps again); rewritten through a temporary file and a rename, never emptied in place."""
         self.metrics_path = os.path.join(self.args.out, "metrics.jsonl") if self.args.out else None
         if self.metrics_path is None or not parallel.is_main():
             return
         if resume:
             rows = read_metrics(self.metrics_path) if os.path.isfile(self.metrics_path) else []
+            newer = [json.dumps(r) + "\n" for r in rows if r["step"] > self.step]
+            if newer and self.superseded:  # the timeline set aside keeps its rows beside its checkpoints
+                write_atomically(os.path.join(self.superseded, "metrics.jsonl"), newer)
             write_atomically(self.metrics_path, [json.dumps(r) + "\n" for r in rows if r["step"] <= self.step])
         else:
             write_atomically(self.metrics_path, [])
