@@ -51,9 +51,9 @@ RUNS = {
                         "temporal_consistency=1,dynamic_degree=0.5"],
     # GRPO (grpo.py) at online-K5's budget: the same prompts, N = 4 sampled videos and reward calls per prompt; trained
     # on the first 3 of the 10 sampling steps (Flow-GRPO's timestep_fraction 0.3) to keep a CPU run in minutes
-    "grpo": ["--method", "grpo", "--k", "5", "--n", "4", "--grpo-timestep-fraction", "0.3"],
+    "grpo": ["--method", "grpo", "--n", "4", "--grpo-timestep-fraction", "0.3"],
     # the same at Flow-GRPO's own timestep_fraction 0.99: 9 of the 10 sampling steps trained, about 3x the update
-    "grpo-full": ["--method", "grpo", "--k", "5", "--n", "4", "--grpo-timestep-fraction", "0.99"],
+    "grpo-full": ["--method", "grpo", "--n", "4", "--grpo-timestep-fraction", "0.99"],
 }
 
 
@@ -77,8 +77,8 @@ def run_one(name: str, seed: int, args, model, reward, prompts: list[str]) -> di
     out = os.path.join(args.out, f"{name}-seed{seed}")
     flags = RUNS[name] + ["--model", "toy", "--reward", "toy", "--prompts", args.prompts, "--steps", str(args.steps),
                           "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--seed", str(seed),
-                          "--sample-steps", str(args.sample_steps), "--offline-pairs", str(args.offline_pairs),
-                          "--save-every", str(args.steps), "--out", out]
+                          "--sample-steps", str(args.sample_steps), "--save-every", str(args.steps), "--out", out]
+    flags += ["--offline-pairs", str(args.offline_pairs)] if "offline" in RUNS[name] else []
     policy = os.path.join(out, f"checkpoint-{args.steps}", "model.safetensors")
     if not os.path.isfile(policy):  # continue an interrupted run, or start one
         train.train(train.parse_args(flags + (["--resume"] if checkpoint.latest_checkpoint(out) else ["--overwrite"])))

@@ -222,11 +222,13 @@ def make_run(model: OpenSoraModel, reward, reward_name: str, method: str, n: int
     freed). One prompt per step (--batch-size 1, --sample-batch 1); nothing is written (out None). split:
     train.py --split-pair (for GRPO --grpo-micro-batch 1). lora_rank > 0: train.py --lora-rank, adapters on the
     model (the reference a second adapter, no copy)."""
-    args = train.parse_args(["--method", method, "--n", str(n), "--batch-size", "1", "--seed", str(seed),
-                             "--reward", reward_name, "--device", str(model.device),
+    split_flags = {"grpo": ["--grpo-micro-batch", "1"], "refl": []}.get(method, ["--split-pair"])  # ReFL: no pair
+    args = train.parse_args(["--method", method, "--batch-size", "1", "--seed", str(seed), "--reward", reward_name,
+                             "--device", str(model.device),
                              # the name only passes run.check_args: the prebuilt model is what runs
                              "--model", "opensora" if model.name == "opensora" else "tiny"]
-                            + ((["--grpo-micro-batch", "1"] if method == "grpo" else ["--split-pair"]) if split else [])
+                            + (["--n", str(n)] if method != "refl" else [])  # ReFL scores one video per prompt
+                            + (split_flags if split else [])
                             + (["--lora-rank", str(lora_rank)] if lora_rank else [])
                             # GRPO: every measured step samples its own rollouts (a round's later steps would reuse
                             # the warm-up's, sampled at another point); the round's second trajectory is latents only

@@ -4,8 +4,9 @@ import argparse
 import math
 
 import parallel
-from inputs import UserError, default_prompts
-from reward import REWARDS, reward_names
+import lora
+from inputs import ANY, UserError, check_domains, default_prompts, refuse_empty
+from reward import REWARDS, parse_dim, reward_dims, reward_names
 from sample import add_model_args, check_model_args
 
 METHOD_NAMES = {"online": "OnlineVPO", "offline": "offline DPO", "refl": "ReFL", "dense": "DenseDPO",
@@ -119,18 +120,59 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
                    help="continue from the latest checkpoint in --out, or from the given checkpoint folder")
     g.add_argument("--overwrite", action="store_true", help="start afresh in an --out that already holds a run: "
                    "its metrics, checkpoints, samples and offline pairs are deleted")
+    defaults = {flag: p.get_default(flag) for flag in METHOD_FLAGS}
+    p.set_defaults(**dict.fromkeys(METHOD_FLAGS))  # None: not given, so a flag of another method can be told apart
     args = p.parse_args(argv)
-    args.reward = args.reward or DEFAULT_REWARDS.get(args.model, "videoscore")
-    args.prompts = args.prompts or default_prompts(args.model, "train")
-    args.eval_prompts = args.eval_prompts or default_prompts(args.model, "eval")
+    refuse_empty(args, p)
+    refuse_foreign(args)
+    for flag, default in defaults.items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, default)
+    args.reward = DEFAULT_REWARDS.get(args.model, "videoscore") if args.reward is None else args.reward
+    args.prompts = default_prompts(args.model, "train") if args.prompts is None else args.prompts
+    args.eval_prompts = default_prompts(args.model, "eval") if args.eval_prompts is None else args.eval_prompts
     return args
+
+
+# Flags that only some methods read -> those methods (a function of the flags). Given with another method, such a
+# flag is refused in one line rather than silently ignored; not given, it takes its parser default.
+DPO = ("online", "offline", "dense", "structural")  # the methods that build preference pairs
+CURRICULUM = ("online", "dense", "structural")  # Alg. 1 line 14 every K steps (offline's reference is fixed)
+METHOD_FLAGS = {
+    "n": lambda a: a.method != "refl",  # ReFL scores one video per prompt
+    "k": lambda a: a.method in CURRICULUM or a.method == "grpo" and a.grpo_kl_reference == "moving",
+    "beta": lambda a: a.method in DPO,
+    "min_gap": lambda a: a.method in DPO,
+    "split_pair": lambda a: a.method in DPO,
+    "ref_offload": lambda a: a.method != "refl",  # ReFL holds no reference
+    "offline_pairs": lambda a: a.method == "offline",
+    "refl_latent_frames": lambda a: a.method == "refl",
+    **dict.fromkeys(["grpo_noise_level", "grpo_clip", "grpo_beta", "grpo_timestep_fraction", "grpo_steps_per_round",
+                     "grpo_kl_reference", "grpo_micro_batch"], lambda a: a.method == "grpo"),
+    "eta": lambda a: a.method in ALIGNED,
+    "label_fraction": lambda a: a.method in ALIGNED,
+    "videos": lambda a: a.method in ALIGNED,
+    "captions": lambda a: a.method in ALIGNED,
+    "segment_seconds": lambda a: a.method == "dense",  # structural labels the whole video
+}
+
+
+def refuse_foreign(args):
+    """A method flag given with a method that does not read it: one line naming the methods that do."""
+    for flag, applies in METHOD_FLAGS.items():
+        if getattr(args, flag) not in (None, False) and not applies(args):
+            readers = [m for m in METHOD_NAMES
+                       if applies(argparse.Namespace(**{**vars(args), "method": m, "grpo_kl_reference": "moving"}))]
+            why = " (grpo with --grpo-kl-reference moving)" if flag == "k" else ""
+            raise UserError(f"--{flag.replace('_', '-')} is read by --method {', '.join(readers)}{why}, not by "
+                            f"--method {args.method}, which would ignore it: leave it out")
 
 
 # Each flag's domain, checked before anything loads: a value outside it is refused in one line (README: Reliability).
 # (flag, in its domain, the refusal after "--flag "; {v} is the value given). A flag left at None is not checked.
 finite = math.isfinite
 DOMAINS = [
-    ("n", lambda v, a: v >= 2 or a.method == "refl", "must be at least 2: a preference pair needs two candidates"),
+    ("n", lambda v, a: v >= 2, "must be at least 2: a preference pair needs two candidates"),
     ("batch_size", lambda v, a: v >= 1, "must be at least 1"),
     ("sample_batch", lambda v, a: v >= 1, "must be at least 1"),
     ("steps", lambda v, a: v >= 1, "must be at least 1"),
@@ -150,28 +192,28 @@ DOMAINS = [
     ("save_every", lambda v, a: v >= 1, "must be at least 1"),
     ("reward_batch", lambda v, a: v >= 1, "must be at least 1"),
     ("sample_every", lambda v, a: v >= 0, "must be at least 0"),
-    # GRPO's numbers matter only to GRPO: another method ignores them
-    ("grpo_noise_level", lambda v, a: a.method != "grpo" or finite(v) and v > 0, "out of range: {v} (see --help)"),
-    ("grpo_clip", lambda v, a: a.method != "grpo" or finite(v) and v > 0, "out of range: {v} (see --help)"),
-    ("grpo_beta", lambda v, a: a.method != "grpo" or finite(v) and v >= 0, "out of range: {v} (see --help)"),
-    ("grpo_timestep_fraction", lambda v, a: a.method != "grpo" or finite(v) and 0 < v <= 1,
-     "out of range: {v} (see --help)"),
-    ("grpo_steps_per_round", lambda v, a: a.method != "grpo" or v >= 1, "must be at least 1, got {v}"),
+    ("grpo_noise_level", lambda v, a: finite(v) and v > 0, "must be a finite number > 0, got {v}"),
+    ("grpo_clip", lambda v, a: finite(v) and v > 0, "must be a finite number > 0, got {v}"),
+    ("grpo_beta", lambda v, a: finite(v) and v >= 0, "must be a finite number >= 0 (0: no KL term), got {v}"),
+    ("grpo_timestep_fraction", lambda v, a: finite(v) and 0 < v <= 1, "must be in (0, 1], got {v}"),
+    ("grpo_steps_per_round", lambda v, a: v >= 1, "must be at least 1, got {v}"),
     ("save_every", lambda v, a: a.method != "grpo" or v % a.grpo_steps_per_round == 0,
      "{v} must be a multiple of --grpo-steps-per-round: a checkpoint inside a sampling round could not resume it "
      "exactly (its rollouts are not saved)"),
-    ("grpo_micro_batch", lambda v, a: a.method != "grpo" or v >= 0,
+    ("grpo_micro_batch", lambda v, a: v >= 0,
      "must be at least 1 (0: all videos at once), got {v}"),
     ("eta", lambda v, a: finite(v) and 0 < v <= 1,
      "must be in (0, 1] (the noise level of the corrupted copies), got {v}"),
     ("label_fraction", lambda v, a: finite(v) and 0 < v <= 1,
      "must be in (0, 1] (the share of labelled pairs kept), got {v}"),
-    ("label_fraction", lambda v, a: v == 1 or a.method in ALIGNED,
-     "is for --method dense or structural (DenseDPO's data-efficiency runs)"),
     ("segment_seconds", lambda v, a: finite(v) and v > 0, "must be a finite number > 0, got {v}"),
     ("lora_rank", lambda v, a: v >= 0, "must be at least 1 (0 = full fine-tuning), got {v}"),
     ("lora_alpha", lambda v, a: finite(v) and v > 0, "must be a finite number > 0, got {v}"),
     ("lora_dropout", lambda v, a: finite(v) and 0 <= v < 1, "must be in [0, 1), got {v}"),
+    ("lora_targets", lambda v, a: lora.valid_pattern(v), "{v!r} is not a valid regular expression (Python re)"),
+    ("reward_dim", ANY, ""),  # the reward's own dimensions: parse_dim in check_args, before any weights load
+    *[(flag, ANY, "") for flag in ("prompts", "eval_prompts", "videos", "captions", "reward", "reward_path", "seed",
+                                   "out", "resume")],  # a path is checked by its reader; --reward by reward_names
 ]
 # Flags that do not combine, checked after the domains: (the flags given together, the refusal)
 CONFLICTS = [
@@ -180,8 +222,6 @@ CONFLICTS = [
     (lambda a: a.fsdp and a.ref_offload, "--ref-offload and --fsdp do not combine: FSDP2 already shards the reference"),
     (lambda a: (a.videos is None) != (a.captions is None),
      "--videos and --captions go together: a folder of clips and the file that captions them"),
-    (lambda a: a.videos and a.method not in ALIGNED,
-     "--videos are the sources of aligned candidates: use them with --method dense or structural, not {method}"),
     (lambda a: not a.lora_rank and lora_only(a),
      "--{lora_only} needs --lora-rank (LoRA is off)"),
     (lambda a: a.lora_rank and a.ref_offload,
@@ -201,10 +241,9 @@ def lora_only(args) -> str | None:
 def check_args(args):
     check_model_args(args)  # names and sizes first: loading a reward or a model takes minutes
     reward_names(args.reward)
-    for flag, ok, refusal in DOMAINS:
-        value = getattr(args, flag)
-        if value is not None and not ok(value, args):
-            raise UserError(f"--{flag.replace('_', '-')} " + refusal.format(v=value, world=parallel.WORLD))
+    if args.reward_dim is not None:
+        parse_dim(args.reward_dim, reward_dims(args.reward))  # the reward's own dimensions, before it loads
+    check_domains(args, DOMAINS, world=parallel.WORLD)
     for conflict, refusal in CONFLICTS:
         if conflict(args):
             raise UserError(refusal.format(method=args.method, lora_only=lora_only(args)))

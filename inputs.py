@@ -262,6 +262,36 @@ def writable_dir(path: str, what: str) -> str:
     return path
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Flag domains: every tool declares each flag's domain once, in a table of (flag, in its domain, the refusal), and
+# checks it before anything loads (README: Reliability; tests/test_flags.py walks every tool's table)
+
+
+ANY = lambda v, a: True  # noqa: E731 - a flag whose every value of its type is in its domain (a seed, a name; a path,
+# which the reader that opens it checks)
+
+
+def refuse_empty(args, parser):
+    """An empty or blank string given to a flag is a typo or an unset shell variable, never 'the default': refused
+    (a flag whose own default is the empty string excepted)."""
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, str) and not v.strip() and v != action.default:
+                name = action.option_strings[-1] if action.option_strings else action.dest.upper()
+                raise UserError(f"{name} is empty: give a value, or leave the flag out for its default")
+
+
+def check_domains(args, domains: list, **fmt):
+    """Each (flag, ok(value, args), refusal) of a tool's table: a given value outside its domain is one line,
+    '--flag ' + the refusal ({v}: the value; other fields from fmt). A flag left at None is not checked."""
+    for flag, ok, refusal in domains:
+        value = getattr(args, flag)
+        for v in value if isinstance(value, list) else [value]:
+            if v is not None and not ok(v, args):
+                raise UserError(f"--{flag.replace('_', '-')} " + refusal.format(v=v, **fmt))
+
+
 def write_atomically(path: str, lines: list[str]):
     """The file whole or not at all: written beside it, then renamed over it (a kill leaves the old one)."""
     tmp = path + ".tmp"

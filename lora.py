@@ -61,6 +61,7 @@ def add_adapters(net: nn.Module, rank: int, alpha: float | None = None, dropout:
         raise UserError(f"--lora-rank must be at least 1, got {rank}")
     config = dict(rank=rank, alpha=float(alpha if alpha is not None else rank), dropout=dropout,
                   targets=targets or default_targets(net))
+    check_rank(net, rank, config["targets"])
     peft_config = LoraConfig(r=rank, lora_alpha=config["alpha"], lora_dropout=dropout,
                              target_modules=config["targets"], init_lora_weights=True)
     net.requires_grad_(False)
@@ -80,6 +81,22 @@ def add_adapters(net: nn.Module, rank: int, alpha: float | None = None, dropout:
         copy_adapter(layer, POLICY, REFERENCE)
     use(net, POLICY)
     return config
+
+
+def check_rank(net: nn.Module, rank: int, targets: str):
+    """B A of an (out x in) linear has rank at most min(in, out): a larger r adds parameters and memory, never
+    expressiveness (a rank of 100,000 on 64-wide layers would run for minutes before anyone noticed). Checked on the
+    targeted linears before any adapter is made; one line naming the narrowest."""
+    import re
+
+    if not valid_pattern(targets):
+        raise UserError(f"--lora-targets {targets!r} is not a valid regular expression")
+    widths = {name: min(m.in_features, m.out_features) for name, m in net.named_modules()
+              if isinstance(m, nn.Linear) and re.fullmatch(targets, name)}
+    if widths and rank > min(widths.values()):
+        name = min(widths, key=widths.get)
+        raise UserError(f"--lora-rank {rank} is larger than the narrowest adapted layer ({name}: {widths[name]} "
+                        f"wide), where B A has rank at most {widths[name]}; use --lora-rank <= {widths[name]}")
 
 
 def use(net: nn.Module, name: str):
@@ -171,14 +188,29 @@ def save_sorted(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str,
 
 
 def read_config(folder: str) -> dict:
+    """A checkpoint's lora_config.json, every field of its kind and in its range; one line naming it otherwise."""
+    from inputs import check_fields, read_json
+
     file = os.path.join(folder, CONFIG_FILE)
+    if not os.path.isfile(file):
+        raise UserError(f"{file} is missing: a LoRA checkpoint names its rank, alpha and targets there")
+    config = check_fields(read_json(file, "LoRA config"), {"rank": int, "alpha": float, "dropout": float,
+                                                           "targets": str, "model": str, "base": (str, None)},
+                          f"LoRA config {file}")
+    if config["rank"] < 1 or not config["alpha"] > 0 or not 0 <= config["dropout"] < 1 or not valid_pattern(
+            config["targets"]):
+        raise UserError(f"LoRA config {file} is damaged: rank, alpha, dropout or targets out of range")
+    return {k: config[k] for k in ("rank", "alpha", "dropout", "targets", "model", "base")}
+
+
+def valid_pattern(pattern: str) -> bool:
+    import re
+
     try:
-        with open(file) as f:
-            config = json.load(f)
-        return {k: config[k] for k in ("rank", "alpha", "dropout", "targets", "model", "base")}
-    except (OSError, ValueError, KeyError, TypeError):
-        raise UserError(f"{file} is missing or damaged: a LoRA checkpoint names its rank, alpha and targets there") \
-            from None
+        re.compile(pattern)
+    except re.error:
+        return False
+    return bool(pattern.strip())
 
 
 def check_same(saved: dict, config: dict, path: str):
@@ -203,8 +235,12 @@ def load_adapter(file: str, net: nn.Module, model_name: str, name: str = POLICY)
     if made_for is not None and made_for != model_name:
         raise UserError(f"{file} is an adapter of model {made_for!r}, not {model_name!r}")
     state = {k.removeprefix("transformer."): v for k, v in load_file(file).items()}
+    own = adapter_state(net, name)  # the adapters the config built: every tensor of the file must fit one of them
+    if {f"transformer.{k}": tuple(v.shape) for k, v in state.items()} != {k: tuple(v.shape) for k, v in own.items()}:
+        raise UserError(f"{file} does not fit this network's adapters: its tensors' names or shapes are not those of "
+                        "its lora_config.json (another model, rank or --lora-targets, or a damaged file)")
     result = set_peft_model_state_dict(net, state, adapter_name=name)
-    if {f"transformer.{k}" for k in state} != set(adapter_state(net, name)) or getattr(result, "unexpected_keys", None):
+    if getattr(result, "unexpected_keys", None):
         raise UserError(f"{file} does not fit this network's adapters (another model, rank or --lora-targets?)")
 
 

@@ -16,7 +16,7 @@ from inputs import UserError, command
 import torch  # noqa: E402  (inputs first: Ctrl-C during this slow import is one line too)
 
 from diffusers_models import BUILDERS  # noqa: E402
-from sample import check_device  # noqa: E402
+from sample import known_device  # noqa: E402
 
 PIPELINES = {"cogvideox": "CogVideoXPipeline", "wan": "WanPipeline"}
 
@@ -81,7 +81,8 @@ def check_args(args):
     for flag in ("n", "steps", "threads"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    check_device(args.device)
+    if not known_device(args.device):
+        raise UserError(f"--device {args.device!r}: not a device torch sees here (cpu; cuda or cuda:I for a visible GPU)")
 
 
 @command()

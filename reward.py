@@ -84,7 +84,9 @@ def lazy(module: str, name: str):
     """A learned reward's class, imported when the reward is built: `import reward` stays free of transformers
     (seconds to import, and not needed by the pixel rewards), and toy.py, which imports this file, is named here
     without an import cycle."""
-    return lambda **kwargs: getattr(importlib.import_module(module), name)(**kwargs)
+    build = lambda **kwargs: getattr(importlib.import_module(module), name)(**kwargs)  # noqa: E731
+    build.cls = lambda: getattr(importlib.import_module(module), name)  # its dims, without building it
+    return build
 
 
 REWARDS = {"toy": lazy("toy", "ToyReward"), "pixel": PixelReward,
@@ -107,6 +109,17 @@ def reward_names(name: str) -> list[str]:
     if len(set(names)) != len(names):
         raise UserError(f"--reward {name!r} names a reward twice")
     return names
+
+
+def reward_dims(name: str) -> list[str]:
+    """The dimensions --reward would have once built (named reward:dim for several): read off the classes, so a bad
+    --reward-dim is refused before minutes of loading."""
+    names = reward_names(name)
+    classes = {}
+    for n in names:
+        make = getattr(REWARDS[n], "func", REWARDS[n])  # functools.partial: videoscore-v1.1
+        classes[n] = make.cls() if hasattr(make, "cls") else make
+    return list(classes[names[0]].dims) if len(names) == 1 else [f"{n}:{d}" for n, c in classes.items() for d in c.dims]
 
 
 def build_reward(name: str, path: str | None = None, **kwargs):

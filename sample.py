@@ -8,12 +8,14 @@ unsafe characters are dropped, a repeated prompt continues its numbering, collid
 import argparse
 import math
 import os
+import re
 
-from inputs import (UserError, check_safetensors, command, default_prompts, load_prompts, stream_seed, video_names,
-                    writable_dir, writable_file)
+from inputs import (ANY, UserError, check_domains, command, default_prompts, load_prompts, refuse_empty, stream_seed,
+                    video_names, writable_dir, writable_file)
 
 import torch  # noqa: E402  (inputs first: Ctrl-C during this slow import is one line too)
 
+import checkpoint  # noqa: E402
 import lora  # noqa: E402
 from model import MODELS, build_model
 from videos import write_png, write_video
@@ -44,9 +46,9 @@ def add_model_args(p: argparse.ArgumentParser):
                    "hpcai-tech/OpenSora-STDiT-v3; cogvideox/wan: the pipeline or a transformer folder; toy: toy/)")
     p.add_argument("--vae", default=None, help="VAE: Hub id or folder (opensora default hpcai-tech/OpenSora-VAE-v1.2)")
     p.add_argument("--text-encoder", default=None, help="T5: Hub id or folder (opensora default DeepFloyd/t5-v1_1-xxl)")
-    p.add_argument("--resolution", default="240p", help="Open-Sora resolution name: 240p, 360p, 480p, 720p "
+    p.add_argument("--resolution", default=None, help="Open-Sora resolution name: 240p (default), 360p, 480p, 720p "
                    "(opensora only; other models take --size)")
-    p.add_argument("--aspect", default="9:16", help="Open-Sora aspect-ratio name (its 9:16 is 240x426 at 240p)")
+    p.add_argument("--aspect", default=None, help="Open-Sora aspect-ratio name (default 9:16, 240x426 at 240p)")
     p.add_argument("--size", default=None, help="explicit HxW in pixels instead of --resolution/--aspect")
     p.add_argument("--frames", type=int, default=None, help="frames per video (opensora 51, cogvideox 49, wan 81, "
                    "toy/tiny 8)")
@@ -58,35 +60,44 @@ def add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="compute dtype (bf16 on GPU, fp32 on CPU)")
 
 
+finite = math.isfinite
+# The model flags' domains (inputs.check_domains), checked before anything loads: a 16 GB model must not load to
+# hear --frames -3. --size's multiple is the model's own (its builder checks it, before any weights load).
+MODEL_DOMAINS = [
+    ("model", lambda v, a: v in MODELS, "{v!r} is no model here; choose one of " + ", ".join(MODELS)),
+    ("frames", lambda v, a: v >= 1, "must be at least 1, got {v}"),
+    ("sample_steps", lambda v, a: v >= 1, "must be at least 1, got {v}"),
+    ("cfg", lambda v, a: finite(v) and v >= 0, "must be a finite number >= 0 (1: no guidance), got {v}"),
+    ("size", lambda v, a: re.fullmatch(r"[1-9]\d*x[1-9]\d*", v.lower()) is not None,
+     "must look like 240x432 (height x width in pixels), got {v!r}"),
+    ("resolution", lambda v, a: a.model == "opensora" and not a.size,
+     "is Open-Sora's size name: for --model opensora without --size (other models take --size)"),
+    ("aspect", lambda v, a: a.model == "opensora" and not a.size,
+     "is Open-Sora's aspect name: for --model opensora without --size (other models take --size)"),
+    ("device", lambda v, a: known_device(v), "{v!r}: not a device torch sees here (cpu; cuda or cuda:I for a "
+     "visible GPU)"),
+]
+
+
 def check_model_args(args):
-    """The model flags' values, before anything loads (a 16 GB model must not load to hear --frames -3)."""
-    if args.model not in MODELS:
-        raise UserError(f"unknown model {args.model!r}; choose one of {', '.join(MODELS)}")
-    for flag in ("frames", "sample_steps"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
-    if args.cfg is not None and not math.isfinite(args.cfg):
-        raise UserError(f"--cfg must be a finite number, got {args.cfg}")
-    check_device(args.device)
+    check_domains(args, MODEL_DOMAINS)
 
 
-def check_device(name: str):
-    """--device names a device torch can see: one line otherwise, before anything loads."""
+def known_device(name: str) -> bool:
+    """cpu, or a CUDA GPU that is visible (cuda, cuda:I): the devices the models run on."""
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"--device {name!r}: not a device name (cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no GPU is visible to torch here; use --device cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise UserError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) are visible")
+        return False
+    if device.type == "cpu":
+        return device.index in (None, 0)
+    return device.type == "cuda" and torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
 
 
 def model_from_args(args) -> "VideoModel":  # noqa: F821
     check_model_args(args)
-    kwargs = {k: getattr(args, k) for k in ("dit", "vae", "text_encoder") if getattr(args, k)}
-    model = build_model(args.model, resolution=args.resolution, aspect=args.aspect, size=args.size,
-                        frames=args.frames, **kwargs)
+    kwargs = {k: getattr(args, k) for k in ("dit", "vae", "text_encoder", "resolution", "aspect") if getattr(args, k)}
+    model = build_model(args.model, size=args.size, frames=args.frames, **kwargs)
     dtype = args.dtype or ("bf16" if str(args.device).startswith("cuda") else "fp32")
     model.to(args.device, torch.bfloat16 if dtype == "bf16" else torch.float32)
     if args.sample_steps:
@@ -105,14 +116,13 @@ def checkpoint_weights(folder: str) -> str:
     adapter = os.path.join(folder, lora.ADAPTER_FILE)
     if not os.path.isfile(path) and os.path.isfile(adapter):  # a LoRA run's checkpoint (without --merge-lora)
         lora.read_config(folder)
-        return check_safetensors(adapter, "--checkpoint adapter")
+        return checkpoint.verified(folder, lora.ADAPTER_FILE)
     if not os.path.isfile(path):
         raise UserError(f"--checkpoint {folder!r} holds no model.safetensors: not a train.py checkpoint folder")
-    return check_safetensors(path, "--checkpoint weights")
+    return checkpoint.verified(folder, "model.safetensors")  # its sha256 against state.json's, where there is one
 
 
-@command()
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     p.add_argument("--checkpoint", default=None, help="a train.py checkpoint-<step> folder (its policy weights)")
@@ -122,14 +132,35 @@ def main(argv=None):
     p.add_argument("--out", default="samples")
     p.add_argument("--strip", default=None, help="also write every video as a row of frames to this PNG file")
     p.add_argument("--strip-scale", type=int, default=1, help="pixel upscaling of the strip")
+    p.add_argument("--overwrite", action="store_true", help="replace videos (and --strip) that --out already holds "
+                   "under the same names (without it, such a run is refused: nothing is replaced)")
+    return p
+
+
+DOMAINS = MODEL_DOMAINS + [  # every other flag of sample.py; ANY: any value of its type (a path: its reader checks it)
+    ("n", lambda v, a: v >= 1, "must be at least 1, got {v}"),
+    ("strip_scale", lambda v, a: v >= 1, "must be at least 1, got {v}"),
+    *[(flag, ANY, "") for flag in ("dit", "vae", "text_encoder", "checkpoint", "prompts", "seed", "out", "strip")],
+]
+
+
+@command()
+def main(argv=None):
+    p = parser()
     args = p.parse_args(argv)
-    if args.n < 1 or args.strip_scale < 1:
-        raise UserError("--n and --strip-scale must be at least 1")
+    refuse_empty(args, p)
+    check_domains(args, DOMAINS)
     prompts = load_prompts(args.prompts or default_prompts(args.model, "eval"))
     weights = checkpoint_weights(args.checkpoint) if args.checkpoint else None  # before the model loads
     writable_dir(args.out, "--out")  # before the sampling, not after it
     if args.strip:
         writable_file(args.strip, "--strip")
+    names = video_names(prompts, args.n)
+    taken = [n for row in names for n in row if os.path.exists(os.path.join(args.out, n))]
+    taken += [args.strip] if args.strip and os.path.exists(args.strip) else []
+    if taken and not args.overwrite:
+        raise UserError(f"{args.out} already holds {len(taken)} of this run's outputs ({taken[0]!r}, ...): give "
+                        "another --out, or --overwrite to replace them")
     adapter = lora.read_config(args.checkpoint) if weights and weights.endswith(lora.ADAPTER_FILE) else None
     if adapter and args.dit is None:
         args.dit = adapter["base"]  # the network the adapter was trained on
@@ -139,7 +170,7 @@ def main(argv=None):
         lora.load_adapter(weights, model.dit, model.name)
     elif weights:
         model.load_weights(weights)
-    strip, names = [], video_names(prompts, args.n)
+    strip = []
     for k, (prompt, videos) in enumerate(sample_videos(model, prompts, args.n, args.seed)):
         for name, video in zip(names[k], videos):
             write_video(os.path.join(args.out, name), video, model.fps)

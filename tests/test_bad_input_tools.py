@@ -89,9 +89,9 @@ CASES = [
     ("sample-out-file", "sample.py", SAMPLE + ["--out", "{d}/afile"], "is a file, not a folder"),
     ("sample-strip-folder", "sample.py", SAMPLE + ["--strip", "{d}/strip.png"], "is a folder, not a file"),
     ("sample-prompts-latin1", "sample.py", SAMPLE + ["--prompts", "{d}/latin.txt"], "is not UTF-8 text"),
-    ("sample-device", "sample.py", SAMPLE + ["--device", "nope"], "not a device name"),
+    ("sample-device", "sample.py", SAMPLE + ["--device", "nope"], "not a device torch sees here"),
     ("sample-frames", "sample.py", SAMPLE + ["--frames", "-3"], "--frames must be at least 1"),
-    ("sample-n", "sample.py", SAMPLE + ["--n", "0"], "--n and --strip-scale must be at least 1"),
+    ("sample-n", "sample.py", SAMPLE + ["--n", "0"], "--n must be at least 1, got 0"),
 ]
 
 

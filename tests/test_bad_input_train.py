@@ -16,13 +16,18 @@ FAST = ["--model", "tiny", "--size", "16x16", "--frames", "4", "--sample-steps",
 
 def refused(capsys, *args) -> str:
     """train.py's main, in this process, as `python train.py FAST ARGS` runs it: the one line the user sees."""
+    if "-" in args:  # "--n", "-": the flag left out (ReFL takes no --n)
+        i = list(args).index("-")
+        args = args[:i - 1] + args[i + 1:]
+        at = FAST.index("--n")
+        return refusal(train.main, FAST[:at] + FAST[at + 2:] + list(args), capsys)
     return refusal(train.main, FAST + list(args), capsys)
 
 
 @pytest.mark.parametrize("args, message", [
     (["--prompts", "/nonexistent.txt"], "prompt file '/nonexistent.txt' not found"),
     (["--n", "1"], "--n must be at least 2"),
-    (["--model", "sora9"], "unknown model 'sora9'"),
+    (["--model", "sora9"], "--model 'sora9' is no model here"),
     (["--reward", "oracle"], "unknown reward 'oracle'"),
     (["--reward-dim", "beauty"], "unknown reward dimension 'beauty'"),
     (["--reward", "pixel,oracle"], "unknown reward 'oracle'"),
@@ -33,7 +38,7 @@ def refused(capsys, *args) -> str:
      "unknown reward dimension 'temporal_consistency'; it is ambiguous: pixel:temporal_consistency, "
      "toy:temporal_consistency"),
     (["--reward", "pixel,toy", "--reward-path", "a,b,c"], "--reward-path gives 3 paths for 2 rewards"),
-    (["--method", "refl", "--reward-dim", "colorfulness=1,temporal_consistency=1"],
+    (["--method", "refl", "--n", "-", "--reward-dim", "colorfulness=1,temporal_consistency=1"],
      "--method refl maximises one score of single videos"),
     (["--lr", "nan"], "--lr must be a finite number > 0"),
     (["--lr", "-1"], "--lr must be a finite number > 0"),
@@ -42,15 +47,34 @@ def refused(capsys, *args) -> str:
     (["--weight-decay", "-1"], "--weight-decay must be a finite number >= 0"),
     (["--save-every", "0"], "--save-every must be at least 1"),
     (["--method", "dense", "--eta", "0"], "--eta must be in (0, 1]"),
-    (["--method", "grpo", "--grpo-clip", "0"], "--grpo-clip out of range: 0.0"),
-    (["--method", "grpo", "--grpo-timestep-fraction", "1.5"], "--grpo-timestep-fraction out of range: 1.5"),
+    (["--method", "grpo", "--grpo-clip", "0"], "--grpo-clip must be a finite number > 0, got 0.0"),
+    (["--method", "grpo", "--grpo-timestep-fraction", "1.5"], "--grpo-timestep-fraction must be in (0, 1], got 1.5"),
     (["--method", "dense", "--eta", "1.5"], "--eta must be in (0, 1]"),
     (["--method", "dense", "--segment-seconds", "0"], "--segment-seconds must be a finite number > 0"),
     (["--method", "dense", "--label-fraction", "0"], "--label-fraction must be in (0, 1]"),
-    (["--label-fraction", "0.5"], "--label-fraction is for --method dense or structural"),
+    (["--label-fraction", "0.5"], "--label-fraction is read by --method dense, structural, not by --method online"),
+    (["--method", "offline", "--k", "5"], "--k is read by --method online, dense, structural, grpo (grpo with "
+     "--grpo-kl-reference moving), not by --method offline, which would ignore it"),
+    (["--method", "grpo", "--k", "5"], "--k is read by"),
+    (["--grpo-clip", "0.1"], "--grpo-clip is read by --method grpo, not by --method online"),
+    (["--method", "dense", "--offline-pairs", "9"], "--offline-pairs is read by --method offline, not by --method dense"),
+    (["--method", "grpo", "--beta", "1"], "--beta is read by --method online, offline, dense, structural, not by"),
+    (["--method", "structural", "--segment-seconds", "1"], "--segment-seconds is read by --method dense, not by"),
+    (["--method", "online", "--eta", "0.5"], "--eta is read by --method dense, structural, not by --method online"),
+    (["--method", "refl", "--n", "-", "--split-pair"], "--split-pair is read by --method online, offline, dense"),
+    (["--prompts", ""], "--prompts is empty"),
+    (["--reward", " "], "--reward is empty"),
+    (["--out", ""], "--out is empty"),
+    (["--lora-rank", "2", "--lora-targets", "(attn"], "--lora-targets '(attn' is not a valid regular expression"),
+    (["--lora-rank", "100000"], "--lora-rank 100000 is larger than the narrowest adapted layer"),
+    (["--resolution", "360p"], "--resolution is Open-Sora's size name"),
+    (["--device", "cpu:1"], "--device 'cpu:1': not a device torch sees here"),
+    (["--device", "meta"], "--device 'meta': not a device torch sees here"),
+    (["--cfg", "-1"], "--cfg must be a finite number >= 0"),
+    (["--cfg", "inf"], "--cfg must be a finite number >= 0"),
     (["--frames", "-3"], "--frames must be at least 1"),
     (["--sample-steps", "-1"], "--sample-steps must be at least 1"),
-    (["--device", "nope"], "--device 'nope': not a device name"),
+    (["--device", "nope"], "--device 'nope': not a device torch sees here"),
     (["--out", "/proc/onlinevpo/run"], "--out '/proc/onlinevpo/run' cannot be written"),
 ])
 def test_bad_values_are_one_line(tmp_path, capsys, args, message):

@@ -82,7 +82,7 @@ def test_dense_training_from_a_dataset_skips_bad_clips_with_one_line_each(tmp_pa
 @pytest.mark.parametrize("setup, flags, message", [
     (None, ["--videos", "/nonexistent", "--captions", "c.csv"], "--videos '/nonexistent' is not a folder"),
     (None, ["--videos", "."], "--videos and --captions go together"),
-    ("csv", ["--method", "online"], "use them with --method dense or structural"),
+    ("csv", ["--method", "online"], "--videos is read by --method dense, structural, not by --method online"),
     ("nocol", [], "has no caption column"),
     ("jsonl", [], "line 2 is not JSON"),
     ("empty", [], "none of the 1 clips is usable"),

@@ -64,7 +64,7 @@ def test_advantages_ratio_and_kl():
 
 def test_a_tiny_grpo_run_starts_at_ratio_one_and_zero_kl(tmp_path):
     train.main(["--model", "tiny", "--size", "16x16", "--frames", "4", "--sample-steps", "3", "--n", "3",
-                "--batch-size", "2", "--lr", "1e-3", "--method", "grpo", "--steps", "2", "--k", "0",
+                "--batch-size", "2", "--lr", "1e-3", "--method", "grpo", "--steps", "2",
                 "--prompts", os.path.join(ROOT, "prompts/train.txt"), "--out", str(tmp_path)])
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     first = rows[0]
@@ -82,7 +82,7 @@ def test_micro_batches_give_the_same_update(tmp_path):
 
     base = ["--model", "tiny", "--size", "16x16", "--frames", "4", "--sample-steps", "3", "--n", "4",
             "--batch-size", "2", "--sample-batch", "2", "--lr", "1e-3", "--method", "grpo", "--steps", "1",
-            "--k", "0", "--prompts", os.path.join(ROOT, "prompts/train.txt")]
+            "--prompts", os.path.join(ROOT, "prompts/train.txt")]
     rows, weights = {}, {}
     for m in (0, 3):
         out = tmp_path / f"micro{m}"
@@ -107,7 +107,7 @@ def test_the_trained_reward_rises_and_follows_its_sign(tmp_path):
         out = tmp_path / f"sign{sign}"
         train.main(["--model", "tiny", "--size", "16x16", "--frames", "4", "--sample-steps", "4", "--reward", "pixel",
                     "--reward-dim", f"colorfulness={sign}", "--method", "grpo", "--n", "4", "--batch-size", "2",
-                    "--lr", "3e-3", "--steps", "6", "--k", "0", "--prompts", os.path.join(ROOT, "prompts/train.txt"),
+                    "--lr", "3e-3", "--steps", "6", "--prompts", os.path.join(ROOT, "prompts/train.txt"),
                     "--out", str(out)])
         curve = [json.loads(line)["reward/colorfulness"] for line in open(out / "metrics.jsonl")]
         last[sign] = (curve[0], sum(curve[-2:]) / 2)
@@ -119,7 +119,7 @@ def test_the_trained_reward_rises_and_follows_its_sign(tmp_path):
 
 
 GRPO_RUN = ["--model", "tiny", "--size", "16x16", "--frames", "4", "--sample-steps", "3", "--n", "3", "--batch-size",
-            "2", "--lr", "1e-2", "--method", "grpo", "--k", "0", "--prompts", os.path.join(ROOT, "prompts/train.txt")]
+            "2", "--lr", "1e-2", "--method", "grpo", "--prompts", os.path.join(ROOT, "prompts/train.txt")]
 
 
 def test_a_sampling_round_feeds_two_updates_and_the_clip_binds_after_the_first(tmp_path):
@@ -145,11 +145,11 @@ def test_a_sampling_round_feeds_two_updates_and_the_clip_binds_after_the_first(t
 
 def test_one_step_per_round_is_on_policy_and_the_kl_reference_is_the_base_unless_asked(tmp_path):
     """--grpo-steps-per-round 1: every update on its own fresh rollouts (ratio 1 at every step). The KL term's
-    reference is the base model (no reference update at --k 1); --grpo-kl-reference moving updates it every K."""
+    reference is the base model (which takes no --k); --grpo-kl-reference moving updates it every K."""
     for kind, updates in (("base", 0), ("moving", 2)):
         out = tmp_path / kind
-        train.main(GRPO_RUN[:-4] + ["--k", "1", "--grpo-steps-per-round", "1", "--grpo-kl-reference", kind,
-                                    "--steps", "2", "--prompts", GRPO_RUN[-1], "--out", str(out)])
+        train.main(GRPO_RUN + ["--grpo-steps-per-round", "1", "--grpo-kl-reference", kind, "--steps", "2",
+                               "--out", str(out)] + (["--k", "1"] if kind == "moving" else []))
         rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
         assert all(r["ratio"] == pytest.approx(1.0, abs=1e-5) for r in rows)
         assert rows[-1]["ref_updates"] == updates

@@ -14,6 +14,7 @@ from sample import model_from_args
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--model", "tiny", "--size", "16x16", "--frames", "4", "--sample-steps", "4", "--n", "2",
         "--batch-size", "2", "--lr", "1e-3", "--prompts", os.path.join(ROOT, "prompts/train.txt")]
+REFL = FAST[:FAST.index("--n")] + FAST[FAST.index("--n") + 2:]  # ReFL scores one video per prompt: it takes no --n
 
 
 def count_sampling(monkeypatch) -> list:
@@ -71,7 +72,7 @@ class LinearReward:
 def test_refl_trains_the_policy_and_never_the_reward(tmp_path, monkeypatch):
     monkeypatch.setitem(reward.REWARDS, "linear", LinearReward)
     calls = count_sampling(monkeypatch)
-    train.main(FAST + ["--reward", "linear", "--method", "refl", "--steps", "2", "--out", str(tmp_path)])
+    train.main(REFL + ["--reward", "linear", "--method", "refl", "--steps", "2", "--out", str(tmp_path)])
     head = LinearReward.instance.head
     assert head.weight.grad is None and torch.equal(head.weight, LinearReward.instance.before)
     initial = model_from_args(train.parse_args(FAST)).dit.state_dict()
@@ -96,7 +97,7 @@ class ScoreOnly:
 def test_refl_needs_a_differentiable_reward(tmp_path, monkeypatch):
     monkeypatch.setitem(reward.REWARDS, "opaque", ScoreOnly)
     with pytest.raises(SystemExit) as e:
-        train.main(FAST + ["--reward", "opaque", "--method", "refl", "--steps", "1", "--out", str(tmp_path)])
+        train.main(REFL + ["--reward", "opaque", "--method", "refl", "--steps", "1", "--out", str(tmp_path)])
     assert "needs a differentiable reward" in str(e.value.code)
 
 

@@ -14,7 +14,7 @@ def test_batched_sampling_matches_the_pipeline_called_once_per_video(diffusers_f
 @pytest.mark.parametrize("argv, message", [
     (["--n", "0"], "error: --n must be at least 1, got 0"),
     (["--steps", "-1"], "error: --steps must be at least 1, got -1"),
-    (["--device", "nope"], "error: --device 'nope': not a device name"),
+    (["--device", "nope"], "error: --device 'nope': not a device torch sees here"),
     (["--dit", "/nonexistent", "--device", "cpu"], "error: transformer of /nonexistent: folder '/nonexistent' does not"),
 ])
 def test_bad_flags_are_one_line(argv, message, capsys):

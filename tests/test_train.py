@@ -97,7 +97,7 @@ def test_nan_losses_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path, cap
 def test_an_unknown_model_is_named_before_the_default_reward_loads(tmp_path):
     with pytest.raises(SystemExit) as e:  # --model sora9 would default to --reward videoscore, a 16 GB download
         train.main(["--model", "sora9", "--out", str(tmp_path)])
-    assert str(e.value.code) == "error: unknown model 'sora9'; choose one of toy, opensora, cogvideox, wan, tiny"
+    assert str(e.value.code) == "error: --model 'sora9' is no model here; choose one of toy, opensora, cogvideox, wan, tiny"
 
 
 def test_the_test_model_trains_without_any_reward_weights(tmp_path):
@@ -150,7 +150,9 @@ def test_resume_after_a_stop_writes_the_uninterrupted_runs_files_byte_for_byte(t
     import hashlib
 
     every = "2" if method == "grpo" else "1"
-    flags = FAST + ["--method", method, "--n", "3", "--offline-pairs", "2", "--save-every", every, "--k", "2"]
+    flags = FAST[:FAST.index("--n")] + FAST[FAST.index("--n") + 2:] + ["--method", method, "--save-every", every]
+    flags += {"offline": ["--n", "3", "--offline-pairs", "2"], "refl": [], "grpo": ["--n", "3"]}.get(
+        method, ["--n", "3", "--k", "2"])  # each method's own flags: another method's are refused
     train.main(flags + ["--steps", "4", "--out", str(tmp_path / "a")])
     train.main(flags + ["--steps", every, "--out", str(tmp_path / "b")])
     train.main(flags + ["--steps", "4", "--out", str(tmp_path / "b"), "--resume"])
