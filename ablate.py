@@ -15,16 +15,19 @@ reward of its own samples over its first and last 5 steps) and its seconds per s
 import argparse
 import hashlib
 import json
+import math
 import os
 import statistics
 import sys
 
-import torch
+from inputs import (ANY, UserError, check_domains, command, file_sha256, load_prompts, read_json, read_metrics, read_text,
+                    refuse_empty, writable_dir, writable_file, write_atomically)
+
+import torch  # noqa: E402  (inputs first: Ctrl-C during this slow import is one line too)
 
 import checkpoint
 import toy
 import train
-from inputs import UserError
 from model import build_model
 from reward import build_reward
 from sample import sample_videos
@@ -71,67 +74,67 @@ def evaluate_policy(model, reward, prompts: list[str], videos_per_prompt: int = 
     return {dim: sum(v) / len(v) for dim, v in {**totals, **judged}.items()}
 
 
-def run_one(name: str, seed: int, args, model, reward, prompts: list[str]) -> dict:
-    """Train one run (skipped if its last checkpoint exists) and evaluate its final policy (cached in eval.json),
-    so an interrupted sweep, or sweeps over different seeds in parallel, pick up what is done."""
-    out = os.path.join(args.out, f"{name}-seed{seed}")
+def run_flags(name: str, seed: int, args) -> list[str]:
+    """train.py's flags of one run of the sweep (its --out aside)."""
     flags = RUNS[name] + ["--model", "toy", "--reward", "toy", "--prompts", args.prompts, "--steps", str(args.steps),
                           "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--seed", str(seed),
-                          "--sample-steps", str(args.sample_steps), "--save-every", str(args.steps), "--out", out]
-    flags += ["--offline-pairs", str(args.offline_pairs)] if "offline" in RUNS[name] else []
+                          "--sample-steps", str(args.sample_steps), "--save-every", str(args.steps)]
+    return flags + (["--offline-pairs", str(args.offline_pairs)] if "offline" in RUNS[name] else [])
+
+
+def cache_key(*parts) -> str:
+    """A folder name's suffix that changes with anything that changes a run: its flags, the prompts' text and the
+    toy weights it starts from. A cache hit is the same run, never one made with other settings."""
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:10]
+
+
+def run_one(name: str, seed: int, args, model, reward, prompts: list[str], weights: str, keys: list[str]) -> dict:
+    """Train one run (skipped if its last checkpoint exists) and evaluate its final policy (cached in eval.json),
+    so an interrupted sweep, or sweeps over different seeds in parallel, pick up what is done. The run's folder,
+    <name>-seed<seed>-<key>, is keyed by every setting (cache_key) and records them in settings.json."""
+    flags = run_flags(name, seed, args)
+    out = os.path.join(args.out, f"{name}-seed{seed}-{cache_key(flags, read_text(args.prompts, 'prompt file'), weights)}")
     policy = os.path.join(out, f"checkpoint-{args.steps}", "model.safetensors")
     if not os.path.isfile(policy):  # continue an interrupted run, or start one
-        train.train(train.parse_args(flags + (["--resume"] if checkpoint.latest_checkpoint(out) else ["--overwrite"])))
-    return {**cached_eval(os.path.join(out, "eval.json"), model, reward, prompts, policy), **training_stats(out)}
+        os.makedirs(out, exist_ok=True)
+        write_atomically(os.path.join(out, "settings.json"), [json.dumps({"flags": flags, "toy_weights": weights})])
+        train.train(train.parse_args(flags + ["--out", out] + (["--resume"] if checkpoint.latest_checkpoint(out)
+                                                                else ["--overwrite"])))
+    return {**cached_eval(os.path.join(out, "eval.json"), model, reward, prompts, policy, keys), **training_stats(out)}
 
 
 def training_stats(out: str, window: int = 5) -> dict:
-    """From the run's metrics.jsonl: the trained reward of the policy's own samples (reward_mean, the mean over the
-    step's candidates) over the first and the last `window` steps, and the seconds per step (sampling, decoding,
-    reward and training; the first step, which warms up, left out)."""
-    steps = {}
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        for line in f:
-            row = json.loads(line)
-            steps[row["step"]] = row  # a resumed run logs a step again: the last one counts
-    rows = [steps[k] for k in sorted(steps)]
-    mean = lambda v: sum(v) / len(v)
+    """From the run's metrics.jsonl (inputs.read_metrics): the trained reward of the policy's own samples
+    (reward_mean, the mean over the step's candidates) over the first and the last `window` steps, and the seconds
+    per step (sampling, decoding, reward and training; the first step, which warms up, left out)."""
+    path = os.path.join(out, "metrics.jsonl")
+    steps = {row["step"]: row for row in read_metrics(path)}  # a resumed run logs a step again: the last one counts
+    rows = [steps[k] for k in sorted(steps) if isinstance(steps[k].get("reward_mean"), (int, float))]
+    if not rows:
+        raise UserError(f"{path} holds no step with a reward_mean: remove {out} and run ablate.py again")
+    mean = lambda v: sum(v) / len(v)  # noqa: E731
     return {"trained_first": mean([r["reward_mean"] for r in rows[:window]]),
             "trained_last": mean([r["reward_mean"] for r in rows[-window:]]),
             "s_per_step": mean([sum(v for k, v in r.items() if k.startswith("time_")) for r in rows[1:] or rows])}
 
 
-def check_weights(out: str, weights: str = os.path.join(toy.TOY_DIR, "model.safetensors")) -> None:
-    """Every run in --out starts from the same toy weights, so the folder records their sha256 on first use
-    (toy_weights.sha256), and a folder of runs from other weights (an older toy world) stops with one line
-    instead of mixing their cached results into the table."""
-    with open(weights, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
-    stamp = os.path.join(out, "toy_weights.sha256")
-    if os.path.isfile(stamp):
-        with open(stamp) as f:
-            if f.read().strip() != digest:
-                raise UserError(f"{out} holds runs from other toy weights than {weights}; remove it or pass another --out")
-    elif os.path.isdir(out) and os.listdir(out):
-        raise UserError(f"{out} holds runs that do not record their toy weights (toy_weights.sha256, from an older "
-                        "ablate.py); remove it or pass another --out")
-    else:
-        os.makedirs(out, exist_ok=True)
-        with open(stamp + ".tmp", "w") as f:  # parallel sweeps may start together: write whole, then rename
-            f.write(digest + "\n")
-        os.replace(stamp + ".tmp", stamp)
-
-
-def cached_eval(path: str, model, reward, prompts: list[str], policy: str | None) -> dict:
+def cached_eval(path: str, model, reward, prompts: list[str], policy: str | None, keys: list[str]) -> dict:
+    """The evaluation of a policy, cached in `path`: a cache that does not hold a number for each of `keys`
+    (damaged, cut short) is named and computed again."""
     if os.path.isfile(path):
-        with open(path) as f:
-            return json.load(f)
+        try:
+            cached = read_json(path, "cached evaluation")
+            if all(isinstance(cached.get(k), (int, float)) and not isinstance(cached.get(k), bool) for k in keys):
+                return cached
+            print(f"warning: cached evaluation {path} is damaged (a value missing or not a number); evaluating again",
+                  file=sys.stderr)
+        except UserError as e:
+            print(f"warning: {e}; evaluating again", file=sys.stderr)
     if policy:
         model.load_weights(policy)
     result = evaluate_policy(model, reward, prompts)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
+    write_atomically(path, [json.dumps(result, indent=1)])
     return result
 
 
@@ -150,7 +153,7 @@ def summarise(results: dict, dims: list[str]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", nargs="+", default=list(RUNS), help=f"which runs: {', '.join(RUNS)}")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
@@ -161,32 +164,50 @@ def main(argv=None):
     p.add_argument("--offline-pairs", type=int, default=60, help="offline prompts (every toy prompt once)")
     p.add_argument("--prompts", default="prompts/toy.txt")
     p.add_argument("--out", default="runs/ablation")
+    return p
+
+
+DOMAINS = [  # inputs.check_domains: each flag's values, before anything trains
+    ("runs", lambda v, a: v in RUNS, "{v!r} is no run here; choose from " + ", ".join(RUNS)),
+    ("steps", lambda v, a: v >= 1, "must be at least 1, got {v}"),
+    ("batch_size", lambda v, a: v >= 1, "must be at least 1, got {v}"),
+    ("lr", lambda v, a: math.isfinite(v) and v > 0, "must be a finite number > 0, got {v}"),
+    ("sample_steps", lambda v, a: v >= 1, "must be at least 1, got {v}"),
+    ("offline_pairs", lambda v, a: v >= 1, "must be at least 1, got {v}"),
+    *[(flag, ANY, "") for flag in ("seeds", "prompts", "out")],
+]
+
+
+@command()
+def main(argv=None):
+    p = parser()
     args = p.parse_args(argv)
-    try:
-        unknown = [r for r in args.runs if r not in RUNS]
-        if unknown:
-            raise UserError(f"unknown run {unknown[0]!r}; choose from {', '.join(RUNS)}")
-        check_weights(args.out)
-        reward = build_reward("toy")
-        model = build_model("toy")
-        model.sample_steps = args.sample_steps
-        prompts = toy.all_prompts()
-        results = {"untrained": [cached_eval(os.path.join(args.out, "untrained.json"), model, reward, prompts, None)]}
-        for name in args.runs:
-            for seed in args.seeds:
-                results.setdefault(name, []).append(run_one(name, seed, args, model, reward, prompts))
-                print(f"{name} seed {seed}: {json.dumps({k: round(v, 4) for k, v in results[name][-1].items()})}")
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    refuse_empty(args, p)
+    check_domains(args, DOMAINS)
+    load_prompts(args.prompts)  # a missing or binary prompt file: one line now
+    writable_dir(args.out, "--out")  # before hours of training, not after them
+    for path in ("results.json", "table.md"):
+        writable_file(os.path.join(args.out, path), "--out")
+    weights = file_sha256(os.path.join(toy.TOY_DIR, "model.safetensors"))  # every run starts from these
+    reward = build_reward("toy")
+    model = build_model("toy")
+    model.sample_steps = args.sample_steps
+    prompts = toy.all_prompts()
+    keys = reward.dims + ["judged_shape", "judged_color"]  # what an evaluation holds
+    untrained = os.path.join(args.out, f"untrained-{cache_key(args.sample_steps, weights)}.json")
+    results = {"untrained": [cached_eval(untrained, model, reward, prompts, None, keys)]}
+    for name in args.runs:
+        for seed in args.seeds:
+            results.setdefault(name, []).append(run_one(name, seed, args, model, reward, prompts, weights, keys))
+            print(f"{name} seed {seed}: {json.dumps({k: round(v, 4) for k, v in results[name][-1].items()})}")
     for per_seed in results.values():  # the mean of the five, as --reward-dim global
         for r in per_seed:
             r["global"] = sum(r[d] for d in reward.dims) / len(reward.dims)
     table = summarise(results, reward.dims + ["global", "judged_shape", "judged_color", "trained_first",
                                               "trained_last", "s_per_step"])
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"args": vars(args), "results": results}, f, indent=1)
-    with open(os.path.join(args.out, "table.md"), "w") as f:
-        f.write(table + "\n")
+    write_atomically(os.path.join(args.out, "results.json"), [json.dumps({"args": vars(args), "results": results},
+                                                                          indent=1)])
+    write_atomically(os.path.join(args.out, "table.md"), [table + "\n"])
     print(table)
 
 

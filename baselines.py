@@ -6,36 +6,40 @@
 
 Torch only: what the methods need of the job, the reward and the model comes in through `run` (run.Run).
 """
+import hashlib
 import math
 import os
+import time
 
 import torch
 from tqdm import tqdm
 
 import dpo
 import parallel
-from inputs import UserError
+from inputs import UserError, writing
 from parallel import warn
 
 
 def offline_pool(run, sample_pairs) -> list:
     """Table 4d, Diffusion-DPO style: --offline-pairs prompts sampled ONCE with the initial policy and scored
     by the same reward (`sample_pairs`: train.online_pairs), best vs worst kept (ties as None); cached to
-    OUT/offline_pairs.pt so a resumed run trains on the same pairs. With several ranks each samples every
+    OUT/offline_pairs.pt with every setting that made it (pool_key), so a resumed run trains on the same pairs and
+    a pool of other settings is never reused. With several ranks each samples every
     WORLD-th prompt (the same count everywhere) and the pairs are gathered onto every rank."""
     args = run.args
     path = os.path.join(args.out, "offline_pairs.pt")
-    if os.path.isfile(path):
-        try:
-            cached = torch.load(path, weights_only=True)
-        except Exception:  # noqa: BLE001 - a file cut short or overwritten: named below, never half-used
-            cached = {"prompts_file": None, "pairs": []}
-            warn(f"{path} is damaged (not a torch.save file)")
-        if cached["prompts_file"] == args.prompts and len(cached["pairs"]) == args.offline_pairs:
-            return cached["pairs"]
+    key = pool_key(run)
+    try:
+        return read_pool(path, key, tuple(run.model.latent_shape))
+    except UserError as e:
+        why = str(e)
     if run.step:  # the pairs must come from the initial policy, which a resumed run no longer has
-        raise UserError(f"--method offline: {path} is missing, damaged or was made with other --prompts/"
-                        "--offline-pairs; resume with the flags the run started with, or start over with --overwrite")
+        raise UserError(f"--method offline: {why}; resume with the flags the run started with, or start over with "
+                        "--overwrite")
+    if os.path.isfile(path) and parallel.is_main():  # the pool not used is kept beside, not replaced
+        aside = f"{path}.set-aside-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.replace(path, aside)
+        warn(f"{why}: moved to {aside}; the pairs are collected again")
     mine = list(range(parallel.RANK, math.ceil(args.offline_pairs / parallel.WORLD) * parallel.WORLD,
                       parallel.WORLD))  # counters past the end are sampled too (equal work) and dropped
     pairs = []
@@ -54,9 +58,58 @@ def offline_pool(run, sample_pairs) -> list:
         raise UserError(f"all {len(pairs)} offline prompts gave ties (equal rewards): no pairs to train on")
     if parallel.is_main():
         tmp = path + ".tmp"
-        torch.save({"prompts_file": args.prompts, "pairs": pairs}, tmp)
+        with writing(tmp):
+            torch.save({"key": key, "pairs": pairs, "sha256": pool_digest(pairs)}, tmp)
         os.replace(tmp, path)
     return pairs
+
+
+def pool_key(run) -> dict:
+    """Everything that decides which pairs the initial policy gives: the pool is reused only under the same key."""
+    a = run.args
+    return {"model": a.model, "dit": a.dit, "size": a.size, "frames": a.frames, "sample_steps": a.sample_steps,
+            "cfg": a.cfg, "prompts": hashlib.sha256("\n".join(run.prompts).encode()).hexdigest(),
+            "offline_pairs": a.offline_pairs, "seed": a.seed, "n": a.n,
+            "reward": a.reward, "reward_path": a.reward_path, "reward_dim": run.dim, "min_gap": a.min_gap,
+            "lora_rank": a.lora_rank}
+
+
+def read_pool(path: str, key: dict, latent_shape: tuple) -> list:
+    """OUT/offline_pairs.pt: the pairs if the file is a whole pool made under `key` (each entry None, a tie, or a
+    prompt and two latents of the model's shape, their checksum the saved one); a UserError naming why not."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path} is missing")
+    try:
+        pool = torch.load(path, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - cut short, zeroed, not a torch.save file
+        raise UserError(f"{path} is damaged ({type(e).__name__}: not a whole torch.save file)") from None
+    pairs = pool.get("pairs") if isinstance(pool, dict) else None
+    whole = isinstance(pairs, list) and all(
+        p is None or isinstance(p, (tuple, list)) and len(p) == 3 and isinstance(p[0], str)
+        and all(isinstance(t, torch.Tensor) and tuple(t.shape) == latent_shape and bool(torch.isfinite(t).all())
+                for t in p[1:]) for p in pairs)
+    if not whole or pool.get("sha256") != pool_digest(pairs):
+        raise UserError(f"{path} is damaged: not a pool of pairs of this model's latents, or not the pairs that "
+                        "were saved")
+    if pool.get("key") != key:
+        other = [k for k in key if not isinstance(pool.get("key"), dict) or pool["key"].get(k) != key[k]]
+        raise UserError(f"{path} was collected with other settings ({', '.join(other)})")
+    return pairs
+
+
+def pool_digest(pairs: list) -> str:
+    """The pool's checksum over its prompts and latents' bytes (torch.load checks none: a flipped byte in a tensor
+    would load as another number)."""
+    digest = hashlib.sha256()
+    for pair in pairs:
+        if pair is None:
+            digest.update(b"tie")
+            continue
+        digest.update(pair[0].encode())
+        for t in pair[1:]:
+            digest.update(str((t.dtype, tuple(t.shape))).encode())
+            digest.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def pool_pairs(run, pool: list, counters: list[int]) -> list[tuple]:

@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import gc
 import json
+import math
 import os
 import platform
 import re
@@ -28,13 +29,15 @@ import resource
 import sys
 import time
 
-import torch
+from inputs import ANY, UserError, check_domains, command, refuse_empty, writable_file, write_atomically
+
+import torch  # noqa: E402  (inputs first: Ctrl-C during this slow import is one line too)
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 import opensora as osr
 import train
 import videoscore as rw
-from inputs import UserError
+from sample import known_device
 from model import ByteTokenizer, OpenSoraModel, tiny_t5
 from reward import PixelReward
 from run import Run
@@ -450,7 +453,7 @@ DEFAULTS["medium"] = DEFAULTS["tiny"]
 PEAK_TFLOPS = [("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0)]  # dense bf16
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="tiny", choices=["tiny", "medium", "full"], help="tiny: small random models "
                    "(CPU); medium: tiny with a 70 M-parameter STDiT3, whose weights and AdamW state dominate a CPU "
@@ -479,7 +482,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lora-memory", type=int, default=None, metavar="RANK", help="only print the computed table of "
                    "policy + gradients + AdamW + reference memory, full fine-tuning vs LoRA of this rank, for the "
                    "published denoisers (meta device: no memory, seconds)")
+    return p
+
+
+DOMAINS = [  # inputs.check_domains, before any model is built; check_args then the combinations
+    ("parts", lambda v, a: all(x.strip() in PARTS for x in v.split(",")), "{v!r}: choose from " + ", ".join(PARTS)),
+    ("n", lambda v, a: v >= 2, "must be at least 2: a preference pair needs two candidates"),
+    ("steps", lambda v, a: v >= 1, "must be at least 1, got {v}"),
+    ("lora_rank", lambda v, a: v >= 0, "must be at least 1 (0: no LoRA column), got {v}"),
+    ("lora_memory", lambda v, a: v >= 1, "must be a rank of at least 1, got {v}"),
+    ("peak_tflops", lambda v, a: math.isfinite(v) and v > 0, "must be a finite number > 0, got {v}"),
+    ("device", lambda v, a: known_device(v), "{v!r}: not a device torch sees here (cpu; cuda or cuda:I for a "
+     "visible GPU)"),
+    *[(flag, ANY, "") for flag in ("point", "points", "mfu_points", "seed", "json")],  # points: parse_point
+]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = parser()
     args = p.parse_args(argv)
+    refuse_empty(args, p)
+    check_domains(args, DOMAINS)
     args.reward = args.reward or ("videoscore" if args.size == "full" else "pixel")
     point, points, mfu_points = DEFAULTS[args.size]
     args.point, args.points = args.point or point, args.points or points
@@ -492,16 +515,7 @@ def check_args(args) -> dict:
     bad = [p for p in parts if p not in PARTS]
     if bad or not parts:
         raise UserError(f"unknown part {', '.join(bad) if bad else repr(args.parts)}; choose from {', '.join(PARTS)}")
-    if args.n < 2:
-        raise UserError("--n must be at least 2: a preference pair needs two candidates")
-    if args.steps is not None and args.steps < 1:
-        raise UserError("--steps must be at least 1")
-    if args.lora_rank < 0:
-        raise UserError(f"--lora-rank must be at least 1 (0: no LoRA column), got {args.lora_rank}")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise UserError(f"unknown device {args.device!r}") from None
+    device = torch.device(args.device)
     if args.size == "full" and device.type != "cuda":
         raise UserError("--size full needs a GPU (tens of GB, hours on a CPU); on a CPU use --size tiny")
     if args.reward == "videoscore" and args.size != "full":
@@ -654,20 +668,17 @@ def run(args) -> dict:
     return results
 
 
+@command()
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        if args.lora_memory is not None:
-            if args.lora_memory < 1:
-                raise UserError(f"--lora-memory must be a rank of at least 1, got {args.lora_memory}")
-            print(lora_memory(args.lora_memory))
-            return
-        results = run(args)
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    if args.lora_memory is not None:
+        print(lora_memory(args.lora_memory))
+        return
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+        writable_file(args.json, "--json")  # before the benchmark, not after it
+    results = run(args)
+    if args.json:
+        write_atomically(args.json, [json.dumps(results, indent=1)])
 
 
 if __name__ == "__main__":

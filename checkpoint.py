@@ -2,6 +2,7 @@
 (OUT/.lock); a resumed older timeline set aside, never deleted (README: Reliability)."""
 import atexit
 import glob
+import hashlib
 import json
 import os
 import re
@@ -13,7 +14,7 @@ import torch
 
 import lora
 import parallel
-from inputs import UserError, check_fields, check_safetensors, file_sha256, read_json, writable_dir
+from inputs import UserError, check_fields, check_safetensors, file_sha256, read_json, writable_dir, writing
 from parallel import warn
 
 # ----------------------------------------------------------------------------------------------------------
@@ -27,6 +28,7 @@ def save_checkpoint(out: str, model, ref, opt, state: dict, args, adapters: dict
     failing disk) is recognised before it loads, not half-loaded.
     With LoRA (`adapters`, the adapter config) the folder holds the two adapters instead of the network, the
     policy's in diffusers' layout (load_lora_weights), and with --merge-lora also the merged full weights."""
+    states = merged = None
     if adapters:
         policy = reference = None
         states = {name: lora.adapter_state(model.dit, name) for name in (lora.POLICY, lora.REFERENCE)}
@@ -38,27 +40,43 @@ def save_checkpoint(out: str, model, ref, opt, state: dict, args, adapters: dict
     if parallel.is_main():
         tmp = os.path.join(out, f".tmp-checkpoint-{state['step']}")
         shutil.rmtree(tmp, ignore_errors=True)
-        if adapters:
-            lora.save_files(tmp, states, {**adapters, "base": args.dit}, model.name,
-                            peft_layout=not hasattr(model.dit, "add_adapter"))  # no pipeline loads STDiT3's
-            if merged is not None:
-                model.save_weights(tmp, net=merged)  # loadable as --dit, like a full fine-tuning checkpoint
-        else:
-            model.save_weights(tmp, net=policy)  # policy: model.safetensors + config.json, loadable as --dit
-        if reference is not None:
-            model.save_weights(tmp, net=reference, file="ref.safetensors")
-        torch.save(opt_state, os.path.join(tmp, "optimizer.pt"))
-        torch.save({"torch": torch.get_rng_state()}, os.path.join(tmp, "rng.pt"))
-        with open(os.path.join(tmp, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=1)
-        files = {name: {"bytes": os.path.getsize(os.path.join(tmp, name)), "sha256": file_sha256(os.path.join(tmp, name))}
-                 for name in sorted(os.listdir(tmp)) if name != "args.json"}  # args.json: for people, not loaded
-        with open(os.path.join(tmp, "state.json"), "w") as f:
-            json.dump({**state, "files": files}, f, indent=1)
+        try:
+            with writing(tmp):
+                write_files(tmp, model, policy, reference, opt_state, state, args, adapters, states, merged)
+        except (OSError, UserError):
+            shutil.rmtree(tmp, ignore_errors=True)  # a full disk: free what was written; the last checkpoint stands
+            raise
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     parallel.barrier()
     return final
+
+
+def write_files(tmp: str, model, policy, reference, opt_state, state: dict, args, adapters, states, merged):
+    """The checkpoint's files into its temporary folder, state.json (sizes and sha256 of the others) last."""
+    if adapters:
+        lora.save_files(tmp, states, {**adapters, "base": args.dit}, model.name,
+                        peft_layout=not hasattr(model.dit, "add_adapter"))  # no pipeline loads STDiT3's
+        if merged is not None:
+            model.save_weights(tmp, net=merged)  # loadable as --dit, like a full fine-tuning checkpoint
+    else:
+        model.save_weights(tmp, net=policy)  # policy: model.safetensors + config.json, loadable as --dit
+    if reference is not None:
+        model.save_weights(tmp, net=reference, file="ref.safetensors")
+    torch.save(opt_state, os.path.join(tmp, "optimizer.pt"))
+    torch.save({"torch": torch.get_rng_state()}, os.path.join(tmp, "rng.pt"))
+    with open(os.path.join(tmp, "args.json"), "w") as f:
+        json.dump(vars(args), f, indent=1)
+    files = {name: {"bytes": os.path.getsize(os.path.join(tmp, name)), "sha256": file_sha256(os.path.join(tmp, name))}
+             for name in sorted(os.listdir(tmp)) if name != "args.json"}  # args.json is for people: never loaded
+    record = {**state, "files": files}
+    with open(os.path.join(tmp, "state.json"), "w") as f:
+        json.dump({**record, "sha256": state_digest(record)}, f, indent=1)
+
+
+def state_digest(record: dict) -> str:
+    """state.json's own checksum, over its other fields: a flipped digit in a count is noticed too."""
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
 def checkpoints(out: str) -> list[str]:
@@ -87,6 +105,9 @@ def read_state(path: str) -> dict:
     if not os.path.isfile(file):
         raise UserError(f"{path} is not a train.py checkpoint (no state.json)")
     state = check_fields(read_json(file, "checkpoint state"), STATE, f"checkpoint state {file}")
+    digest = state.pop("sha256", None)  # checkpoints of earlier versions have none
+    if digest is not None and digest != state_digest(state):
+        raise UserError(f"checkpoint state {file} is damaged: its fields do not match its sha256")
     if re.fullmatch(r"checkpoint-\d+", os.path.basename(path.rstrip("/"))) and state["step"] != step_of(path):
         raise UserError(f"checkpoint state {file} is damaged: it says step {state['step']}, its folder another")
     if min(state[k] for k in STATE if k != "model") < 0:

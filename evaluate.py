@@ -26,7 +26,7 @@ import os
 import re
 import types
 
-from inputs import UserError, command, read_text, writable_file, write_atomically
+from inputs import UserError, check_fields, command, read_json, read_text, writable_file, write_atomically
 
 import torch  # noqa: E402  (inputs first: Ctrl-C during this slow import is one line too)
 import torch.nn.functional as F  # noqa: E402
@@ -498,13 +498,20 @@ def run_official_vbench(video_dir: str, mode: str, dims: str | None, out_dir: st
 
 
 def load_results(path: str) -> dict:
-    try:
-        with open(path) as f:
-            r = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read results file {path!r} ({type(e).__name__})")
-    if not isinstance(r, dict) or "summary" not in r:
-        raise UserError(f"{path!r} is not an evaluate.py results file")
+    """An evaluate.py results file, every field the table and the pages read checked by kind: one line naming the
+    file and the field otherwise."""
+    r = check_fields(read_json(path, "results file"), {"name": str, "summary": dict}, f"results file {path}")
+    r.setdefault("videos", {})  # the table needs name and summary; the pages the videos, where there are any
+    check_fields(r, {"videos": dict}, f"results file {path}")
+    if r["videos"]:
+        check_fields(r, {"video_dir": str}, f"results file {path}")
+    number = lambda v: v is None or isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    if not all(isinstance(k, str) and number(v) for k, v in r["summary"].items()):
+        raise UserError(f"results file {path} is damaged: 'summary' holds a value that is not a number")
+    for name, video in r["videos"].items():
+        check_fields(video, {"prompt": str}, f"results file {path}, video {name!r}")
+    if not isinstance(r.get("sources", {}), dict) or not isinstance(r.get("skipped", {}), dict):
+        raise UserError(f"results file {path} is damaged: 'sources' or 'skipped' is not of its kind")
     return r
 
 

@@ -4,6 +4,7 @@ that turns bad input, a full disk or Ctrl-C into one `error: ...` line and a non
 
 No torch here: this module is imported first, so that Ctrl-C during the slow imports is one line too.
 """
+import contextlib
 import functools
 import hashlib
 import json
@@ -290,6 +291,29 @@ def check_domains(args, domains: list, **fmt):
         for v in value if isinstance(value, list) else [value]:
             if v is not None and not ok(v, args):
                 raise UserError(f"--{flag.replace('_', '-')} " + refusal.format(v=v, **fmt))
+
+
+@contextlib.contextmanager
+def writing(path: str):
+    """Around torch.save and safetensors writes: a failed write (a full disk, a file-size limit, a disk gone) is one
+    line naming the path and the space left, as a failed open() or write() already is (command() prints OSError).
+    torch.save reports such a failure as a bare RuntimeError ("unexpected pos ..."), safetensors as its own error;
+    only file writes happen inside, so either means the write failed."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001 - RuntimeError (torch.save), SafetensorError
+        if type(e).__name__ not in ("RuntimeError", "SafetensorError"):
+            raise
+        import shutil
+
+        folder = os.path.dirname(os.path.abspath(path))
+        while not os.path.isdir(folder):
+            folder = os.path.dirname(folder)
+        free = shutil.disk_usage(folder).free / 2 ** 20
+        reason = str(e).strip().splitlines()[0][:120] if "serializ" in str(e) else "the write failed"
+        raise UserError(f"cannot write {path}: {reason} ({free:.0f} MB free on its disk: full?)") from None
 
 
 def write_atomically(path: str, lines: list[str]):

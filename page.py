@@ -28,7 +28,7 @@ import random
 import sys
 from collections.abc import Callable
 
-from inputs import UserError, read_json, read_metrics, read_text, writable_file
+from inputs import UserError, check_fields, read_json, read_metrics, read_text, writable_file
 
 # ----------------------------------------------------------------------------------------------------------
 # Tables: the paper's Table 3 layout, a row per model, a column per dimension
@@ -386,13 +386,18 @@ def read_study(paths: list[str]) -> dict:
     """One or more raters' saved results of ONE study, their judgements joined."""
     joined = None
     for path in paths:
-        try:
-            r = json.loads(read_text(path, "study results"))
-        except json.JSONDecodeError as e:
-            raise UserError(f"cannot read study results {path}: {e}") from None
-        ok = isinstance(r, dict) and isinstance(r.get("judgements"), list) and isinstance(r.get("runs"), list)
-        if not ok or len(r["runs"]) != 2 or not all(isinstance(j, dict) and j.get("choice") in ("left", "right", "tie")
-                                                    and len(j.get("runs", [])) == 2 for j in r["judgements"]):
+        r = read_json(path, "study results")
+        if "judgements" not in r:
+            raise UserError(f"{path} is not the results file of an evaluate.py study (saved by its page)")
+        check_fields(r, {"runs": list, "judgements": list}, f"study results {path}")
+        pair = lambda v: isinstance(v, list) and len(v) == 2 and all(isinstance(x, str) for x in v)  # noqa: E731
+        for i, j in enumerate(r["judgements"]):
+            check_fields(j, {"choice": str, "runs": list, "prompt": str, "videos": list},
+                         f"study results {path}, judgement {i + 1}")
+            if j["choice"] not in ("left", "right", "tie") or not pair(j["runs"]) or not pair(j["videos"]):
+                raise UserError(f"study results {path}, judgement {i + 1} is damaged: its choice, runs or videos are "
+                                "not those of an evaluate.py study page")
+        if not pair(r["runs"]):
             raise UserError(f"{path} is not the results file of an evaluate.py study (saved by its page)")
         if joined is None:
             joined = {"study": r.get("study"), "runs": r["runs"], "judgements": [], "files": []}

@@ -18,7 +18,8 @@ import math
 import os
 import time
 
-from inputs import UserError, command, writable_dir
+from inputs import (ANY, UserError, check_domains, command, refuse_empty, writable_dir, writable_file, write_atomically,
+                    writing)
 
 import torch  # noqa: E402  (inputs first: Ctrl-C during this slow import is one line too)
 
@@ -319,25 +320,46 @@ def pretrain(steps: int, batch_size: int, lr: float, out: str, seed: int = 0, dr
             print(f"step {step}/{steps} loss {sum(history[-log_every:]) / len(history[-log_every:]):.4f} "
                   f"{time.perf_counter() - tic:.0f}s", flush=True)
     model.dit = ema
-    model.save_weights(out, ema)
+    with writing(out):
+        model.save_weights(out, ema)
     return {"steps": steps, "seconds": time.perf_counter() - tic, "final_loss": sum(history[-50:]) / len(history[-50:])}
 
 
-@command()
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=TOY_DIR, help="folder for model.safetensors + config.json")
+    p.add_argument("--out", default=TOY_DIR, help="folder for model.safetensors + config.json (default: the shipped "
+                   "toy/, which a run replaces only with --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace the weights --out already holds")
+    return p
+
+
+DOMAINS = [  # inputs.check_domains, before the pretraining starts
+    ("steps", lambda v, a: v >= 1, "must be at least 1, got {v}"),
+    ("batch_size", lambda v, a: v >= 1, "must be at least 1, got {v}"),
+    ("lr", lambda v, a: math.isfinite(v) and v > 0, "must be a finite number > 0, got {v}"),
+    ("seed", ANY, ""), ("out", ANY, ""),
+]
+
+
+@command()
+def main(argv=None):
+    p = parser()
     args = p.parse_args(argv)
-    if args.steps < 1 or args.batch_size < 1:
-        raise UserError("--steps and --batch-size must be at least 1")
+    refuse_empty(args, p)
+    check_domains(args, DOMAINS)
     writable_dir(args.out, "--out")  # before the pretraining, not after it
+    outputs = [os.path.join(args.out, f) for f in ("model.safetensors", "config.json", "pretrain.json")]
+    for path in outputs:
+        writable_file(path, "--out")
+    if not args.overwrite and os.path.exists(outputs[0]):
+        raise UserError(f"{outputs[0]} exists (the shipped toy model, when --out is toy/): give another --out, or "
+                        "--overwrite to replace it")
     result = pretrain(args.steps, args.batch_size, args.lr, args.out, args.seed)
-    with open(os.path.join(args.out, "pretrain.json"), "w") as f:
-        json.dump({**vars(args), **result}, f, indent=1)
+    write_atomically(outputs[2], [json.dumps({**vars(args), **result}, indent=1)])
     print(f"wrote {args.out}/model.safetensors ({result['seconds']:.0f}s)")
 
 

@@ -16,11 +16,11 @@ TINY = ["--model", "tiny", "--size", "16x16", "--frames", "4", "--sample-steps",
 # one refusal per tool, each the whole command as a user types it, and the one line it must print
 REFUSALS = {
     "train.py": (TINY + ["--n", "1"], "error: --n must be at least 2: a preference pair needs two candidates"),
-    "sample.py": (["--model", "tiny", "--n", "0"], "error: --n and --strip-scale must be at least 1"),
+    "sample.py": (["--model", "tiny", "--n", "0"], "error: --n must be at least 1, got 0"),
     "evaluate.py": (["/nonexistent"], "error: '/nonexistent' is not a folder"),
     "agreement.py": (["/nonexistent.json", "--reward", "pixel"], "error: manifest '/nonexistent.json' not found"),
     "reward.py": (["score", "/nonexistent.mp4", "--reward", "pixel"], "error: cannot read video /nonexistent.mp4"),
-    "toy.py": (["--steps", "0"], "error: --steps and --batch-size must be at least 1"),
+    "toy.py": (["--steps", "0"], "error: --steps must be at least 1, got 0"),
     "bench.py": (["--n", "1", "--device", "cpu"], "error: --n must be at least 2: a preference pair needs two candidates"),
     "ablate.py": (["--runs", "nope"], "error: unknown run 'nope'; choose from "),
 }

@@ -237,7 +237,7 @@ def test_missing_vbench_package_and_bad_results_file_are_one_line_errors(tmp_pat
         with pytest.raises(SystemExit, match="error: --vbench needs the official package"):
             evaluate.main([str(tmp_path / "v"), "--vbench", "custom"])
     (tmp_path / "x.json").write_text("[1, 2]")
-    with pytest.raises(SystemExit, match="is not an evaluate.py results file"):
+    with pytest.raises(SystemExit, match="x.json' is not a JSON object"):
         evaluate.main(["--compare", str(tmp_path / "x.json")])
 
 

@@ -195,7 +195,7 @@ def test_lora_under_ddp_and_fsdp_follows_one_process_and_resumes(tmp_path):
 
 
 GRPO = ["--model", "tiny", "--reward", "pixel", "--method", "grpo", "--steps", "2", "--batch-size", "4", "-n", "4",
-        "--k", "1", "--sample-steps", "3", "--grpo-micro-batch", "3", "--save-every", "2"]
+        "--sample-steps", "3", "--grpo-micro-batch", "3", "--save-every", "2"]
 # rank 1's groups all tie: it must still make every network call of the update, with weight 0
 TIE_ON_RANK_1 = """
 import grpo

@@ -1,5 +1,6 @@
 """The toy world: rendering, the toy reward's judgements, and toy.py's pretraining entry point."""
 import json
+import os
 
 import pytest
 import torch
@@ -140,21 +141,25 @@ def test_judge_rejects_a_shape_in_pieces_and_an_empty_video():
 
 
 
-def test_ablation_folder_of_other_toy_weights_stops_with_one_line(tmp_path):
+@pytest.mark.slow
+def test_an_ablation_cache_hit_is_the_same_run_never_one_with_other_settings(tmp_path, capsys):
+    """ablate.py keys each run's folder by its flags, the prompts' text and the toy weights: a second sweep with the
+    same settings reuses every run (no new folder, the same table), and one with another --steps, --lr or seed
+    trains its own runs beside the first sweep's, which stay."""
     import ablate
 
-    weights = tmp_path / "model.safetensors"
-    weights.write_bytes(b"old toy world")
-    out = tmp_path / "ablation"
-    ablate.check_weights(str(out), str(weights))  # first use records the weights
-    ablate.check_weights(str(out), str(weights))  # and the same weights pass again
-    weights.write_bytes(b"new toy world")
-    with pytest.raises(UserError, match="other toy weights"):
-        ablate.check_weights(str(out), str(weights))
-    legacy = tmp_path / "legacy"
-    (legacy / "online-K5-seed0").mkdir(parents=True)  # runs cached by an ablate.py that recorded nothing
-    with pytest.raises(UserError, match="do not record their toy weights"):
-        ablate.check_weights(str(legacy), str(weights))
+    sweep = ["--runs", "online-K5", "--steps", "1", "--batch-size", "1", "--sample-steps", "1", "--out", str(tmp_path)]
+    ablate.main(sweep + ["--seeds", "0"])
+    first = sorted(os.listdir(tmp_path))
+    table = (tmp_path / "table.md").read_text()
+    ablate.main(sweep + ["--seeds", "0"])
+    assert sorted(os.listdir(tmp_path)) == first and (tmp_path / "table.md").read_text() == table
+    for other in (["--seeds", "0", "--lr", "1e-4"], ["--seeds", "1"]):
+        ablate.main(sweep + other)
+    runs = [f for f in os.listdir(tmp_path) if f.startswith("online-K5-")]
+    assert len(runs) == 3 and set(first) <= set(os.listdir(tmp_path))
+    assert ablate.run_flags("online-K5", 0, ablate.parser().parse_args(sweep)) != ablate.run_flags(
+        "online-K5", 0, ablate.parser().parse_args(sweep[:3] + ["2"] + sweep[4:]))  # --steps 1 vs 2
 
 
 def test_sharpness_uses_the_named_shapes_perimeter():
