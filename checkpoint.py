@@ -105,8 +105,9 @@ def read_state(path: str) -> dict:
     if not os.path.isfile(file):
         raise UserError(f"{path} is not a train.py checkpoint (no state.json)")
     state = check_fields(read_json(file, "checkpoint state"), STATE, f"checkpoint state {file}")
-    digest = state.pop("sha256", None)  # checkpoints of earlier versions have none
-    if digest is not None and digest != state_digest(state):
+    digest = state.pop("sha256", None)  # checkpoints of earlier versions have none (and record sizes only)
+    this_version = isinstance(state.get("files"), dict) and any(isinstance(v, dict) for v in state["files"].values())
+    if (digest is not None or this_version) and digest != state_digest(state):
         raise UserError(f"checkpoint state {file} is damaged: its fields do not match its sha256")
     if re.fullmatch(r"checkpoint-\d+", os.path.basename(path.rstrip("/"))) and state["step"] != step_of(path):
         raise UserError(f"checkpoint state {file} is damaged: it says step {state['step']}, its folder another")

@@ -115,6 +115,7 @@ def checkpoint_weights(folder: str) -> str:
     path = os.path.join(folder, "model.safetensors")
     adapter = os.path.join(folder, lora.ADAPTER_FILE)
     if not os.path.isfile(path) and os.path.isfile(adapter):  # a LoRA run's checkpoint (without --merge-lora)
+        checkpoint.verified(folder, lora.CONFIG_FILE)  # the config that shapes the adapters, by its sha256 too
         lora.read_config(folder)
         return checkpoint.verified(folder, lora.ADAPTER_FILE)
     if not os.path.isfile(path):
