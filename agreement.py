@@ -9,12 +9,12 @@ import argparse
 import json
 import os
 
-from inputs import UserError, command, read_text, writable_file, write_atomically
+from inputs import ANY, UserError, check_domains, command, read_text, refuse_empty, writable_file, write_atomically
 
 import torch  # noqa: E402  (inputs first: Ctrl-C during these slow imports is one line too)
 
 import page  # noqa: E402
-from reward import add_reward_args, build_reward, parse_dim, pick  # noqa: E402
+from reward import REWARD_DOMAINS, add_reward_args, build_reward, parse_dim, pick, reward_dims  # noqa: E402
 from videos import read_fps, read_video  # noqa: E402
 
 
@@ -96,15 +96,28 @@ def agreement_table(result: dict) -> str:
     return "\n".join([head, "|" + "---|" * (len(cols) + 1), *rows])
 
 
-@command()
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Measure a reward's agreement with human choices (MRR, Recall@1/2/4; "
                                 "paper Table 2).")
     p.add_argument("manifest", help="a manifest JSON, or the results of an evaluate.py study")
     p.add_argument("--reward-dim", default=None, help="also a weighted mix of dimensions, as train.py's "
                    "(e.g. videoscore:temporal_consistency=1,aesthetic=0.5)")
     add_reward_args(p, "the result")
+    return p
+
+
+DOMAINS = REWARD_DOMAINS + [
+    ("reward_dim", lambda v, a: bool(parse_dim(v, reward_dims(a.reward))), ""),  # parse_dim names a bad one itself
+    ("manifest", ANY, ""),  # read_manifest checks the file
+]
+
+
+@command()
+def main(argv=None):
+    p = parser()
     args = p.parse_args(argv)
+    refuse_empty(args, p)
+    check_domains(args, DOMAINS)
     if args.out:
         writable_file(args.out, "--out")
     reward = build_reward(args.reward, device=args.device, path=args.reward_path, batch_size=args.reward_batch)

@@ -29,7 +29,8 @@ import resource
 import sys
 import time
 
-from inputs import ANY, UserError, check_domains, command, refuse_empty, writable_file, write_atomically
+from inputs import (ANY, UserError, check_domains, command, known_device, refuse_empty, writable_file,
+                    write_atomically)
 
 import torch  # noqa: E402  (inputs first: Ctrl-C during this slow import is one line too)
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
@@ -37,7 +38,6 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 import opensora as osr
 import train
 import videoscore as rw
-from sample import known_device
 from model import ByteTokenizer, OpenSoraModel, tiny_t5
 from reward import PixelReward
 from run import Run
@@ -486,7 +486,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 DOMAINS = [  # inputs.check_domains, before any model is built; check_args then the combinations
-    ("parts", lambda v, a: all(x.strip() in PARTS for x in v.split(",")), "{v!r}: choose from " + ", ".join(PARTS)),
+    ("parts", lambda v, a: all(x.strip() in PARTS for x in v.split(",")), "{v!r}: unknown part; choose from " + ", ".join(PARTS)),
     ("n", lambda v, a: v >= 2, "must be at least 2: a preference pair needs two candidates"),
     ("steps", lambda v, a: v >= 1, "must be at least 1, got {v}"),
     ("lora_rank", lambda v, a: v >= 0, "must be at least 1 (0: no LoRA column), got {v}"),

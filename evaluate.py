@@ -26,7 +26,8 @@ import os
 import re
 import types
 
-from inputs import UserError, check_fields, command, read_json, read_text, writable_file, write_atomically
+from inputs import (ANY, UserError, check_domains, check_fields, command, known_device, read_json, read_text, refuse_empty,
+                    writable_file, write_atomically)
 
 import torch  # noqa: E402  (inputs first: Ctrl-C during this slow import is one line too)
 import torch.nn.functional as F  # noqa: E402
@@ -515,7 +516,7 @@ def load_results(path: str) -> dict:
     return r
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("video_dir", nargs="?", help="folder of {prompt}-{i}.mp4 videos (sample.py's output)")
     p.add_argument("--out", default=None, help="results JSON (default VIDEO_DIR/evaluation.json)")
@@ -560,7 +561,29 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "page (one per rater): the second run's win rate against the first, with a 95%% interval")
     p.add_argument("--plot", default=None, help="plot file (.svg, or .png with matplotlib)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return p.parse_args(argv)
+    return p
+
+
+DOMAINS = [  # inputs.check_domains, before any folder is read or model loaded
+    ("metrics", lambda v, a: set(v.split(",")) <= {*VBENCH_QUALITY, *PROXIES},
+     "{v!r}: unknown metric; choose from " + ", ".join([*VBENCH_QUALITY, *PROXIES])),
+    ("reward", lambda v, a: all(bool(reward_names(s.partition("=")[0])) for s in (v.split(",") if "=" not in v
+                                                                                   else [v])), ""),
+    ("device", lambda v, a: known_device(v), "{v!r}: not a device torch sees here (cpu; cuda or cuda:I for a "
+     "visible GPU)"),
+    # names, Hub ids and paths: each checked by the reader that opens it (a missing folder, a bad results file)
+    *[(flag, ANY, "") for flag in ("video_dir", "out", "name", "reward_dim", "dino", "clip", "raft", "amt", "musiq",
+                                   "fvd", "fvd_ckpt", "aesthetic_clip", "aesthetic_head", "full_info", "vbench_dims",
+                                   "compare", "run", "html", "study_html", "seed", "study", "plot")],
+]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = parser()
+    args = p.parse_args(argv)
+    refuse_empty(args, p)
+    check_domains(args, DOMAINS)
+    return args
 
 
 @command()

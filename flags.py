@@ -16,7 +16,7 @@ ALIGNED = ("dense", "structural")  # DenseDPO's aligned candidates: corrupted co
 DEFAULT_REWARDS = {"toy": "toy", "tiny": "pixel"}
 
 
-def parse_args(argv=None, description: str = "") -> argparse.Namespace:
+def parser(description: str = "") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("Algorithm 1 (the paper's hyperparameters)")
     g.add_argument("--method", default="online", choices=list(METHOD_NAMES),
@@ -120,6 +120,12 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
                    help="continue from the latest checkpoint in --out, or from the given checkpoint folder")
     g.add_argument("--overwrite", action="store_true", help="start afresh in an --out that already holds a run: "
                    "its metrics, checkpoints, samples and offline pairs are deleted")
+    return p
+
+
+def parse_args(argv=None, description: str = "") -> argparse.Namespace:
+    """The flags, the empty and the other method's refused; a method flag not given takes its parser default."""
+    p = parser(description)
     defaults = {flag: p.get_default(flag) for flag in METHOD_FLAGS}
     p.set_defaults(**dict.fromkeys(METHOD_FLAGS))  # None: not given, so a flag of another method can be told apart
     args = p.parse_args(argv)

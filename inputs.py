@@ -283,6 +283,19 @@ def refuse_empty(args, parser):
                 raise UserError(f"{name} is empty: give a value, or leave the flag out for its default")
 
 
+def known_device(name: str) -> bool:
+    """cpu, or a CUDA GPU that is visible (cuda, cuda:I): the devices the models run on."""
+    import torch  # here, not at the top: this module stays light to import
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return False
+    if device.type == "cpu":
+        return device.index in (None, 0)
+    return device.type == "cuda" and torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
+
+
 def check_domains(args, domains: list, **fmt):
     """Each (flag, ok(value, args), refusal) of a tool's table: a given value outside its domain is one line,
     '--flag ' + the refusal ({v}: the value; other fields from fmt). A flag left at None is not checked."""

@@ -8,15 +8,15 @@ the benchmark doubles as a parity check of our sampler on real weights.
 """
 import argparse
 import json
+import re
 import tempfile
 import time
 
-from inputs import UserError, command
+from inputs import ANY, check_domains, command, known_device, refuse_empty
 
 import torch  # noqa: E402  (inputs first: Ctrl-C during this slow import is one line too)
 
 from diffusers_models import BUILDERS  # noqa: E402
-from sample import known_device  # noqa: E402
 
 PIPELINES = {"cogvideox": "CogVideoXPipeline", "wan": "WanPipeline"}
 
@@ -62,7 +62,7 @@ def benchmark(name: str, dit: str, n: int = 4, steps: int = 10, size: str | None
             "max_latent_diff": float((ours - theirs).abs().max())}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="batched sampling of N videos vs N diffusers pipeline calls")
     p.add_argument("--model", default="wan", choices=list(BUILDERS))
     p.add_argument("--dit", default=None, help="pipeline Hub id or folder (default: tiny random components)")
@@ -73,22 +73,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16"])
     p.add_argument("--threads", type=int, default=1, help="CPU threads (1: stable timings on a shared machine)")
-    return p.parse_args(argv)
+    return p
 
 
-def check_args(args):
-    """The flags' values, before a pipeline is written or loaded."""
-    for flag in ("n", "steps", "threads"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    if not known_device(args.device):
-        raise UserError(f"--device {args.device!r}: not a device torch sees here (cpu; cuda or cuda:I for a visible GPU)")
+DOMAINS = [  # inputs.check_domains, before a pipeline is written or loaded
+    ("n", lambda v, a: v >= 1, "must be at least 1, got {v}"),
+    ("steps", lambda v, a: v >= 1, "must be at least 1, got {v}"),
+    ("threads", lambda v, a: v >= 1, "must be at least 1, got {v}"),
+    ("frames", lambda v, a: v >= 1, "must be at least 1, got {v}"),
+    ("size", lambda v, a: re.fullmatch(r"[1-9]\d*x[1-9]\d*", v.lower()) is not None,
+     "must look like 480x832 (height x width in pixels), got {v!r}"),
+    ("device", lambda v, a: known_device(v), "{v!r}: not a device torch sees here (cpu; cuda or cuda:I for a "
+     "visible GPU)"),
+    ("dit", ANY, ""),
+]
 
 
 @command()
 def main(argv=None):
-    args = parse_args(argv)
-    check_args(args)
+    p = parser()
+    args = p.parse_args(argv)
+    refuse_empty(args, p)
+    check_domains(args, DOMAINS)
     torch.set_num_threads(args.threads)
     bf16 = (args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")) == "bf16"
     dtype = torch.bfloat16 if bf16 else torch.float32

@@ -20,7 +20,8 @@ import json
 import math
 import os
 
-from inputs import UserError, command, read_json, writable_file, write_atomically
+from inputs import (ANY, UserError, check_domains, command, known_device, read_json, refuse_empty, writable_file,
+                    write_atomically)
 
 import torch  # noqa: E402  (inputs first: Ctrl-C during this slow import is one line too)
 
@@ -245,15 +246,35 @@ def add_reward_args(p, what: str):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
-@command()
-def main(argv=None):
+# The reward commands' flags (reward.py score, agreement.py), for inputs.check_domains: before any reward loads
+REWARD_DOMAINS = [
+    ("reward", lambda v, a: bool(reward_names(v)), ""),  # reward_names refuses an unknown name itself
+    ("reward_batch", lambda v, a: v >= 1, "must be at least 1, got {v}"),
+    ("device", lambda v, a: known_device(v), "{v!r}: not a device torch sees here (cpu; cuda or cuda:I for a "
+     "visible GPU)"),
+    *[(flag, ANY, "") for flag in ("reward_path", "out")],
+]
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Score video files with a reward (its agreement with human choices: "
                                 "agreement.py).")
     p.add_argument("command", choices=["score"])
     p.add_argument("paths", nargs="+", help="video files")
     p.add_argument("--prompt", default="", help="the text prompt of the videos")
     add_reward_args(p, "the scores")
+    return p
+
+
+DOMAINS = REWARD_DOMAINS + [(flag, ANY, "") for flag in ("paths", "prompt")]  # files: read_video names a bad one
+
+
+@command()
+def main(argv=None):
+    p = parser()
     args = p.parse_args(argv)
+    refuse_empty(args, p)
+    check_domains(args, DOMAINS)
     if args.out:
         writable_file(args.out, "--out")
     reward = build_reward(args.reward, device=args.device, path=args.reward_path, batch_size=args.reward_batch)

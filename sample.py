@@ -10,8 +10,8 @@ import math
 import os
 import re
 
-from inputs import (ANY, UserError, check_domains, command, default_prompts, load_prompts, refuse_empty, stream_seed,
-                    video_names, writable_dir, writable_file)
+from inputs import (ANY, UserError, check_domains, command, default_prompts, known_device, load_prompts, refuse_empty,
+                    stream_seed, video_names, writable_dir, writable_file)
 
 import torch  # noqa: E402  (inputs first: Ctrl-C during this slow import is one line too)
 
@@ -76,22 +76,12 @@ MODEL_DOMAINS = [
      "is Open-Sora's aspect name: for --model opensora without --size (other models take --size)"),
     ("device", lambda v, a: known_device(v), "{v!r}: not a device torch sees here (cpu; cuda or cuda:I for a "
      "visible GPU)"),
+    *[(flag, ANY, "") for flag in ("dit", "vae", "text_encoder")],  # Hub ids or folders: inputs.resolve checks them
 ]
 
 
 def check_model_args(args):
     check_domains(args, MODEL_DOMAINS)
-
-
-def known_device(name: str) -> bool:
-    """cpu, or a CUDA GPU that is visible (cuda, cuda:I): the devices the models run on."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        return False
-    if device.type == "cpu":
-        return device.index in (None, 0)
-    return device.type == "cuda" and torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
 
 
 def model_from_args(args) -> "VideoModel":  # noqa: F821
@@ -141,7 +131,7 @@ def parser() -> argparse.ArgumentParser:
 DOMAINS = MODEL_DOMAINS + [  # every other flag of sample.py; ANY: any value of its type (a path: its reader checks it)
     ("n", lambda v, a: v >= 1, "must be at least 1, got {v}"),
     ("strip_scale", lambda v, a: v >= 1, "must be at least 1, got {v}"),
-    *[(flag, ANY, "") for flag in ("dit", "vae", "text_encoder", "checkpoint", "prompts", "seed", "out", "strip")],
+    *[(flag, ANY, "") for flag in ("checkpoint", "prompts", "seed", "out", "strip")],
 ]
 
 

@@ -200,8 +200,8 @@ def test_random_videoscore_scores_through_reward_py():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--parts", "a,x"], "unknown part x"),
-    (["--parts", "ab"], "unknown part ab"),
+    (["--parts", "a,x"], "--parts 'a,x': unknown part; choose from a, b, c, d"),
+    (["--parts", "ab"], "--parts 'ab': unknown part"),
     (["--points", "240q:51"], "bad point '240q:51'"),
     (["--point", "16x30:9"], "multiples of 8"),
     (["--mfu-points", "240p"], "bad point '240p'"),
