@@ -28,8 +28,11 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def start(tool: str, args: list[str], cwd: str = ROOT) -> subprocess.Popen:
+    # Ctrl-C as a terminal delivers it: a test run started in the background (`cmd &` in a script) ignores SIGINT,
+    # and its children would inherit that (inputs.py keeps a parent's choice to ignore Ctrl-C)
     return subprocess.Popen([sys.executable, os.path.join(ROOT, tool), *args], cwd=cwd, env=ENV, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def refuse(tools: list[str], cwd: str) -> dict:
