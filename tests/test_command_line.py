@@ -22,7 +22,7 @@ REFUSALS = {
     "reward.py": (["score", "/nonexistent.mp4", "--reward", "pixel"], "error: cannot read video /nonexistent.mp4"),
     "toy.py": (["--steps", "0"], "error: --steps must be at least 1, got 0"),
     "bench.py": (["--n", "1", "--device", "cpu"], "error: --n must be at least 2: a preference pair needs two candidates"),
-    "ablate.py": (["--runs", "nope"], "error: unknown run 'nope'; choose from "),
+    "ablate.py": (["--runs", "nope"], "error: --runs 'nope' is no run here; choose from "),
 }
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
