@@ -115,7 +115,15 @@ def parser(description: str = "") -> argparse.ArgumentParser:
     g.add_argument("--out", default="runs/vpo")
     g.add_argument("--save-every", type=int, default=100, help="checkpoint every this many steps (and at the end)")
     g.add_argument("--sample-every", type=int, default=0, help="write eval mp4s every this many steps; 0 = never")
-    g.add_argument("--eval-prompts", default=None, help="fixed prompts for --sample-every")
+    g.add_argument("--eval-prompts", default=None, help="fixed prompts for --sample-every (the first 4)")
+    g.add_argument("--eval-videos", type=int, default=2, help="videos per eval prompt, fixed seeds")
+    g.add_argument("--eval-reward", default=None, help=f"a held-out reward ({', '.join(REWARDS)}; judge: the toy "
+                   "world's shape judge) that scores the eval samples every --sample-every steps beside the trained "
+                   "reward, logged in metrics.jsonl as heldout/<dim>; a warning when the two part (reward hacking)")
+    g.add_argument("--eval-reward-dim", default=None, help="the held-out reward's dimension the warning watches "
+                   "(default: its own default; 'global' = the mean of all)")
+    g.add_argument("--hack-patience", type=int, default=3, help="evaluations in a row at which the trained reward "
+                   "rose and the held-out one fell before the warning")
     g.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue from the latest checkpoint in --out, or from the given checkpoint folder")
     g.add_argument("--overwrite", action="store_true", help="start afresh in an --out that already holds a run: "
@@ -198,6 +206,8 @@ DOMAINS = [
     ("save_every", lambda v, a: v >= 1, "must be at least 1"),
     ("reward_batch", lambda v, a: v >= 1, "must be at least 1"),
     ("sample_every", lambda v, a: v >= 0, "must be at least 0"),
+    ("eval_videos", lambda v, a: v >= 1, "must be at least 1, got {v}"),
+    ("hack_patience", lambda v, a: v >= 1, "must be at least 1, got {v}"),
     ("grpo_noise_level", lambda v, a: finite(v) and v > 0, "must be a finite number > 0, got {v}"),
     ("grpo_clip", lambda v, a: finite(v) and v > 0, "must be a finite number > 0, got {v}"),
     ("grpo_beta", lambda v, a: finite(v) and v >= 0, "must be a finite number >= 0 (0: no KL term), got {v}"),
@@ -218,8 +228,9 @@ DOMAINS = [
     ("lora_dropout", lambda v, a: finite(v) and 0 <= v < 1, "must be in [0, 1), got {v}"),
     ("lora_targets", lambda v, a: lora.valid_pattern(v), "{v!r} is not a valid regular expression (Python re)"),
     ("reward_dim", ANY, ""),  # the reward's own dimensions: parse_dim in check_args, before any weights load
+    ("eval_reward_dim", ANY, ""),  # the held-out reward's dimensions: parse_dim in check_args
     *[(flag, ANY, "") for flag in ("prompts", "eval_prompts", "videos", "captions", "reward", "reward_path", "seed",
-                                   "out", "resume")],  # a path is checked by its reader; --reward by reward_names
+                                   "out", "resume", "eval_reward")],  # a path is checked by its reader, a reward by reward_names
 ]
 # Flags that do not combine, checked after the domains: (the flags given together, the refusal)
 CONFLICTS = [
@@ -232,6 +243,9 @@ CONFLICTS = [
      "--{lora_only} needs --lora-rank (LoRA is off)"),
     (lambda a: a.lora_rank and a.ref_offload,
      "--ref-offload has nothing to offload with --lora-rank: the reference is an adapter"),
+    (lambda a: a.eval_reward and not a.sample_every,
+     "--eval-reward scores the eval samples: give --sample-every (how many steps between evaluations)"),
+    (lambda a: a.eval_reward_dim and not a.eval_reward, "--eval-reward-dim needs --eval-reward"),
     (lambda a: a.resume and a.overwrite,
      "--resume continues the run in --out and --overwrite deletes it: give one of them"),
 ]
@@ -249,6 +263,11 @@ def check_args(args):
     reward_names(args.reward)
     if args.reward_dim is not None:
         parse_dim(args.reward_dim, reward_dims(args.reward))  # the reward's own dimensions, before it loads
+    if args.eval_reward is not None:
+        reward_names(args.eval_reward)
+        if args.eval_reward_dim is not None:
+            if isinstance(parse_dim(args.eval_reward_dim, reward_dims(args.eval_reward)), dict):
+                raise UserError("--eval-reward-dim names one dimension or global, not a weighted mix")
     check_domains(args, DOMAINS, world=parallel.WORLD)
     for conflict, refusal in CONFLICTS:
         if conflict(args):

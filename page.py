@@ -69,10 +69,13 @@ def table(results: list[dict], vbench: dict, proxies: dict, score: Callable[[dic
     return "\n".join(lines)
 
 
-def markdown_table(md: str) -> str:
-    """table()'s markdown -> an HTML table."""
+def markdown_table(md: str, transpose: bool = False) -> str:
+    """table()'s markdown -> an HTML table; `transpose`: a row per metric and a column per model, which fits a
+    window's width however many metrics there are (the page's layout)."""
     rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in md.splitlines()
             if line.strip() and not set(line.strip()) <= set("|-: ")]
+    if transpose:
+        rows = [list(col) for col in zip(*rows)]
     head, body = rows[0], rows[1:]
     return ("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr>" +
             "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in body) + "</table>")
@@ -202,16 +205,19 @@ def read_run_metrics(path: str) -> list[dict]:
     return rows
 
 
-def run_k(run_dir: str):
-    """K from the run's args.json, for the title only: '?' (with a warning if the file is there but unreadable)."""
+def run_args(run_dir: str) -> dict:
+    """The run's args.json, for titles and labels only: {} (with a warning if the file is there but unreadable)."""
     path = os.path.join(run_dir, "args.json")
     if not os.path.isfile(path):
-        return "?"
+        return {}
     try:
-        return read_json(path, "args file").get("k", "?")
+        args = read_json(path, "args file")
+        if isinstance(args, dict):
+            return args
+        print(f"warning: {path} holds no flags; K shown as ?", file=sys.stderr)
     except UserError as e:
         print(f"warning: {path} is unreadable ({str(e).splitlines()[0]}); K shown as ?", file=sys.stderr)
-        return "?"
+    return {}
 
 
 def plot_reward_curve(run_dir: str, path: str):
@@ -229,13 +235,18 @@ def reward_curve(run_dir: str) -> tuple[str, dict, list[int]]:
     if not os.path.isfile(metrics):
         raise UserError(f"{metrics} not found: --run takes a train.py output folder")
     rows = read_run_metrics(metrics)
-    k = run_k(run_dir)
+    args = run_args(run_dir)
+    k = args.get("k", "?")
     number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
     series = {label: [(r["step"], r[key]) for r in rows if number(r.get(key))]
               for key, label in (("reward_mean", "mean of N"), ("reward_w", "winner"), ("reward_l", "loser"))}
     series = {k: v for k, v in series.items() if v}
     if not series:
         raise UserError(f"{metrics} holds no reward values")
+    held = [r for r in rows if number(r.get("eval_heldout")) and number(r.get("eval_trained"))]
+    if held:  # --eval-reward: the trained and the held-out reward of the fixed eval samples
+        series["eval: trained"] = [(r["step"], r["eval_trained"]) for r in held]
+        series[f"eval: held-out {args.get('eval_reward', '?')}"] = [(r["step"], r["eval_heldout"]) for r in held]
     # train.py logs the cumulative count of reference updates (G_ref <- G_theta every K steps): mark where it grows
     counts = [0] + [r.get("ref_updates", 0) for r in rows]
     updates = [r["step"] for r, before in zip(rows, counts) if r.get("ref_updates", 0) > before]
@@ -249,7 +260,8 @@ def reward_curve(run_dir: str) -> tuple[str, dict, list[int]]:
 STYLE = """body{font-family:sans-serif;margin:24px;color:#222}video{width:100%;max-width:360px;background:#000}
 .row{display:grid;gap:12px;margin-bottom:24px}.cell h4{margin:4px 0;font-weight:normal;color:#555}
 table{border-collapse:collapse;margin:12px 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
-th:first-child,td:first-child{text-align:left}button{font-size:18px;padding:10px 24px;margin:8px}"""
+th:first-child,td:first-child{text-align:left}button{font-size:18px;padding:10px 24px;margin:8px}
+.wide{max-width:100%;overflow-x:auto}svg{max-width:100%;height:auto}"""
 
 
 def video_uri(path: str) -> str:
@@ -293,7 +305,7 @@ def comparison_page(results: list[dict], table_md: str, run_dirs: list[str]) -> 
             cells = [f"<div class='cell'><h4>{html.escape(n)}</h4>" + (video_tag(v[i]) if i < len(v) else "-") +
                      "</div>" for n, v in zip(names, per_run)]
             out.append(f"<div class='row' style='{cols}'>" + "".join(cells) + "</div>")
-    out.append("<h2>Metrics</h2>" + markdown_table(table_md))
+    out.append("<h2>Metrics</h2><div class='wide'>" + markdown_table(table_md, transpose=True) + "</div>")
     for run, curve in curves.items():
         out.append(f"<h2>Reward curve: {html.escape(run)}</h2>{curve}")
     return "\n".join(out + ["</body></html>"]) + "\n"

@@ -17,6 +17,7 @@ import sys
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from tqdm import tqdm
 
 import dpo
 
@@ -48,9 +49,10 @@ def is_main() -> bool:
 
 
 def warn(message: str):
-    """One `warning:` line on stderr, from rank 0 only (every rank meets the same condition)."""
+    """One `warning:` line on stderr, from rank 0 only (every rank meets the same condition); on a line of its own
+    while a progress bar is drawn (tqdm.write moves the bar below it)."""
     if is_main():
-        print(f"warning: {message}", file=sys.stderr, flush=True)
+        tqdm.write(f"warning: {message}", file=sys.stderr)
 
 
 def barrier():

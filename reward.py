@@ -90,7 +90,7 @@ def lazy(module: str, name: str):
     return build
 
 
-REWARDS = {"toy": lazy("toy", "ToyReward"), "pixel": PixelReward,
+REWARDS = {"toy": lazy("toy", "ToyReward"), "judge": lazy("toy", "ShapeJudge"), "pixel": PixelReward,
            "videoscore": lazy("videoscore", "VideoScore"),
            "videoscore-v1.1": functools.partial(lazy("videoscore", "VideoScore"), hub_id="TIGER-Lab/VideoScore-v1.1",
                                                 max_frames=48),

@@ -137,6 +137,11 @@ class Run:
         self.reward = reward or build_reward(args.reward, device=args.device, path=args.reward_path,
                                              batch_size=args.reward_batch, offload=args.reward_offload)
         self.dim = args.reward_dim or self.reward.default_dim
+        # --eval-reward: a held-out judge of the eval samples, on the rank that logs (see held_out)
+        self.eval_reward = (build_reward(args.eval_reward, device=args.device)
+                            if args.eval_reward and parallel.is_main() else None)
+        self.eval_dim = args.eval_reward_dim or getattr(self.eval_reward, "default_dim", None)
+        self.evals = []  # (trained, held-out) at each evaluation so far: the hacking warning's history
         parse_dim(self.dim, self.reward.dims)  # a bad name or weight: one line now, not at the first score
         for part in vars(self.reward).values():  # the reward is a judge, never trained (ReFL's gradients stop at it)
             if isinstance(part, torch.nn.Module):
@@ -244,6 +249,8 @@ class Run:
             if newer and self.superseded:  # the timeline set aside keeps its rows beside its checkpoints
                 write_atomically(os.path.join(self.superseded, "metrics.jsonl"), newer)
             write_atomically(self.metrics_path, [json.dumps(r) + "\n" for r in rows if r["step"] <= self.step])
+            self.evals = [(r["eval_trained"], r["eval_heldout"]) for r in rows
+                          if r["step"] <= self.step and r.get("eval_heldout") is not None]
         else:
             write_atomically(self.metrics_path, [])
             write_atomically(os.path.join(self.args.out, "args.json"), [json.dumps(vars(self.args), indent=1)])
@@ -365,7 +372,9 @@ class Run:
                "skipped_nan": state["skipped_nan"], "grad_norm": self.grad_norm, "lr": args.lr, "beta": self.beta,
                "method": args.method, "reward_dim": self.dim, **{key: mean(v) for key, v in log.items()},
                **{f"time_{k}": round(v, 3) for k, v in times.items()}}
-        if self.metrics_path and parallel.is_main():
+        if args.out is not None and args.sample_every and state["step"] % args.sample_every == 0:
+            row.update(self.write_eval_samples())  # before the row and the checkpoint: the step is done when all
+        if self.metrics_path and parallel.is_main():  # three are on disk
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
         self.bar.update(1)
@@ -378,24 +387,56 @@ class Run:
                             f"or sample (lower --lr or --beta); last good checkpoint: {last or 'none'}")
         if args.out is None:
             return
-        if args.sample_every and state["step"] % args.sample_every == 0:  # before the checkpoint: the step is done
-            self.write_eval_samples()                                      # when both are on disk
         if state["bad_steps"] == 0 and (state["step"] % args.save_every == 0 or state["step"] == args.steps):
             save_checkpoint(args.out, self.model, self.ref, self.opt, state, args, self.adapters)
 
-    def write_eval_samples(self):
-        """Every rank samples (a sharded network needs all ranks in every forward); rank 0 writes."""
+    def write_eval_samples(self) -> dict:
+        """Every rank samples (a sharded network needs all ranks in every forward); rank 0 writes, and with
+        --eval-reward scores them (held_out). Returns the metrics row's eval fields."""
+        n = self.args.eval_videos
         folder = os.path.join(self.args.out, "samples", f"step-{self.step}")
         tmp = os.path.join(self.args.out, "samples", f".tmp-step-{self.step}")  # renamed when complete
-        names = video_names(self.eval_prompts, 2)
-        for k, (_, videos) in enumerate(sample_videos(self.model, self.eval_prompts, 2, self.args.seed)):
+        names = video_names(self.eval_prompts, n)
+        prompts, videos = [], []
+        for k, (prompt, batch) in enumerate(sample_videos(self.model, self.eval_prompts, n, self.args.seed)):
             if parallel.is_main():
                 os.makedirs(tmp, exist_ok=True)
-                for name, video in zip(names[k], videos):
+                for name, video in zip(names[k], batch):
                     write_video(os.path.join(tmp, name), video, self.model.fps)
-        if parallel.is_main():
-            shutil.rmtree(folder, ignore_errors=True)
-            os.replace(tmp, folder)
+                prompts += [prompt] * n
+                videos.append(batch)
+        if not parallel.is_main():
+            return {}
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+        return self.held_out(torch.cat(videos), prompts) if self.eval_reward else {}
+
+    def held_out(self, videos: torch.Tensor, prompts: list[str]) -> dict:
+        """--eval-reward: the trained reward and a held-out one on the same eval samples (fixed seeds, so what
+        changes between evaluations is the policy). A policy that climbs the trained reward while the held-out one
+        falls is exploiting what the trained reward cannot see (reward hacking): a warning names it."""
+        fps, n = self.model.fps, self.args.eval_videos
+        trained = float(pick(self.reward.score(videos, prompts, fps), self.dim, group=n).mean())
+        scores = self.eval_reward.score(videos, prompts, fps)
+        held = float(pick(scores, self.eval_dim).mean())
+        self.evals.append((trained, held))
+        self.watch_hacking()
+        return {"eval_trained": trained, "eval_heldout": held,
+                **{f"heldout/{d}": float(v.float().mean()) for d, v in scores.items()}}
+
+    def watch_hacking(self):
+        """One warning when, at each of the last --hack-patience evaluations, the trained reward rose and the
+        held-out one fell; once per such streak."""
+        p, e = self.args.hack_patience, self.evals
+        parted = lambda i: e[i][0] > e[i - 1][0] and e[i][1] < e[i - 1][1]  # noqa: E731
+        streak = 0
+        while streak < len(e) - 1 and parted(len(e) - 1 - streak):
+            streak += 1
+        if streak == p:
+            (t0, h0), (t1, h1) = e[-1 - p], e[-1]
+            warn(f"possible reward hacking at step {self.step}: over the last {p} evaluations the trained reward "
+                 f"({self.dim}) rose {t0:.3f} -> {t1:.3f} while the held-out {self.args.eval_reward} "
+                 f"({self.eval_dim}) fell {h0:.3f} -> {h1:.3f}; look at the samples in {self.args.out}/samples")
 
     def close(self) -> dict:
         if self.bar is not None:

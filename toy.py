@@ -25,7 +25,7 @@ import torch  # noqa: E402  (inputs first: Ctrl-C during this slow import is one
 
 import opensora as osr  # noqa: E402
 from model import ByteTokenizer, PixelSpace, OpenSoraModel, load_dit, size_for, tiny_t5  # noqa: E402
-from reward import FormulaReward  # noqa: E402
+from reward import FormulaReward, check_videos  # noqa: E402
 
 # The world's vocabulary. Colours are RGB on 0..255; directions are (dx, dy) in image coordinates (y down).
 COLORS = {"red": (220, 50, 50), "green": (60, 190, 70), "blue": (60, 100, 235), "yellow": (235, 210, 60),
@@ -185,11 +185,7 @@ def judge(videos: torch.Tensor, min_share: float = 0.9, min_frames: float = 0.75
 
 def judge_rates(videos: torch.Tensor, prompts: list[str]) -> dict[str, float]:
     """Share of videos with the prompted shape as one coherent object, and with the prompted colour."""
-    verdicts = judge(videos)
-    named = [parse_prompt(p) for p in prompts]
-    shape_ok = [v["coherent"] and v["shape"] == s for v, (_, s, _) in zip(verdicts, named)]
-    colour_ok = [v["color"] == c for v, (c, _, _) in zip(verdicts, named)]
-    return {"shape": sum(shape_ok) / len(shape_ok), "color": sum(colour_ok) / len(colour_ok)}
+    return {dim: float(v.mean()) for dim, v in ShapeJudge().score(videos, prompts).items()}
 
 
 def random_batch(b: int, generator: torch.Generator) -> tuple[torch.Tensor, list[str]]:
@@ -267,6 +263,25 @@ class ToyReward(FormulaReward):
         colour_ok = torch.where(no_colour, torch.full_like(colour_ok, 0.5), colour_ok)
         return {"visual_quality": sharp, "temporal_consistency": consistency.clamp(0, 1),
                 "dynamic_degree": dynamic, "color_alignment": colour_ok, "direction_alignment": direction_ok}
+
+
+class ShapeJudge:
+    """`--reward judge`, or `--eval-reward judge`: toy.judge's verdicts as scores, 1 or 0 per video. `shape`: the
+    prompted shape as one coherent object; `color`: the prompted colour. Not a formula a policy can climb by small
+    steps, and not what the toy reward measures: a held-out check on a run trained with the toy reward."""
+
+    dims = ["shape", "color"]
+    default_dim = "shape"
+
+    def __init__(self, device="cpu", **_):
+        self.device = device
+
+    def score(self, videos: torch.Tensor, prompts: list[str], fps: float | None = None) -> dict[str, torch.Tensor]:
+        check_videos(videos, prompts)
+        named = [parse_prompt(p) for p in prompts]
+        verdicts = judge(videos.cpu())
+        return {"shape": torch.tensor([float(v["coherent"] and v["shape"] == s) for v, (_, s, _) in zip(verdicts, named)]),
+                "color": torch.tensor([float(v["color"] == c) for v, (c, _, _) in zip(verdicts, named)])}
 
 
 # ----------------------------------------------------------------------------------------------------------

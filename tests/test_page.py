@@ -50,7 +50,7 @@ def test_comparison_page_inlines_every_video_with_the_table_and_the_reward_curve
     assert len(uris) == 2 * len(PROMPTS) * 2  # every video of both runs
     first = os.path.join(os.path.dirname(runs[0]), f"{sorted(PROMPTS)[0]}-0.mp4")  # prompts in file order
     assert base64.b64decode(uris[0]) == open(first, "rb").read()  # the file itself, before then after
-    assert all(f"<h3>{p}</h3>" in text for p in PROMPTS) and "<th>Temporal Flickering</th>" in text
+    assert all(f"<h3>{p}</h3>" in text for p in PROMPTS) and "<td>Temporal Flickering</td>" in text and "<th>after</th>" in text
     assert "<polyline" in text and "ref-update" in text  # the reward curve with its reference updates
     assert not re.search(r'(src|href)="(https?:)?//', text)  # self-contained: nothing fetched
 

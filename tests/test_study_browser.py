@@ -77,3 +77,22 @@ def test_clicking_through_a_study_saves_the_expected_judgements(tmp_path, browse
     winners = [p["runs"][0 if c == "left" else 1] for c, p in zip(clicks, pairs) if c != "tie"]
     assert (w["wins"], w["ties"]) == (winners.count("after"), 1)
     browser.save_screenshot(str(tmp_path / "study.png"))
+
+
+def test_comparison_page_table_fits_a_normal_window(tmp_path, browser):
+    """Every metric evaluate.py can report (VBench's seven, the proxies, a reward's five dimensions, FVD) for three
+    runs: the table stays inside a 1200-pixel window, every cell readable without scrolling sideways."""
+    summary = {**dict.fromkeys(evaluate.VBENCH_QUALITY, 0.9), **dict.fromkeys(evaluate.PROXIES, 0.5),
+               **{f"toy:{d}": 0.5 for d in ("visual_quality", "temporal_consistency", "dynamic_degree",
+                                            "color_alignment", "direction_alignment")}, "fvd": 123.4}
+    runs = []
+    for name in ("untrained model", "after the quick start", "after 400 steps"):
+        runs.append(str(tmp_path / f"{len(runs)}.json"))
+        json.dump({"name": name, "summary": summary}, open(runs[-1], "w"))
+    evaluate.main(["--compare", *runs, "--html", str(tmp_path / "page.html")])
+    browser.get((tmp_path / "page.html").as_uri())
+    right = browser.execute_script("return Math.max(...[...document.querySelectorAll('table td, table th')]"
+                                   ".map(c => c.getBoundingClientRect().right))")
+    width = browser.execute_script("return document.documentElement.clientWidth")
+    assert 0 < right <= width, (right, width)
+    browser.save_screenshot(str(tmp_path / "page.png"))
