@@ -1,16 +1,19 @@
 """The paper's comparisons, replayed in the toy world (toy.py) on a CPU: online vs offline DPO (Table 4d),
 ReFL (Table 4c), the reference-update period K and the candidate count N (Table 5), DenseDPO's vanilla vs
-structural vs dense vs dense with a third of the labels, and a weighted mix of two reward dimensions, over
-several seeds.
+structural vs dense vs dense with a third of the labels, weighted mixes of reward dimensions and GRPO, over
+several seeds. The protocol, its predictions and what came out: docs/baselines.md.
 
-    python ablate.py                                  # all runs below, 2 seeds: about 2 h of 2 shared CPU cores
-    python ablate.py --runs online-K5 offline --seeds 2   # sweeps in parallel processes share --out
+    python ablate.py --runs online-K5 offline --seeds 0 1 2 3 4 --versus online-K5
+    python ablate.py --runs online-K5 dense --seeds 0 1 2 3 4 --reward-dim temporal_consistency --out runs/dense
 
-Every run starts from the shipped toy weights and trains with the toy reward's temporal consistency (the
-paper's best dimension, Table 4b), or the online-mix runs with its weighted mix with dynamic degree. Each final policy then samples every toy prompt with fixed seeds, and the
-table reports the toy reward of those videos and the shape judge's verdicts (toy.judge) as mean +- std over
-seeds, next to the untrained model's; beside them each run's training curve from its metrics.jsonl (the trained
-reward of its own samples over its first and last 5 steps) and its seconds per step.
+Every run starts from the shipped toy weights with the quick start's budget (40 steps of 2 prompts, lr 1e-5) and
+trains on one dimension of the toy reward (--reward-dim; the quick start's visual quality by default), or the
+online-mix runs on their weighted mix. Each final policy then samples every toy prompt twice with fixed seeds, and
+the table reports the toy reward of those videos and the shape judge's verdicts (toy.ShapeJudge) as the mean over
+seeds and its 95% interval, next to the untrained model's; beside them each run's training curve from its
+metrics.jsonl (the trained reward of its own samples over its first and last 5 steps) and its seconds per step.
+--versus adds each run's difference from one run, with its 95% interval (Welch). Runs are cached in folders keyed
+by their settings: parallel sweeps share --out, and an interrupted one goes on where it stopped.
 """
 import argparse
 import hashlib
@@ -64,14 +67,13 @@ RUNS = {
 def evaluate_policy(model, reward, prompts: list[str], videos_per_prompt: int = 2, seed: int = 12345) -> dict:
     """Mean toy reward per dimension over every prompt, fixed seeds (the same for every policy), and the shape
     judge's verdicts (toy.judge): the share of videos showing the prompted shape as one object, and its colour."""
-    totals, judged = {}, {"judged_shape": [], "judged_color": []}
+    totals = {}
     for prompt, videos in sample_videos(model, prompts, videos_per_prompt, seed):
         for dim, s in reward.score(videos, [prompt] * len(videos), model.fps).items():
             totals.setdefault(dim, []).extend(s.tolist())
-        rates = toy.judge_rates(videos, [prompt] * len(videos))
-        judged["judged_shape"].append(rates["shape"])
-        judged["judged_color"].append(rates["color"])
-    return {dim: sum(v) / len(v) for dim, v in {**totals, **judged}.items()}
+        for dim, rate in toy.judge_rates(videos, [prompt] * len(videos)).items():
+            totals.setdefault(f"judged_{dim}", []).append(rate)
+    return {dim: sum(v) / len(v) for dim, v in totals.items()}
 
 
 def run_flags(name: str, seed: int, args) -> list[str]:
@@ -79,6 +81,7 @@ def run_flags(name: str, seed: int, args) -> list[str]:
     flags = RUNS[name] + ["--model", "toy", "--reward", "toy", "--prompts", args.prompts, "--steps", str(args.steps),
                           "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--seed", str(seed),
                           "--sample-steps", str(args.sample_steps), "--save-every", str(args.steps)]
+    flags += [] if "--reward-dim" in RUNS[name] else ["--reward-dim", args.reward_dim]  # the mixes name their own
     return flags + (["--offline-pairs", str(args.offline_pairs)] if "offline" in RUNS[name] else [])
 
 
@@ -138,18 +141,62 @@ def cached_eval(path: str, model, reward, prompts: list[str], policy: str | None
     return result
 
 
+def t_quantile(p: float, df: float) -> float:
+    """Student's t quantile (p > 0.5): the pdf integrated by Simpson's rule, the bound found by bisection; no
+    scipy for one number. t_quantile(0.975, 4) = 2.776."""
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+    pdf = lambda x: c * (1 + x * x / df) ** (-(df + 1) / 2)  # noqa: E731
+
+    def cdf(x: float, n: int = 2000) -> float:
+        h = x / n
+        return 0.5 + h / 3 * sum((1 if i in (0, n) else 4 if i % 2 else 2) * pdf(i * h) for i in range(n + 1))
+
+    lo, hi = 0.0, 100.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def interval(v: list[float]) -> float:
+    """Half-width of the 95% confidence interval of the mean of `v` over seeds (Student's t; 0 for one seed)."""
+    return t_quantile(0.975, len(v) - 1) * statistics.stdev(v) / math.sqrt(len(v)) if len(v) > 1 else 0.0
+
+
+def difference(a: list[float], b: list[float]) -> tuple[float, float]:
+    """mean(a) - mean(b) and the half-width of its 95% interval (Welch: unequal spreads, Welch-Satterthwaite
+    degrees of freedom)."""
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1)) if va + vb > 0 else 1e9
+    return statistics.mean(a) - statistics.mean(b), t_quantile(0.975, df) * math.sqrt(va + vb)
+
+
 def summarise(results: dict, dims: list[str]) -> str:
-    """A markdown table: a row per run, mean +- std over seeds of each reward dimension ('-' where a run has none:
-    the untrained model has no training curve)."""
+    """A markdown table: a row per run, mean over seeds +- the half-width of its 95% interval for each dimension
+    ('-' where a run has none: the untrained model has no training curve)."""
     lines = ["| run | seeds | " + " | ".join(dims) + " |", "|---" * (len(dims) + 2) + "|"]
     for name, per_seed in results.items():
         cells = []
         for dim in dims:
             v = [r[dim] for r in per_seed if dim in r]
             digits = 1 if dim == "s_per_step" else 3
-            cells.append(f"{statistics.mean(v):.{digits}f} ± {statistics.stdev(v) if len(v) > 1 else 0:.{digits}f}"
-                         if v else "-")
+            cells.append(f"{statistics.mean(v):.{digits}f} ± {interval(v):.{digits}f}" if v else "-")
         lines.append(f"| {name} | {len(per_seed)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def versus(results: dict, base: str, dims: list[str]) -> str:
+    """A markdown table: each run's difference from `base` per dimension, with its 95% interval (Welch); a
+    difference whose interval excludes 0 is marked *."""
+    lines = [f"| run - {base} | " + " | ".join(dims) + " |", "|---" * (len(dims) + 1) + "|"]
+    for name, per_seed in results.items():
+        if name == base or len(per_seed) < 2 or len(results[base]) < 2:
+            continue
+        cells = []
+        for dim in dims:
+            d, h = difference([r[dim] for r in per_seed], [r[dim] for r in results[base]])
+            cells.append(f"{d:+.3f} ± {h:.3f}{' *' if abs(d) > h else ''}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -157,11 +204,16 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", nargs="+", default=list(RUNS), help=f"which runs: {', '.join(RUNS)}")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=3e-5)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--sample-steps", type=int, default=10)
-    p.add_argument("--offline-pairs", type=int, default=60, help="offline prompts (every toy prompt once)")
+    p.add_argument("--offline-pairs", type=int, default=80, help="offline prompts, sampled once (as many as an "
+                   "online run's steps x batch size)")
+    p.add_argument("--reward-dim", default="visual_quality", help="the toy reward's dimension the runs train on "
+                   "(default: the quick start's; the online-mix runs name their own)")
+    p.add_argument("--versus", default=None, help="a run of --runs: a second table, each run's difference from it "
+                   "with a 95%% interval")
     p.add_argument("--prompts", default="prompts/toy.txt")
     p.add_argument("--out", default="runs/ablation")
     return p
@@ -174,6 +226,9 @@ DOMAINS = [  # inputs.check_domains: each flag's values, before anything trains
     ("lr", lambda v, a: math.isfinite(v) and v > 0, "must be a finite number > 0, got {v}"),
     ("sample_steps", lambda v, a: v >= 1, "must be at least 1, got {v}"),
     ("offline_pairs", lambda v, a: v >= 1, "must be at least 1, got {v}"),
+    ("reward_dim", lambda v, a: v in toy.ToyReward.dims or v == "global",
+     "{v!r} is not a toy reward dimension; choose from " + ", ".join(toy.ToyReward.dims) + ", global"),
+    ("versus", lambda v, a: v in a.runs, "{v!r} is not one of --runs"),
     *[(flag, ANY, "") for flag in ("seeds", "prompts", "out")],
 ]
 
@@ -193,7 +248,7 @@ def main(argv=None):
     model = build_model("toy")
     model.sample_steps = args.sample_steps
     prompts = toy.all_prompts()
-    keys = reward.dims + ["judged_shape", "judged_color"]  # what an evaluation holds
+    keys = reward.dims + [f"judged_{d}" for d in toy.ShapeJudge.dims]  # what an evaluation holds
     untrained = os.path.join(args.out, f"untrained-{cache_key(args.sample_steps, weights)}.json")
     results = {"untrained": [cached_eval(untrained, model, reward, prompts, None, keys)]}
     for name in args.runs:
@@ -203,10 +258,12 @@ def main(argv=None):
     for per_seed in results.values():  # the mean of the five, as --reward-dim global
         for r in per_seed:
             r["global"] = sum(r[d] for d in reward.dims) / len(reward.dims)
-    table = summarise(results, reward.dims + ["global", "judged_shape", "judged_color", "trained_first",
+    table = summarise(results, reward.dims + ["global"] + [f"judged_{d}" for d in toy.ShapeJudge.dims] + ["trained_first",
                                               "trained_last", "s_per_step"])
     write_atomically(os.path.join(args.out, "results.json"), [json.dumps({"args": vars(args), "results": results},
                                                                           indent=1)])
+    if args.versus:
+        table += "\n\n" + versus(results, args.versus, reward.dims + [f"judged_{d}" for d in toy.ShapeJudge.dims])
     write_atomically(os.path.join(args.out, "table.md"), [table + "\n"])
     print(table)
 

@@ -223,6 +223,7 @@ class OpenSoraModel:
     aes: float | None = 6.5
     use_timestep_transform: bool = True
     segment_seconds: float = 1.0  # DenseDPO labels about 1 s subclips
+    high_noise_share: float = 0.0  # of DPO timesteps drawn uniform on t in [800, 1000] (the toy's pretraining mix)
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32
     _cache: dict = field(default_factory=dict, repr=False)
@@ -395,7 +396,14 @@ class OpenSoraModel:
 
     # --- what the Diffusion-DPO loss needs (Alg. 1 line 7)
     def training_timesteps(self, b: int, generator: torch.Generator) -> torch.Tensor:
-        return self.transform(osr.training_timesteps(b, generator, self.device))
+        """The DPO t, from the distribution the network was trained on (Diffusion-DPO samples t as pretraining
+        did): Open-Sora's logit-normal; for the toy model, its pretraining mix (toy.pretraining_timesteps), a
+        high_noise_share of them uniform on the noisiest fifth, where layout and motion are decided."""
+        t = osr.training_timesteps(b, generator)
+        if self.high_noise_share:
+            high = 800 + 200 * torch.rand(b, generator=generator)
+            t = torch.where(torch.rand(b, generator=generator) < self.high_noise_share, high, t)
+        return self.transform(t.to(self.device))
 
     def errors(self, net: nn.Module, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
                y: torch.Tensor, mask: torch.Tensor, segments: list[tuple[int, int]] | None = None) -> torch.Tensor:

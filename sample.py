@@ -18,7 +18,7 @@ import torch  # noqa: E402  (inputs first: Ctrl-C during this slow import is one
 import checkpoint  # noqa: E402
 import lora  # noqa: E402
 from model import MODELS, build_model
-from videos import write_png, write_video
+from videos import read_video, write_gif, write_png, write_video
 
 
 def frame_strip(videos: torch.Tensor, scale: int = 1, gap: int = 2) -> torch.Tensor:
@@ -27,6 +27,27 @@ def frame_strip(videos: torch.Tensor, scale: int = 1, gap: int = 2) -> torch.Ten
     v = torch.nn.functional.pad(v, (0, 0, 0, gap, 0, gap), value=255)  # white gaps right of / below frames
     b, t, h, w, c = v.shape
     return v.permute(0, 2, 1, 3, 4).reshape(b * h, t * w, c)
+
+
+def side_by_side(groups: list[torch.Tensor], scale: int = 1, gap: int = 4) -> torch.Tensor:
+    """uint8 videos (B, T, H, W, 3) of each group (before, after, ...) -> one video (T, H', W', 3): a row per video
+    index, the groups side by side, white gaps between them; for an animated GIF."""
+    rows = []
+    for row in zip(*groups):  # video i of every group
+        tiles = [v.repeat_interleave(scale, 1).repeat_interleave(scale, 2) for v in row]
+        tiles = [torch.nn.functional.pad(v, (0, 0, 0, gap, 0, gap), value=255) for v in tiles]
+        rows.append(torch.cat(tiles, 2))
+    return torch.cat(rows, 1)
+
+
+def read_beside(folder: str, names: list[list[str]]) -> list[torch.Tensor]:
+    """--beside: an earlier sample.py run's videos of the same prompts and --n, per prompt (n, T, H, W, 3)."""
+    if not os.path.isdir(folder):
+        raise UserError(f"--beside {folder!r} is not a folder (give the --out of an earlier sample.py run)")
+    missing = [n for row in names for n in row if not os.path.isfile(os.path.join(folder, n))]
+    if missing:
+        raise UserError(f"--beside {folder!r} holds no {missing[0]!r}: sample it with the same --prompts and --n")
+    return [torch.stack([read_video(os.path.join(folder, n)) for n in row]) for row in names]
 
 
 def sample_videos(model, prompts: list[str], n: int, seed: int):
@@ -122,7 +143,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="samples")
     p.add_argument("--strip", default=None, help="also write every video as a row of frames to this PNG file")
-    p.add_argument("--strip-scale", type=int, default=1, help="pixel upscaling of the strip")
+    p.add_argument("--strip-scale", type=int, default=1, help="pixel upscaling of the strip and the GIF")
+    p.add_argument("--gif", default=None, help="also write the videos as one looping animated GIF, a row per video")
+    p.add_argument("--beside", default=None, help="the --out of an earlier sample.py run with the same --prompts and "
+                   "--n (the base model's, say): in --strip its video's row comes above each of this run's, in --gif "
+                   "on its left (before | after)")
     p.add_argument("--overwrite", action="store_true", help="replace videos (and --strip) that --out already holds "
                    "under the same names (without it, such a run is refused: nothing is replaced)")
     return p
@@ -131,7 +156,7 @@ def parser() -> argparse.ArgumentParser:
 DOMAINS = MODEL_DOMAINS + [  # every other flag of sample.py; ANY: any value of its type (a path: its reader checks it)
     ("n", lambda v, a: v >= 1, "must be at least 1, got {v}"),
     ("strip_scale", lambda v, a: v >= 1, "must be at least 1, got {v}"),
-    *[(flag, ANY, "") for flag in ("checkpoint", "prompts", "seed", "out", "strip")],
+    *[(flag, ANY, "") for flag in ("checkpoint", "prompts", "seed", "out", "strip", "gif", "beside")],
 ]
 
 
@@ -144,11 +169,13 @@ def main(argv=None):
     prompts = load_prompts(args.prompts or default_prompts(args.model, "eval"))
     weights = checkpoint_weights(args.checkpoint) if args.checkpoint else None  # before the model loads
     writable_dir(args.out, "--out")  # before the sampling, not after it
-    if args.strip:
-        writable_file(args.strip, "--strip")
+    pictures = [path for path in (args.strip, args.gif) if path]
+    for path in pictures:
+        writable_file(path, "--strip" if path == args.strip else "--gif")
     names = video_names(prompts, args.n)
+    before = read_beside(args.beside, names) if args.beside else None  # before the sampling, not after it
     taken = [n for row in names for n in row if os.path.exists(os.path.join(args.out, n))]
-    taken += [args.strip] if args.strip and os.path.exists(args.strip) else []
+    taken += [path for path in pictures if os.path.exists(path)]
     if taken and not args.overwrite:
         raise UserError(f"{args.out} already holds {len(taken)} of this run's outputs ({taken[0]!r}, ...): give "
                         "another --out, or --overwrite to replace them")
@@ -161,14 +188,21 @@ def main(argv=None):
         lora.load_adapter(weights, model.dit, model.name)
     elif weights:
         model.load_weights(weights)
-    strip = []
+    after = []
     for k, (prompt, videos) in enumerate(sample_videos(model, prompts, args.n, args.seed)):
         for name, video in zip(names[k], videos):
             write_video(os.path.join(args.out, name), video, model.fps)
-        strip.append(videos)
+        after.append(videos)
         print(f"[{k + 1}/{len(prompts)}] {prompt}")
-    if args.strip:
-        write_png(args.strip, frame_strip(torch.cat(strip), args.strip_scale))
+    after = torch.cat(after)
+    if before is not None and before[0].shape[1:] != after.shape[1:]:
+        raise UserError(f"--beside {args.beside!r} holds videos of shape {tuple(before[0].shape[1:])}, this run's are "
+                        f"{tuple(after.shape[1:])}: sample both with the same model size and --frames")
+    groups = [torch.cat(before), after] if before is not None else [after]
+    if args.strip:  # a row per video; with --beside, each earlier video's row above this run's
+        write_png(args.strip, frame_strip(torch.stack(groups, 1).flatten(0, 1), args.strip_scale))
+    if args.gif:
+        write_gif(args.gif, side_by_side(groups, args.strip_scale), model.fps)
 
 
 if __name__ == "__main__":

@@ -59,7 +59,8 @@ def build_toy(size: str | None = None, frames: int | None = None, dit: str | Non
     return OpenSoraModel("toy", net, PixelSpace(), tiny_t5(TOY_DIT["caption_channels"]), ByteTokenizer(),
                       height, width, frames or FRAMES, fps=FPS, sample_steps=10, cfg=4.0, beta=500.0,
                       max_length=TOY_DIT["model_max_length"], aes=None, use_timestep_transform=False,
-                      segment_seconds=0.25)  # DenseDPO: 4 segments of 2 frames in the 1 s toy clip
+                      segment_seconds=0.25,  # DenseDPO: 4 segments of 2 frames in the 1 s toy clip
+                      high_noise_share=0.5)  # DPO's t as pretraining drew it (pretraining_timesteps)
 
 
 def prompt_for(color: str, shape: str, direction: str) -> str:
@@ -140,14 +141,25 @@ def components(mask: torch.Tensor) -> torch.Tensor:
         labels = grown
 
 
+def outline(xs: torch.Tensor, ys: torch.Tensor) -> str:
+    """The shape a piece's bounding box names, a second opinion beside the template overlap: bar (lying) or pole
+    (upright) when one side is at least half a bar's elongation (1.875 = 3.75 / 2) times the other, else circle.
+    A bar drawn half as long as it should be has the area of a bar and overlaps the bar template best, but a person
+    reads it as a round blob."""
+    w, h = float(xs.max() - xs.min()) + 1, float(ys.max() - ys.min()) + 1
+    half = (BAR[0] / BAR[1]) / 2
+    return "bar" if w >= half * h else "pole" if h >= half * w else "circle"
+
+
 def judge(videos: torch.Tensor, min_share: float = 0.9, min_frames: float = 0.75) -> list[dict]:
-    """Per uint8 video (B, T, H, W, 3), what a person would name: {"shape", "color", "coherent"}.
+    """Per uint8 video (B, T, H, W, 3), what a person would name: {"shape", "outline", "color", "coherent"}.
 
     A pixel is the object's if it is more than 60 (RGB distance) from the background, two fifths of the way to
     the world's colour closest to it (green, 153 away). A frame is coherent if its largest 8-connected piece holds >= min_share of those
     pixels and at least 12 of them; the piece's shape is the template (circle, bar, pole of the same area and
-    centroid) it overlaps best (IoU). A video is coherent if >= min_frames of its frames are; its shape is the
-    most frequent one over its coherent frames and its colour the world's colour nearest the piece's mean colour.
+    centroid) it overlaps best (IoU), its outline the one its bounding box names (`outline`). A video is coherent
+    if >= min_frames of its frames are; its shape and outline are the most frequent over its coherent frames and
+    its colour the world's colour nearest the piece's mean colour.
     """
     B, T, H, W, _ = videos.shape
     x = videos.float()
@@ -157,7 +169,7 @@ def judge(videos: torch.Tensor, min_share: float = 0.9, min_frames: float = 0.75
     palette = torch.tensor(list(COLORS.values()), dtype=torch.float)
     verdicts = []
     for b in range(B):
-        shapes, colours = [], []
+        shapes, outlines, colours = [], [], []
         for t in range(T):
             lab = labels[b, t]
             counts = torch.bincount(lab.flatten(), minlength=H * W + 1)[1:]
@@ -174,12 +186,14 @@ def judge(videos: torch.Tensor, min_share: float = 0.9, min_frames: float = 0.75
                 template = coverage(s, px, py, cx, cy, r) > 0.5
                 iou[s] = (template & piece).sum().item() / max((template | piece).sum().item(), 1)
             shapes.append(max(iou, key=iou.get))
+            outlines.append(outline(px[piece], py[piece]))
             colours.append(x[b, t][piece].mean(0))
         coherent = len(shapes) >= min_frames * T
         shape = max(set(shapes), key=shapes.count) if shapes else None
+        drawn = max(set(outlines), key=outlines.count) if outlines else None
         colour = (list(COLORS)[int((palette - torch.stack(colours).mean(0)).norm(dim=-1).argmin())]
                   if colours else None)
-        verdicts.append({"shape": shape, "color": colour, "coherent": coherent})
+        verdicts.append({"shape": shape, "outline": drawn, "color": colour, "coherent": coherent})
     return verdicts
 
 
@@ -267,11 +281,12 @@ class ToyReward(FormulaReward):
 
 class ShapeJudge:
     """`--reward judge`, or `--eval-reward judge`: toy.judge's verdicts as scores, 1 or 0 per video. `shape`: the
-    prompted shape as one coherent object; `color`: the prompted colour. Not a formula a policy can climb by small
-    steps, and not what the toy reward measures: a held-out check on a run trained with the toy reward."""
+    prompted shape as one coherent object (template overlap); `legible`: that, and its bounding box names the same
+    shape (a bar long enough to read as a bar); `color`: the prompted colour. Not a formula a policy can climb by
+    small steps, and not what the toy reward measures: a held-out check on a run trained with the toy reward."""
 
-    dims = ["shape", "color"]
-    default_dim = "shape"
+    dims = ["shape", "legible", "color"]
+    default_dim = "legible"
 
     def __init__(self, device="cpu", **_):
         self.device = device
@@ -280,7 +295,9 @@ class ShapeJudge:
         check_videos(videos, prompts)
         named = [parse_prompt(p) for p in prompts]
         verdicts = judge(videos.cpu())
-        return {"shape": torch.tensor([float(v["coherent"] and v["shape"] == s) for v, (_, s, _) in zip(verdicts, named)]),
+        shape = [v["coherent"] and v["shape"] == s for v, (_, s, _) in zip(verdicts, named)]
+        legible = [ok and v["outline"] == s for ok, v, (_, s, _) in zip(shape, verdicts, named)]
+        return {"shape": torch.tensor(shape, dtype=torch.float), "legible": torch.tensor(legible, dtype=torch.float),
                 "color": torch.tensor([float(v["color"] == c) for v, (c, _, _) in zip(verdicts, named)])}
 
 

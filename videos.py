@@ -101,6 +101,22 @@ def write_video(path: str, video: torch.Tensor, fps: int):
             container.mux(packet)
 
 
+def write_gif(path: str, video: torch.Tensor, fps: int):
+    """uint8 (T, H, W, 3) -> an animated GIF that loops, through PyAV (README pictures: a GIF plays inline where an
+    mp4 does not). GIF holds 256 colours; FFmpeg's encoder here takes the fixed 3-3-2-bit palette."""
+    import av
+
+    video = video.cpu().contiguous().numpy()
+    with av.open(path, mode="w", format="gif") as container:
+        stream = container.add_stream("gif", rate=int(fps))
+        stream.width, stream.height, stream.pix_fmt = video.shape[2], video.shape[1], "rgb8"
+        for frame in video:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
 def write_png(path: str, image: torch.Tensor):
     """uint8 (H, W, 3) -> PNG with zlib alone (no imaging library needed)."""
     import struct

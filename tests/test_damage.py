@@ -17,6 +17,7 @@ import ablate
 import evaluate
 import page
 import sample
+import toy
 import train
 from model import build_model
 from reward import build_reward
@@ -159,7 +160,7 @@ def ABLATE():  # noqa: N802 - the shipped toy model, one sampling step, two prom
 
 
 def ABLATE_KEYS():  # noqa: N802
-    return ABLATE()[1].dims + ["judged_shape", "judged_color"]
+    return ABLATE()[1].dims + [f"judged_{d}" for d in toy.ShapeJudge.dims]
 
 
 def resume(flags):

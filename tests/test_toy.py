@@ -82,12 +82,17 @@ def test_missing_toy_weights_name_the_command(tmp_path):
         build_model("toy", dit=str(tmp_path / "nowhere"))
 
 
-def test_ablation_table_reports_mean_and_spread_over_seeds():
+def test_ablation_table_reports_mean_and_95_percent_interval_over_seeds():
     import ablate
 
-    table = ablate.summarise({"online-K5": [{"temporal_consistency": 0.9}, {"temporal_consistency": 0.8}]},
+    table = ablate.summarise({"online-K5": [{"temporal_consistency": v} for v in (1, 2, 3, 4, 5)]},
                              ["temporal_consistency"])
-    assert table.splitlines()[-1] == "| online-K5 | 2 | 0.850 ± 0.071 |"
+    assert table.splitlines()[-1] == "| online-K5 | 5 | 3.000 ± 1.963 |"  # t(0.975, 4) = 2.776 x 1.581 / sqrt 5
+    # two runs' difference: Welch's interval; equal spreads and counts give 2n - 2 degrees of freedom
+    d, h = ablate.difference([1, 2, 3, 4, 5], [0, 1, 2, 3, 4])
+    assert d == 1 and h == pytest.approx(2.306 * 1.0, abs=1e-3)  # t(0.975, 8) x sqrt(2.5/5 + 2.5/5)
+    versus = ablate.versus({"a": [{"x": v} for v in (1, 2, 3)], "b": [{"x": v} for v in (11, 12, 13)]}, "a", ["x"])
+    assert versus.splitlines()[-1].startswith("| b | +10.000 ± ") and versus.endswith(" * |")  # excludes 0
     assert ablate.summarise({"untrained": [{}]}, ["trained_last"]).splitlines()[-1] == "| untrained | 1 | - |"
 
 
@@ -111,10 +116,10 @@ def test_ablation_reads_each_runs_training_curve_and_time_per_step(tmp_path):
 
 def test_judge_names_every_clean_render_and_survives_grain():
     videos, prompts = toy.random_batch(120, torch.Generator().manual_seed(1))
-    assert toy.judge_rates(videos, prompts) == {"shape": 1.0, "color": 1.0}
+    assert toy.judge_rates(videos, prompts) == {"shape": 1.0, "legible": 1.0, "color": 1.0}
     grain = (videos.float() + 10 * torch.randn(videos.shape, generator=torch.Generator().manual_seed(2)))
     rates = toy.judge_rates(grain.round().clamp(0, 255).to(torch.uint8), prompts)
-    assert rates["shape"] >= 0.95 and rates["color"] == 1.0
+    assert rates["shape"] >= 0.95 and rates["legible"] >= 0.95 and rates["color"] == 1.0
 
 
 def test_judge_tells_the_three_shapes_apart_at_every_size():
@@ -124,7 +129,18 @@ def test_judge_tells_the_three_shapes_apart_at_every_size():
             a = toy.coverage(shape, px, py, torch.tensor(15.3), torch.tensor(16.6), torch.tensor(r))[..., None]
             frame = torch.tensor(toy.BACKGROUND) * (1 - a) + torch.tensor(toy.COLORS["green"]) * a
             video = frame.round().to(torch.uint8).expand(8, 32, 32, 3)[None]
-            assert toy.judge(video) == [{"shape": shape, "color": "green", "coherent": True}]
+            assert toy.judge(video) == [{"shape": shape, "outline": shape, "color": "green", "coherent": True}]
+
+
+def test_the_outline_names_a_bar_from_half_a_bars_elongation_up():
+    """The bounding box's second opinion (toy.outline): a rectangle of a bar's area is a bar (or, upright, a pole)
+    from half a bar's elongation (1.875) up, and a circle below it."""
+    py, px = torch.meshgrid(torch.arange(32) + 0.5, torch.arange(32) + 0.5, indexing="ij")
+    for ratio, lying, upright in ((2.0, "bar", "pole"), (1.75, "circle", "circle")):
+        f = (3.75 / ratio) ** 0.5  # a bar of half-size 7 squeezed to `ratio`, its area kept
+        for (hx, hy), named in (((10.5 / f, 2.8 * f), lying), ((2.8 * f, 10.5 / f), upright)):
+            piece = torch.maximum((px - 16).abs() - hx, (py - 16).abs() - hy) < 0
+            assert toy.outline(px[piece], py[piece]) == named, (ratio, hx, hy)
 
 
 def test_judge_rejects_a_shape_in_pieces_and_an_empty_video():
@@ -137,7 +153,7 @@ def test_judge_rejects_a_shape_in_pieces_and_an_empty_video():
         scattered[:, :, y:y + 4, x:x + 4] = torch.tensor(toy.COLORS["red"], dtype=torch.uint8)
     assert toy.judge(scattered)[0]["coherent"] is False
     empty = torch.tensor(toy.BACKGROUND, dtype=torch.uint8).expand(1, 8, 32, 32, 3)
-    assert toy.judge(empty) == [{"shape": None, "color": None, "coherent": False}]
+    assert toy.judge(empty) == [{"shape": None, "outline": None, "color": None, "coherent": False}]
 
 
 
