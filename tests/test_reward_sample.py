@@ -69,3 +69,28 @@ def test_frame_strip_png_holds_every_frame(tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", data[16:24]) == (33, 18)
     rows = zlib.decompress(data[data.index(b"IDAT") + 4:-16])
     assert rows == b"".join(b"\x00" + row.numpy().tobytes() for row in strip)
+
+
+def test_before_and_after_side_by_side_as_strip_and_gif(tmp_path):
+    """--beside an earlier run's folder: the strip puts each earlier video's row above this run's, the GIF puts them
+    side by side, frame by frame, looping."""
+    from videos import read_video
+
+    tiny = ["--model", "tiny", "--size", "16x16", "--frames", "4", "--sample-steps", "1", "--n", "2", "--prompts",
+            str(tmp_path / "p.txt")]
+    (tmp_path / "p.txt").write_text("a red ball\na blue cube\n")
+    sample.main(tiny + ["--out", str(tmp_path / "before"), "--seed", "1"])
+    sample.main(tiny + ["--out", str(tmp_path / "after"), "--beside", str(tmp_path / "before"), "--strip",
+                        str(tmp_path / "s.png"), "--gif", str(tmp_path / "g.gif"), "--strip-scale", "2"])
+    gif = read_video(str(tmp_path / "g.gif"))
+    tile = 2 * 16 + 4  # scaled, then a 4-pixel gap
+    assert gif.shape == (4, 4 * tile, 2 * tile, 3)  # 4 frames; a row per video (2 prompts x 2), before | after
+    scaled = lambda run: read_video(str(tmp_path / run / "a red ball-0.mp4")).repeat_interleave(2, 1) \
+        .repeat_interleave(2, 2).float()  # noqa: E731
+    gap = lambda a, b: (a - b).abs().mean()  # noqa: E731  (mp4 and GIF both change colours: compare, don't equate)
+    left, right = gif[:, :32, :32].float(), gif[:, :32, tile:tile + 32].float()  # the first row's two tiles
+    assert gap(left, scaled("before")) < gap(left, scaled("after"))
+    assert gap(right, scaled("after")) < gap(right, scaled("before"))
+    data = (tmp_path / "s.png").read_bytes()
+    import struct
+    assert struct.unpack(">II", data[16:24]) == (4 * (2 * 16 + 2), 8 * (2 * 16 + 2))  # 4 frames wide, 8 rows
