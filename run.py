@@ -142,6 +142,7 @@ class Run:
                             if args.eval_reward and parallel.is_main() else None)
         self.eval_dim = args.eval_reward_dim or getattr(self.eval_reward, "default_dim", None)
         self.evals = []  # (trained, held-out) at each evaluation so far: the hacking warning's history
+        self.warned_streak = None  # where the streak that was warned about began (watch_hacking)
         parse_dim(self.dim, self.reward.dims)  # a bad name or weight: one line now, not at the first score
         for part in vars(self.reward).values():  # the reward is a judge, never trained (ReFL's gradients stop at it)
             if isinstance(part, torch.nn.Module):
@@ -425,16 +426,19 @@ class Run:
                 **{f"heldout/{d}": float(v.float().mean()) for d, v in scores.items()}}
 
     def watch_hacking(self):
-        """One warning when, at each of the last --hack-patience evaluations, the trained reward rose and the
-        held-out one fell; once per such streak."""
+        """One warning when, at each of the last --hack-patience evaluations, the trained reward rose while the
+        held-out one did not, and the held-out ended below where that streak began (a coarse judge, 0 or 1 per video,
+        often stays level between two evaluations); once per streak."""
         p, e = self.args.hack_patience, self.evals
-        parted = lambda i: e[i][0] > e[i - 1][0] and e[i][1] < e[i - 1][1]  # noqa: E731
+        parted = lambda i: e[i][0] > e[i - 1][0] and e[i][1] <= e[i - 1][1]  # noqa: E731
         streak = 0
         while streak < len(e) - 1 and parted(len(e) - 1 - streak):
             streak += 1
-        if streak == p:
-            (t0, h0), (t1, h1) = e[-1 - p], e[-1]
-            warn(f"possible reward hacking at step {self.step}: over the last {p} evaluations the trained reward "
+        start = len(e) - 1 - streak
+        if streak >= p and e[-1][1] < e[start][1] and self.warned_streak != start:
+            self.warned_streak = start
+            (t0, h0), (t1, h1) = e[start], e[-1]
+            warn(f"possible reward hacking at step {self.step}: over the last {streak} evaluations the trained reward "
                  f"({self.dim}) rose {t0:.3f} -> {t1:.3f} while the held-out {self.args.eval_reward} "
                  f"({self.eval_dim}) fell {h0:.3f} -> {h1:.3f}; look at the samples in {self.args.out}/samples")
 

@@ -57,10 +57,16 @@ class Sinking(Counting):
     sign = -1
 
 
+class Level(Counting):
+    """The same score at every call: a held-out judge that sees no change."""
+    sign = 0
+
+
 @pytest.fixture
 def counting(monkeypatch):
     monkeypatch.setitem(reward.REWARDS, "climbing", Counting)
     monkeypatch.setitem(reward.REWARDS, "sinking", Sinking)
+    monkeypatch.setitem(reward.REWARDS, "level", Level)
     monkeypatch.setattr(Counting, "calls", 0)
     monkeypatch.setattr(Sinking, "calls", 0)
 
@@ -77,9 +83,10 @@ def test_warning_fires_once_when_trained_rises_and_held_out_falls(tmp_path, caps
     # and the streak that goes on is not named again
     assert len(lines) == 1 and lines[0].startswith("warning: possible reward hacking at step 4: over the last 3 "
                                                    "evaluations the trained reward (count) rose"), lines
-    # a held-out reward that rises with the trained one is no warning
-    train.main(flags[:-4] + ["--eval-reward", "climbing", "--out", str(tmp_path / "fine"), "--steps", "6"])
-    assert hacking_lines(capsys.readouterr().err) == []
+    # a held-out reward that rises with the trained one, or stays level, is no warning
+    for held in ("climbing", "level"):
+        train.main(flags[:-4] + ["--eval-reward", held, "--out", str(tmp_path / held), "--steps", "6"])
+        assert hacking_lines(capsys.readouterr().err) == [], held
 
 
 def test_a_resumed_run_remembers_its_evaluations(tmp_path, capsys, counting):
