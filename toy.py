@@ -156,7 +156,7 @@ def judge(videos: torch.Tensor, min_share: float = 0.9, min_frames: float = 0.75
 
     A pixel is the object's if it is more than 60 (RGB distance) from the background, two fifths of the way to
     the world's colour closest to it (green, 153 away). A frame is coherent if its largest 8-connected piece holds >= min_share of those
-    pixels and at least 12 of them; the piece's shape is the template (circle, bar, pole of the same area and
+    pixels, at least 12 of them and at most half the frame; the piece's shape is the template (circle, bar, pole of the same area and
     centroid) it overlaps best (IoU), its outline the one its bounding box names (`outline`). A video is coherent
     if >= min_frames of its frames are; its shape and outline are the most frequent over its coherent frames and
     its colour the world's colour nearest the piece's mean colour.
@@ -177,8 +177,8 @@ def judge(videos: torch.Tensor, min_share: float = 0.9, min_frames: float = 0.75
                 continue
             piece = lab == counts.argmax() + 1
             area = piece.sum().item()
-            if area < 12 or area < min_share * counts.sum().item():
-                continue
+            if area < 12 or area < min_share * counts.sum().item() or area > H * W / 2:
+                continue  # too small, in pieces, or the frame filled (a world's shape covers at most a fifth)
             cx, cy = px[piece].mean(), py[piece].mean()
             iou = {}
             for s in SHAPES:

@@ -143,7 +143,7 @@ def test_the_outline_names_a_bar_from_half_a_bars_elongation_up():
             assert toy.outline(px[piece], py[piece]) == named, (ratio, hx, hy)
 
 
-def test_judge_rejects_a_shape_in_pieces_and_an_empty_video():
+def test_judge_rejects_a_shape_in_pieces_a_filled_frame_and_an_empty_video():
     videos, prompts = toy.random_batch(8, torch.Generator().manual_seed(3))
     pieces = videos.clone()
     pieces[..., ::4, :, :] = torch.tensor(toy.BACKGROUND, dtype=torch.uint8)  # background rows cut it in strips
@@ -152,6 +152,8 @@ def test_judge_rejects_a_shape_in_pieces_and_an_empty_video():
     for y, x in ((2, 2), (2, 20), (14, 10), (24, 26)):  # four separate 4x4 blocks, like the old toy model's
         scattered[:, :, y:y + 4, x:x + 4] = torch.tensor(toy.COLORS["red"], dtype=torch.uint8)
     assert toy.judge(scattered)[0]["coherent"] is False
+    filled = torch.tensor(toy.COLORS["red"], dtype=torch.uint8).expand(1, 8, 32, 32, 3)  # a hacked sharpness
+    assert toy.judge_rates(filled, ["a red circle moving left"]) == {"shape": 0.0, "legible": 0.0, "color": 0.0}
     empty = torch.tensor(toy.BACKGROUND, dtype=torch.uint8).expand(1, 8, 32, 32, 3)
     assert toy.judge(empty) == [{"shape": None, "outline": None, "color": None, "coherent": False}]
 
