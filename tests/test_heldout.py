@@ -12,8 +12,8 @@ import reward
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAST = ["--model", "tiny", "--reward", "pixel", "--size", "16x16", "--frames", "4", "--sample-steps", "2", "--n", "2",
-        "--batch-size", "1", "--prompts", os.path.join(ROOT, "prompts/train.txt")]
+FAST = ["--model", "tiny", "--reward", "pixel", "--size", "16x16", "--frames", "4", "--sample-steps", "1", "--n", "2",
+        "--batch-size", "1", "--eval-videos", "1", "--prompts", os.path.join(ROOT, "prompts/train.txt")]
 
 
 def rows(out) -> list[dict]:
@@ -77,15 +77,15 @@ def hacking_lines(err: str) -> list[str]:
 
 def test_warning_fires_once_when_trained_rises_and_held_out_falls(tmp_path, capsys, counting):
     flags = FAST + ["--reward", "climbing", "--sample-every", "1", "--eval-reward", "sinking", "--hack-patience", "3"]
-    train.main(flags + ["--out", str(tmp_path / "hack"), "--steps", "6"])
+    train.main(flags + ["--out", str(tmp_path / "hack"), "--steps", "5"])
     lines = hacking_lines(capsys.readouterr().err)
-    # evaluations at steps 1..6; each from step 2 on has parted from the one before: 3 in a row first at step 4,
+    # evaluations at steps 1..5; each from step 2 on has parted from the one before: 3 in a row first at step 4,
     # and the streak that goes on is not named again
     assert len(lines) == 1 and lines[0].startswith("warning: possible reward hacking at step 4: over the last 3 "
                                                    "evaluations the trained reward (count) rose"), lines
     # a held-out reward that rises with the trained one, or stays level, is no warning
     for held in ("climbing", "level"):
-        train.main(flags[:-4] + ["--eval-reward", held, "--out", str(tmp_path / held), "--steps", "6"])
+        train.main(flags[:-4] + ["--eval-reward", held, "--out", str(tmp_path / held), "--steps", "5"])
         assert hacking_lines(capsys.readouterr().err) == [], held
 
 
@@ -94,7 +94,7 @@ def test_a_resumed_run_remembers_its_evaluations(tmp_path, capsys, counting):
     flags = FAST + ["--reward", "climbing", "--sample-every", "1", "--eval-reward", "sinking", "--save-every", "1",
                     "--out", str(tmp_path)]
     train.main(flags + ["--steps", "2"])
-    train.main(flags + ["--steps", "5", "--resume"])
+    train.main(flags + ["--steps", "4", "--resume"])
     lines = hacking_lines(capsys.readouterr().err)
     assert len(lines) == 1 and "at step 4" in lines[0], lines
 
