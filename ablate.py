@@ -73,7 +73,7 @@ def evaluate_policy(model, reward, prompts: list[str], videos_per_prompt: int = 
             totals.setdefault(dim, []).extend(s.tolist())
         for dim, rate in toy.judge_rates(videos, [prompt] * len(videos)).items():
             totals.setdefault(f"judged_{dim}", []).append(rate)
-    return {dim: sum(v) / len(v) for dim, v in totals.items()}
+    return {**{dim: sum(v) / len(v) for dim, v in totals.items()}, "judge_version": toy.JUDGE_VERSION}
 
 
 def run_flags(name: str, seed: int, args) -> list[str]:
@@ -123,14 +123,18 @@ def training_stats(out: str, window: int = 5) -> dict:
 
 def cached_eval(path: str, model, reward, prompts: list[str], policy: str | None, keys: list[str]) -> dict:
     """The evaluation of a policy, cached in `path`: a cache that does not hold a number for each of `keys`
-    (damaged, cut short) is named and computed again."""
+    (damaged, cut short), or that another version of the shape judge made (toy.JUDGE_VERSION), is named and
+    computed again."""
     if os.path.isfile(path):
         try:
             cached = read_json(path, "cached evaluation")
-            if all(isinstance(cached.get(k), (int, float)) and not isinstance(cached.get(k), bool) for k in keys):
+            cached = cached if isinstance(cached, dict) else {}
+            whole = all(isinstance(cached.get(k), (int, float)) and not isinstance(cached.get(k), bool) for k in keys)
+            if whole and cached.get("judge_version") == toy.JUDGE_VERSION:
                 return cached
-            print(f"warning: cached evaluation {path} is damaged (a value missing or not a number); evaluating again",
-                  file=sys.stderr)
+            why = ("made by another version of the shape judge" if whole else
+                   "damaged (a value missing or not a number)")
+            print(f"warning: cached evaluation {path} is {why}; evaluating again", file=sys.stderr)
         except UserError as e:
             print(f"warning: {e}; evaluating again", file=sys.stderr)
     if policy:

@@ -28,7 +28,7 @@ import random
 import sys
 from collections.abc import Callable
 
-from inputs import UserError, check_fields, read_json, read_metrics, read_text, writable_file
+from inputs import UserError, check_fields, read_json, read_metrics, writable_file
 
 # ----------------------------------------------------------------------------------------------------------
 # Tables: the paper's Table 3 layout, a row per model, a column per dimension

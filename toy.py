@@ -141,6 +141,9 @@ def components(mask: torch.Tensor) -> torch.Tensor:
         labels = grown
 
 
+JUDGE_VERSION = 2  # raised whenever judge() names videos differently: 2 = the outline and the filled-frame rule
+
+
 def outline(xs: torch.Tensor, ys: torch.Tensor) -> str:
     """The shape a piece's bounding box names, a second opinion beside the template overlap: bar (lying) or pole
     (upright) when one side is at least half a bar's elongation (1.875 = 3.75 / 2) times the other, else circle.

@@ -186,3 +186,20 @@ def test_sharpness_uses_the_named_shapes_perimeter():
         v = toy.render(["red"] * 20, [shape] * 20, ["left"] * 20, torch.Generator().manual_seed(0))
         vq = scores(v, [f"a red {shape} moving left"] * 20)["visual_quality"]
         assert vq.mean() >= 0.9, (shape, vq.mean())  # measured: circle 1.00, bar 0.975, pole 0.964
+
+
+def test_an_evaluation_made_by_another_version_of_the_judge_is_made_again(tmp_path, capsys):
+    """ablate.py's cached evaluations carry the shape judge's version: a sweep never mixes two judges' verdicts."""
+    import ablate
+    from reward import build_reward
+
+    model = build_model("toy")
+    model.sample_steps = 1
+    reward, prompts = build_reward("toy"), ["a red circle moving left", "a blue bar moving up"]
+    keys = reward.dims + [f"judged_{d}" for d in toy.ShapeJudge.dims]
+    path = str(tmp_path / "eval.json")
+    fresh = ablate.cached_eval(path, model, reward, prompts, None, keys)
+    assert fresh["judge_version"] == toy.JUDGE_VERSION
+    (tmp_path / "eval.json").write_text(json.dumps({**fresh, "judge_version": toy.JUDGE_VERSION - 1, "judged_shape": 7.0}))
+    again = ablate.cached_eval(path, model, reward, prompts, None, keys)
+    assert again == fresh and "made by another version of the shape judge" in capsys.readouterr().err
