@@ -108,17 +108,19 @@ def run_one(name: str, seed: int, args, model, reward, prompts: list[str], weigh
 
 def training_stats(out: str, window: int = 5) -> dict:
     """From the run's metrics.jsonl (inputs.read_metrics): the trained reward of the policy's own samples
-    (reward_mean, the mean over the step's candidates) over the first and the last `window` steps, and the seconds
-    per step (sampling, decoding, reward and training; the first step, which warms up, left out)."""
+    (reward_mean, the mean over the step's candidates; none for offline DPO) over the first and the last `window`
+    steps, and the seconds per step (sampling, decoding, reward and training; the first step, which warms up, left out)."""
     path = os.path.join(out, "metrics.jsonl")
     steps = {row["step"]: row for row in read_metrics(path)}  # a resumed run logs a step again: the last one counts
-    rows = [steps[k] for k in sorted(steps) if isinstance(steps[k].get("reward_mean"), (int, float))]
+    rows = [steps[k] for k in sorted(steps)]
     if not rows:
-        raise UserError(f"{path} holds no step with a reward_mean: remove {out} and run ablate.py again")
+        raise UserError(f"{path} holds no step: remove {out} and run ablate.py again")
     mean = lambda v: sum(v) / len(v)  # noqa: E731
-    return {"trained_first": mean([r["reward_mean"] for r in rows[:window]]),
-            "trained_last": mean([r["reward_mean"] for r in rows[-window:]]),
-            "s_per_step": mean([sum(v for k, v in r.items() if k.startswith("time_")) for r in rows[1:] or rows])}
+    stats = {"s_per_step": mean([sum(v for k, v in r.items() if k.startswith("time_")) for r in rows[1:] or rows])}
+    sampled = [r["reward_mean"] for r in rows if isinstance(r.get("reward_mean"), (int, float))]
+    if sampled:  # offline DPO samples nothing while it trains: no curve of its own samples
+        stats.update(trained_first=mean(sampled[:window]), trained_last=mean(sampled[-window:]))
+    return stats
 
 
 def cached_eval(path: str, model, reward, prompts: list[str], policy: str | None, keys: list[str]) -> dict:

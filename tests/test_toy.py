@@ -108,6 +108,10 @@ def test_ablation_reads_each_runs_training_curve_and_time_per_step(tmp_path):
     stats = ablate.training_stats(str(tmp_path))
     assert stats["trained_first"] == pytest.approx(0.3) and stats["trained_last"] == pytest.approx(1.0)
     assert stats["s_per_step"] == pytest.approx(3.0)
+    # offline DPO samples nothing while it trains: its steps are timed, with no curve of its own samples
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": k, "reward_mean": None, "time_train": 2.0}) + "\n"
+                                                    for k in range(1, 4)))
+    assert ablate.training_stats(str(tmp_path)) == {"s_per_step": 2.0}
 
 
 # ----------------------------------------------------------------------------------------------------------
