@@ -16,6 +16,7 @@ metrics.jsonl (the trained reward of its own samples over its first and last 5 s
 by their settings: parallel sweeps share --out, and an interrupted one goes on where it stopped.
 """
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -147,6 +148,7 @@ def cached_eval(path: str, model, reward, prompts: list[str], policy: str | None
     return result
 
 
+@functools.lru_cache(maxsize=None)  # a table asks for the same few quantiles in every cell
 def t_quantile(p: float, df: float) -> float:
     """Student's t quantile (p > 0.5): the pdf integrated by Simpson's rule, the bound found by bisection; no
     scipy for one number. t_quantile(0.975, 4) = 2.776."""
