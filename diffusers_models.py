@@ -128,7 +128,8 @@ def variant_of(file: str) -> str | None:
     return None if name == "model.safetensors" else name.removesuffix(".safetensors")
 
 
-MODEL_OF_CLASS = {"CogVideoXTransformer3DModel": "cogvideox", "WanTransformer3DModel": "wan"}
+MODEL_OF_CLASS = {"CogVideoXTransformer3DModel": "cogvideox", "WanTransformer3DModel": "wan",
+                  "LTXVideoTransformer3DModel": "ltx"}  # the family whose weights a transformer folder holds
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -210,11 +211,10 @@ class DiffusersVideoModel:
         net = net or self.dit
         cfg = self.cfg if cfg is None else cfg
         assert len(seeds) == len(prompts) * n
-        y = self.guidance_text(prompts, n, cfg)
+        text = self.guidance_text(prompts, n, cfg)
         z = torch.stack([torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(s))
                          for s in seeds]).to(self.device)
-        scheduler = copy.deepcopy(self.scheduler)  # multistep solvers keep a history: a fresh one per call
-        scheduler.set_timesteps(steps or self.sample_steps, device=self.device)
+        scheduler = self.fresh_scheduler(steps, self.device)
         timesteps = scheduler.timesteps
         begin = 0 if source is None else self.start_index(scheduler, eta)
         if hasattr(scheduler, "set_begin_index"):  # as WanPipeline (the video-to-video pipelines: the first step)
@@ -223,12 +223,12 @@ class DiffusersVideoModel:
             source = source.to(z).repeat_interleave(n, 0)
             if begin == len(timesteps):  # eta below the last step: nothing to denoise
                 return source
-            z = scheduler.add_noise(source, z, timesteps[begin: begin + 1].expand(z.shape[0]))
+            z = self.noised(scheduler, source, z, timesteps[begin: begin + 1].expand(z.shape[0]))
             timesteps = timesteps[begin:]
         was_training = net.training
         net.eval()
         for t in timesteps:
-            z = scheduler.step(self.guided_prediction(net, z, t, y, cfg), t, z, return_dict=False)[0]
+            z = scheduler.step(self.guided_prediction(net, z, t, text, cfg), t, z, return_dict=False)[0]
         net.train(was_training)
         return z
 
@@ -243,27 +243,44 @@ class DiffusersVideoModel:
     def aligned_level(self, eta: float, steps: int | None = None) -> tuple[float, float]:
         """(a, b) of x_t = a x + b noise where the aligned copies start at this eta and number of steps; (1, 0) when
         eta lies below the last step (the copies are the source)."""
-        scheduler = copy.deepcopy(self.scheduler)
-        scheduler.set_timesteps(steps or self.sample_steps, device="cpu")
+        scheduler = self.fresh_scheduler(steps, "cpu")
         a, b = self.levels(scheduler)
         i = self.start_index(scheduler, eta)
         return (1.0, 0.0) if i == len(a) else (float(a[i]), float(b[i]))
 
-    def guidance_text(self, prompts: list[str], n: int, cfg: float) -> torch.Tensor:
-        """Text features of each prompt repeated n times, after the negative prompt's when guided: [uncond; cond],
-        the order of CogVideoXPipeline's batch. Both pipelines turn CFG off at guidance_scale <= 1."""
-        y = self.encode_prompts(prompts)[0].repeat_interleave(n, 0)
-        if cfg <= 1:
-            return y
-        return torch.cat([self.encode_prompts([self.negative_prompt])[0].expand_as(y), y])
+    def fresh_scheduler(self, steps: int | None, device):
+        """The pipeline's scheduler set to `steps` sampling steps; a fresh copy per call (multistep solvers keep a
+        history)."""
+        scheduler = copy.deepcopy(self.scheduler)
+        scheduler.set_timesteps(steps or self.sample_steps, device=device)
+        return scheduler
 
-    def guided_prediction(self, net: nn.Module, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-                          cfg: float) -> torch.Tensor:
+    @staticmethod
+    def noised(scheduler, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x noised to timestep t by the scheduler's own formula (DDIM/UniPC: add_noise; FlowMatchEuler: scale_noise,
+        the flow form)."""
+        if hasattr(scheduler, "add_noise"):
+            return scheduler.add_noise(x, noise, t)
+        return scheduler.scale_noise(x, t, noise)
+
+    def guidance_text(self, prompts: list[str], n: int, cfg: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text features and mask of each prompt repeated n times, after the negative prompt's when guided:
+        [uncond; cond], the order of CogVideoXPipeline's batch. The pipelines turn CFG off at guidance_scale <= 1."""
+        y, mask = (v.repeat_interleave(n, 0) for v in self.encode_prompts(prompts))
+        if cfg <= 1:
+            return y, mask
+        y0, mask0 = self.encode_prompts([self.negative_prompt])
+        return torch.cat([y0.expand_as(y), y]), torch.cat([mask0.expand_as(mask), mask])
+
+    def guided_prediction(self, net: nn.Module, z: torch.Tensor, t: torch.Tensor,
+                          text: tuple[torch.Tensor, torch.Tensor], cfg: float) -> torch.Tensor:
         """The pipelines' prediction at timestep t: both CFG halves in one batch, uncond + cfg (cond - uncond)."""
+        y, mask = text
         both = y.shape[0] == 2 * z.shape[0]  # the unconditional and conditional halves in one batch
         z_in = torch.cat([z, z]) if both else z
         with self.autocast():
-            pred = self.predict(net, z_in, torch.as_tensor(t, device=z.device).expand(z_in.shape[0]), y).float()
+            t_in = torch.as_tensor(t, device=z.device).expand(z_in.shape[0])
+            pred = self.predict(net, z_in, t_in, y, mask).float()
         if not both:
             return pred
         uncond, cond = pred.chunk(2)
@@ -318,8 +335,8 @@ class DiffusersVideoModel:
             raise UserError(f"no weights file {file} (and no diffusers transformer in {folder})")
         saved = read_json(folder, "config.json")
         made_for = saved.get("model") or MODEL_OF_CLASS.get(saved.get("_class_name"), saved.get("_class_name"))
-        if made_for != self.name:
-            raise UserError(f"{file} holds weights of model {made_for!r}, not {self.name!r}")
+        if made_for != self.family:
+            raise UserError(f"{file} holds weights of model {made_for!r}, not {self.family!r}")
         own = json.loads(json.dumps(dict(net.config)))  # tuples -> lists, as in the saved file
         changed = [k for k, v in own.items() if not k.startswith("_") and k in saved and saved[k] != v]
         if changed:
@@ -334,7 +351,7 @@ class DiffusersVideoModel:
 
 class CogVideoX(DiffusersVideoModel):
     """THUDM/CogVideoX-2b (and -5b) through diffusers; the transformer takes (B, T, C, H, W)."""
-    name = "cogvideox"
+    name = family = "cogvideox"
 
     @property
     def vae_spatial(self) -> int:
@@ -365,7 +382,8 @@ class CogVideoX(DiffusersVideoModel):
         return get_3d_rotary_pos_embed(embed_dim=c.attention_head_dim, crops_coords=crops, grid_size=(gh, gw),
                                        temporal_size=latent_frames, device=self.device)
 
-    def predict(self, net: nn.Module, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def predict(self, net: nn.Module, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         rope = self.rotary(z.shape[2]) if self.dit.config.use_rotary_positional_embeddings else None
         out = net(hidden_states=z.transpose(1, 2), encoder_hidden_states=y, timestep=t, image_rotary_emb=rope,
                   return_dict=False)[0]
@@ -397,7 +415,7 @@ class CogVideoX(DiffusersVideoModel):
         x_t = self.scheduler.add_noise(x0, noise, t)
         target = self.scheduler.get_velocity(x0, noise, t)
         with self.autocast():
-            v = self.predict(net, x_t, t, y)
+            v = self.predict(net, x_t, t, y, mask)
         return mean_error((v.float() - target.float()).pow(2), segments)
 
 
@@ -426,14 +444,63 @@ def build_cogvideox(dit: str | None = None, vae: str | None = None, text_encoder
                      load(CogVideoXDDIMScheduler, parts["scheduler"]), height, width, frames, fps=8, sample_steps=50,
                      cfg=6.0, max_length=tc.get("max_text_seq_length", 226))
 
+# ----------------------------------------------------------------------------------------------------------
+# Flow matching (Wan2.1, Wan2.2, LTX-Video): x_t = (1 - sigma) x0 + sigma noise, the network predicts noise - x0
+
+
+class FlowModel(DiffusersVideoModel):
+    """What the flow-matching backends share: the sampling steps' noise levels, the Diffusion-DPO error in the
+    velocity space, and GRPO's SDE rollout over the scheduler's own sigmas."""
+    has_sde = True
+    grpo_noise_level = None  # Flow-GRPO's Wan2.1 pipeline: std_t = sigmas[1] * s, no noise level (grpo.step_std)
+
+    def levels(self, scheduler) -> tuple[torch.Tensor, torch.Tensor]:
+        """The flow's x_t = (1 - sigma) x + sigma noise at each sampling step."""
+        sigma = scheduler.sigmas[: len(scheduler.timesteps)].double().cpu()
+        return 1 - sigma, sigma
+
+    def training_timesteps(self, b: int, generator: torch.Generator) -> torch.Tensor:
+        """sigma = the sampler's shift applied to u ~ U(0, 1) (shifted): the DPO loss sees noise levels spread as the
+        sampling steps are. Returned in the transformer's units, 1000 sigma."""
+        sigma = self.shifted(torch.rand(b, generator=generator))
+        return (sigma * self.scheduler.config.num_train_timesteps).to(self.device)
+
+    def errors(self, net: nn.Module, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+               y: torch.Tensor, mask: torch.Tensor, segments: list[tuple[int, int]] | None = None) -> torch.Tensor:
+        """Per-sample MSE to the flow-matching velocity noise - x0 (what the transformer predicts:
+        flow_prediction), with x_t = (1 - sigma) x0 + sigma noise; mean over all non-batch dims (or per segment),
+        fp32."""
+        sigma = (t.float() / self.scheduler.config.num_train_timesteps).view(-1, 1, 1, 1, 1)
+        x_t = (1 - sigma) * x0 + sigma * noise
+        with self.autocast():
+            v = self.predict(net, x_t, t, y, mask)
+        return mean_error((v.float() - (noise - x0).float()).pow(2), segments)
+
+    # --- GRPO (grpo.py): Flow-GRPO's Wan2.1 rollout, the pipeline scheduler's sigmas stepped as an SDE
+    def sde_schedule(self, prompts: list[str], n: int, net: nn.Module, steps: int | None = None):
+        """GRPO's rollout (grpo.sample_sde), as Flow-GRPO's wan_pipeline_with_logprob: the scheduler's timesteps and
+        sigmas (set_timesteps) and the guided prediction at each timestep. The network predicts noise - x0; grpo.py
+        takes Open-Sora's x0 - noise, hence the sign. Returns v(z, t), the K + 1 sigmas (the last 0) and the K
+        timesteps the transformer sees."""
+        text = self.guidance_text(prompts, n, self.cfg)
+        scheduler = self.fresh_scheduler(steps, self.device)
+        timesteps, sigmas = list(scheduler.timesteps), scheduler.sigmas.float().tolist()
+        return lambda z, t: -self.guided_prediction(net, z, t, text, self.cfg), sigmas, timesteps
+
+    def grpo_velocity(self, net: nn.Module, z: torch.Tensor, t: torch.Tensor, prompts: list[str],
+                      n: int) -> torch.Tensor:
+        """The guided prediction WITH gradients at one stored step (GRPO's training forward; CFG as in the rollout,
+        Flow-GRPO's train.cfg), in grpo.py's sign: x0 - noise."""
+        return -self.guided_prediction(net, z, t, self.guidance_text(prompts, n, self.cfg), self.cfg)
+
 
 # ----------------------------------------------------------------------------------------------------------
-# Wan2.1: flow matching (x_t = (1 - sigma) x0 + sigma noise, velocity noise - x0), UMT5 text
+# Wan2.1 and Wan2.2: UMT5 text, the Wan VAE normalised per channel
 
 
-class Wan(DiffusersVideoModel):
+class Wan(FlowModel):
     """Wan-AI/Wan2.1-T2V-1.3B-Diffusers (or -14B) through diffusers; the transformer takes (B, C, T, H, W)."""
-    name = "wan"
+    name = family = "wan"
     vae_fp32 = True  # WanPipeline's example loads the VAE in fp32 next to a bf16 transformer
 
     @property
@@ -454,93 +521,335 @@ class Wan(DiffusersVideoModel):
         y = self.text_encoder(ids.to(dev), mask.to(dev)).last_hidden_state
         return y * mask.to(dev)[..., None].to(y.dtype), mask
 
-    def predict(self, net: nn.Module, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def predict(self, net: nn.Module, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         return net(hidden_states=z, timestep=t, encoder_hidden_states=y, return_dict=False)[0]
 
     def vae_decode(self, z: torch.Tensor) -> torch.Tensor:
-        c = self.vae.config  # WanPipeline: un-normalise with the VAE's per-channel latent mean and std
-        mean = torch.tensor(c.latents_mean).view(1, -1, 1, 1, 1).to(z)
-        std = torch.tensor(c.latents_std).view(1, -1, 1, 1, 1).to(z)
+        mean, std = self.latent_stats(z)  # WanPipeline: un-normalise with the VAE's per-channel mean and std
         return self.vae.decode(z * std + mean, return_dict=False)[0]
 
     def vae_encode(self, x: torch.Tensor) -> torch.Tensor:
-        c = self.vae.config  # WanVideoToVideoPipeline: normalise with the per-channel latent mean and std
-        z = self.vae.encode(x).latent_dist.mode()
-        mean = torch.tensor(c.latents_mean).view(1, -1, 1, 1, 1).to(z)
-        std = torch.tensor(c.latents_std).view(1, -1, 1, 1, 1).to(z)
+        z = self.vae.encode(x).latent_dist.mode()  # WanVideoToVideoPipeline: normalised per channel
+        mean, std = self.latent_stats(z)
         return (z - mean) / std
 
-    # --- the Diffusion-DPO error (Alg. 1 line 7)
+    def latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.vae.config
+        return (torch.tensor(c.latents_mean).view(1, -1, 1, 1, 1).to(like),
+                torch.tensor(c.latents_std).view(1, -1, 1, 1, 1).to(like))
+
     @property
     def shift(self) -> float:
         c = self.scheduler.config  # UniPC / DPM-Solver name it flow_shift, FlowMatchEuler shift
         return float(c.get("flow_shift", c.get("shift", 1.0)))
 
-    def levels(self, scheduler) -> tuple[torch.Tensor, torch.Tensor]:
-        """The flow's x_t = (1 - sigma) x + sigma noise at each sampling step."""
-        sigma = scheduler.sigmas[: len(scheduler.timesteps)].double().cpu()
-        return 1 - sigma, sigma
+    def shifted(self, u: torch.Tensor) -> torch.Tensor:
+        """sigma = shift u / (1 + (shift - 1) u), the sampler's flow_shift."""
+        return self.shift * u / (1 + (self.shift - 1) * u)
 
-    def training_timesteps(self, b: int, generator: torch.Generator) -> torch.Tensor:
-        """sigma = shift * u / (1 + (shift - 1) u), u ~ U(0, 1), with the sampler's flow_shift: the DPO loss sees noise
-        levels spread as the sampling steps are. Returned in the transformer's units, 1000 sigma."""
-        u = torch.rand(b, generator=generator)
-        sigma = self.shift * u / (1 + (self.shift - 1) * u)
-        return (sigma * self.scheduler.config.num_train_timesteps).to(self.device)
 
-    def errors(self, net: nn.Module, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
-               y: torch.Tensor, mask: torch.Tensor, segments: list[tuple[int, int]] | None = None) -> torch.Tensor:
-        """Per-sample MSE to the flow-matching velocity noise - x0 (what the transformer predicts:
-        flow_prediction), with x_t = (1 - sigma) x0 + sigma noise; mean over all non-batch dims (or per segment),
-        fp32."""
-        sigma = (t.float() / self.scheduler.config.num_train_timesteps).view(-1, 1, 1, 1, 1)
-        x_t = (1 - sigma) * x0 + sigma * noise
-        with self.autocast():
-            v = self.predict(net, x_t, t, y)
-        return mean_error((v.float() - (noise - x0).float()).pow(2), segments)
+class Wan22(Wan):
+    """Wan-AI/Wan2.2-TI2V-5B-Diffusers as text-to-video: a dense 5B transformer (48 latent channels) over the Wan2.2
+    VAE (16x spatial, 4x temporal compression); WanPipeline with `expand_timesteps`."""
+    name = "wan2.2-5b"
 
-    # --- GRPO (grpo.py): Flow-GRPO's Wan2.1 rollout, the pipeline scheduler's sigmas stepped as an SDE
-    has_sde = True
-    grpo_noise_level = None  # Flow-GRPO's Wan2.1 pipeline: std_t = sigmas[1] * s, no noise level (grpo.step_std)
+    def predict(self, net: nn.Module, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """WanPipeline with expand_timesteps gives the transformer one timestep per latent token (T x H/2 x W/2), all
+        equal in text-to-video. Sampling does exactly that (the pipeline's numbers); with gradients (the DPO and
+        GRPO training forwards) one timestep per sample, the same conditioning of every token, because per-token
+        modulation would keep B x tokens x 6 x dim numbers per block for the backward (60 GB at 704x1280x121)."""
+        if not torch.is_grad_enabled():
+            _, ph, pw = net.config.patch_size
+            tokens = z.shape[2] * (z.shape[3] // ph) * (z.shape[4] // pw)
+            t = (torch.ones(tokens, device=z.device) * t[:, None]).to(torch.float32)  # the pipeline's mask * t
+        return super().predict(net, z, t, y, mask)
 
-    def sde_schedule(self, prompts: list[str], n: int, net: nn.Module, steps: int | None = None):
-        """GRPO's rollout (grpo.sample_sde), as Flow-GRPO's wan_pipeline_with_logprob: the scheduler's timesteps and
-        sigmas (set_timesteps) and the guided prediction at each timestep. Wan predicts noise - x0; grpo.py takes
-        Open-Sora's x0 - noise, hence the sign. Returns v(z, t), the K + 1 sigmas (the last 0) and the K timesteps
-        the transformer sees."""
-        y = self.guidance_text(prompts, n, self.cfg)
-        scheduler = copy.deepcopy(self.scheduler)
-        scheduler.set_timesteps(steps or self.sample_steps, device=self.device)
-        timesteps, sigmas = list(scheduler.timesteps), scheduler.sigmas.float().tolist()
-        return lambda z, t: -self.guided_prediction(net, z, t, y, self.cfg), sigmas, timesteps
 
-    def grpo_velocity(self, net: nn.Module, z: torch.Tensor, t: torch.Tensor, prompts: list[str],
-                      n: int) -> torch.Tensor:
-        """The guided prediction WITH gradients at one stored step (GRPO's training forward; CFG as in the rollout,
-        Flow-GRPO's train.cfg), in grpo.py's sign: x0 - noise."""
-        return -self.guided_prediction(net, z, t, self.guidance_text(prompts, n, self.cfg), self.cfg)
+class TwoExperts(nn.Module):
+    """Wan2.2-A14B's denoiser: `transformer`, the high-noise expert, at timesteps >= boundary_ratio x 1000, and
+    `transformer_2`, the low-noise expert, below (WanPipeline's rule). A batch whose samples sit on both sides of the
+    boundary (the DPO loss's random t) is split: each sample goes through its own expert only, so a DPO or GRPO step
+    trains the expert the pipeline would use at that timestep. The children carry the pipeline's component names,
+    so LoRA layers and state-dict keys read transformer.* and transformer_2.*."""
+
+    def __init__(self, transformer: nn.Module, transformer_2: nn.Module, boundary_ratio: float):
+        super().__init__()
+        self.transformer, self.transformer_2 = transformer, transformer_2
+        self.boundary_ratio = float(boundary_ratio)
+        self.boundary = self.boundary_ratio * 1000  # scheduler.config.num_train_timesteps, as in WanPipeline
+
+    @property
+    def config(self):
+        """The experts' shared configuration (they are built alike), with the boundary."""
+        from diffusers.configuration_utils import FrozenDict
+
+        return FrozenDict({**self.transformer.config, "boundary_ratio": self.boundary_ratio})
+
+    @classmethod
+    def from_config(cls, config: dict) -> "TwoExperts":
+        from diffusers import WanTransformer3DModel
+
+        own = {k: v for k, v in config.items() if k != "boundary_ratio"}
+        return cls(WanTransformer3DModel.from_config(own), WanTransformer3DModel.from_config(own),
+                   config["boundary_ratio"])
+
+    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                return_dict: bool = False) -> tuple[torch.Tensor]:
+        high = timestep.reshape(len(timestep), -1)[:, 0] >= self.boundary
+        call = lambda net, i: net(hidden_states=hidden_states[i], timestep=timestep[i],
+                                  encoder_hidden_states=encoder_hidden_states[i], return_dict=False)[0]
+        if high.all() or not high.any():  # the sampler: every sample at the same step, one expert
+            net = self.transformer if high.all() else self.transformer_2
+            return net(hidden_states=hidden_states, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
+                       return_dict=False)
+        out = torch.empty_like(hidden_states)
+        out[high], out[~high] = call(self.transformer, high), call(self.transformer_2, ~high)
+        return (out,)
+
+    # diffusers' switches and files, on both experts
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self.transformer.gradient_checkpointing
+
+    def enable_gradient_checkpointing(self):
+        self.transformer.enable_gradient_checkpointing(), self.transformer_2.enable_gradient_checkpointing()
+
+    def disable_gradient_checkpointing(self):
+        self.transformer.disable_gradient_checkpointing(), self.transformer_2.disable_gradient_checkpointing()
+
+    def add_adapter(self, config, adapter_name: str):
+        """LoRA per expert: the same layers of each get their own adapter (peft through diffusers)."""
+        self.transformer.add_adapter(config, adapter_name=adapter_name)
+        self.transformer_2.add_adapter(config, adapter_name=adapter_name)
+
+    @property
+    def peft_config(self) -> dict:
+        return self.transformer.peft_config
+
+    def save_pretrained(self, folder: str, variant: str | None = None):
+        """The high-noise expert as a transformer folder, the low-noise one in its transformer_2/ subfolder, and the
+        boundary in experts.json."""
+        self.transformer.save_pretrained(folder, variant=variant)
+        self.transformer_2.save_pretrained(os.path.join(folder, "transformer_2"), variant=variant)
+        with open(os.path.join(folder, EXPERTS_FILE), "w") as f:
+            json.dump({"boundary_ratio": self.boundary_ratio}, f)
+
+
+EXPERTS_FILE = "experts.json"
+
+
+class Wan22Experts(Wan):
+    """Wan-AI/Wan2.2-T2V-A14B-Diffusers: two 14B experts (TwoExperts), each with its own guidance scale (the
+    pipeline's guidance_scale above the boundary, guidance_scale_2 below)."""
+    name = "wan2.2-14b"
+    cfg_low: float = 3.0  # guidance of the low-noise expert (WanPipeline's guidance_scale_2)
+
+    @property
+    def latent_shape(self) -> tuple:
+        st, s = self.time_factor, self.vae.config.scale_factor_spatial
+        return (self.dit.transformer.config.in_channels, (self.frames - 1) // st + 1, self.height // s,
+                self.width // s)
+
+    def guided_prediction(self, net: nn.Module, z: torch.Tensor, t: torch.Tensor,
+                          text: tuple[torch.Tensor, torch.Tensor], cfg: float) -> torch.Tensor:
+        """Each expert with its own guidance: `cfg` at timesteps >= the boundary, cfg_low below."""
+        expert = getattr(net, "module", net)  # under DDP
+        return super().guided_prediction(net, z, t, text, cfg if float(t) >= expert.boundary else self.cfg_low)
+
+    def load_weights(self, file: str, net: nn.Module | None = None):
+        """Both experts, from the folder save_weights wrote (transformer_2/ beside the high-noise expert)."""
+        net = net or self.dit
+        folder, name = os.path.split(file)
+        second = os.path.join(folder or ".", "transformer_2")
+        if not os.path.isdir(second):
+            raise UserError(f"{folder or '.'} holds one transformer, not the two experts of {self.name} "
+                            "(no transformer_2/ beside it)")
+        super().load_weights(file, net.transformer)
+        super().load_weights(os.path.join(second, name), net.transformer_2)
+
+
+def check_experts(tc: dict, tc2: dict):
+    """TwoExperts builds its twin from one configuration (merged LoRA weights, FSDP2 copies): both experts alike."""
+    differ = [k for k in tc if not k.startswith("_") and tc.get(k) != tc2.get(k)]
+    if differ:
+        raise UserError(f"wan2.2-14b: the two experts are built differently ({differ[0]} {tc[differ[0]]} vs "
+                        f"{tc2.get(differ[0])})")
+
+
+# Defaults per model: WanPipeline's examples and the model cards (resolution, frames, fps, steps, guidance)
+WAN = {"wan": dict(cls=Wan, hub=WAN_ID, size=(480, 832), frames=81, fps=16, steps=50,
+                   cfg=5.0),
+       "wan2.2-5b": dict(cls=Wan22, hub="Wan-AI/Wan2.2-TI2V-5B-Diffusers", size=(704, 1280), frames=121, fps=24,
+                         steps=50, cfg=5.0),
+       "wan2.2-14b": dict(cls=Wan22Experts, hub="Wan-AI/Wan2.2-T2V-A14B-Diffusers", size=(720, 1280), frames=81,
+                          fps=16, steps=40, cfg=4.0)}
 
 
 def build_wan(dit: str | None = None, vae: str | None = None, text_encoder: str | None = None,
-              size: str | None = None, frames: int | None = None, **_) -> Wan:
-    """Wan2.1 with WanPipeline's defaults: 81 frames, 480x832, 50 steps, guidance 5, negative prompt "", 512 text
-    tokens, the scheduler (and its flow_shift) the model folder ships; 16 fps as the pipeline's example exports."""
+              size: str | None = None, frames: int | None = None, name: str = "wan", **_) -> Wan:
+    """A Wan model with its pipeline's defaults (WAN), negative prompt "", 512 text tokens, the scheduler (and its
+    flow_shift) the model folder ships."""
     import diffusers
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import AutoTokenizer, UMT5EncoderModel
 
-    parts = locate(WAN_ID, dit, vae, text_encoder)
+    spec = WAN[name]
+    parts = locate(spec["hub"], dit, vae, text_encoder)
     tc, vc = read_json(parts["transformer"], "config.json"), read_json(parts["vae"], "config.json")
     sc = read_json(parts["scheduler"], "scheduler_config.json")
     if not (sc.get("use_flow_sigmas") or sc["_class_name"] == "FlowMatchEulerDiscreteScheduler"):
-        raise UserError(f"wan: scheduler {sc['_class_name']} in {parts['scheduler']} is not a flow-matching scheduler")
+        raise UserError(f"{name}: scheduler {sc['_class_name']} in {parts['scheduler']} is not a flow-matching "
+                        "scheduler")
+    if tc.get("in_channels") != vc.get("z_dim", 16):
+        raise UserError(f"{name}: the transformer in {parts['transformer']} takes {tc.get('in_channels')} latent "
+                        f"channels, the VAE in {parts['vae']} makes {vc.get('z_dim', 16)}: not one model's parts")
     s, patch = vc.get("scale_factor_spatial", 8), tc.get("patch_size", [1, 2, 2])
-    height, width, frames = check_video("wan", size, (480, 832), s * max(patch[1:]), frames, 81,
+    height, width, frames = check_video(name, size, spec["size"], s * max(patch[1:]), frames, spec["frames"],
                                         vc.get("scale_factor_temporal", 4))
-    return Wan(load_model(WanTransformer3DModel, parts["transformer"]), load_model(AutoencoderKLWan, parts["vae"]),
-               load(UMT5EncoderModel, parts["text_encoder"]).eval(), load(AutoTokenizer, parts["tokenizer"]),
-               load(getattr(diffusers, sc["_class_name"]), parts["scheduler"]), height, width, frames, fps=16,
-               sample_steps=50, cfg=5.0, max_length=512)
+    net = load_model(WanTransformer3DModel, parts["transformer"])
+    if name == "wan2.2-14b":
+        second = expert_folder(dit or spec["hub"], parts["transformer"], spec["hub"])
+        tc2 = read_json(second, "config.json")
+        check_experts(tc, tc2)
+        net = TwoExperts(net, load_model(WanTransformer3DModel, second), boundary_of(dit or spec["hub"], parts))
+    model = spec["cls"](net, load_model(AutoencoderKLWan, parts["vae"]),
+                        load(UMT5EncoderModel, parts["text_encoder"]).eval(), load(AutoTokenizer, parts["tokenizer"]),
+                        load(getattr(diffusers, sc["_class_name"]), parts["scheduler"]), height, width, frames,
+                        fps=spec["fps"], sample_steps=spec["steps"], cfg=spec["cfg"], max_length=512)
+    return model
 
 
-BUILDERS = {"cogvideox": build_cogvideox, "wan": build_wan}
+def expert_folder(dit: str, transformer: str, hub_id: str) -> str:
+    """The low-noise expert: transformer_2/ of the pipeline, or beside a saved high-noise expert (save_weights)."""
+    beside = os.path.join(transformer, "transformer_2")
+    if os.path.isdir(beside):
+        return beside
+    return component(dit if is_pipeline(dit) else hub_id, "transformer_2", hub_id)
+
+
+def boundary_of(dit: str, parts: dict) -> float:
+    """boundary_ratio: experts.json beside a saved pair, else the pipeline's model_index.json."""
+    saved = os.path.join(parts["transformer"], EXPERTS_FILE)
+    if os.path.isfile(saved):
+        return float(read_json(parts["transformer"], EXPERTS_FILE)["boundary_ratio"])
+    index = read_json(os.path.dirname(parts["transformer"]), "model_index.json")
+    if index.get("boundary_ratio") is None:
+        raise UserError(f"{dit}: model_index.json has no boundary_ratio: not a two-expert Wan2.2 pipeline")
+    return float(index["boundary_ratio"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# LTX-Video 0.9.x: a flow on packed tokens, T5 text with its mask, the LTX VAE (32x spatial, 8x temporal)
+
+
+class LTXVideo(FlowModel):
+    """Lightricks/LTX-Video through diffusers (LTXPipeline); the transformer takes packed tokens (B, T H W, C)."""
+    name = family = "ltx"
+    frame_rate = 25  # LTXPipeline's frame_rate: the RoPE's time scale is time_factor / frame_rate
+
+    @property
+    def vae_spatial(self) -> int:
+        return self.vae.spatial_compression_ratio
+
+    @property
+    def time_factor(self) -> int:
+        return self.vae.temporal_compression_ratio
+
+    @property
+    def latent_shape(self) -> tuple:
+        s, tc = self.vae_spatial, self.time_factor
+        return (self.dit.config.in_channels, (self.frames - 1) // tc + 1, self.height // s, self.width // s)
+
+    def embed(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """LTXPipeline._get_t5_prompt_embeds: padded to 128 tokens, T5 without the mask (the transformer gets it)."""
+        ids, mask = tokenize(self.tokenizer, texts, self.max_length)
+        return self.text_encoder(ids.to(next(self.text_encoder.parameters()).device))[0], mask
+
+    def predict(self, net: nn.Module, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Latents packed into tokens (LTXPipeline._pack_latents with patch 1: (B, T H W, C)) and back."""
+        b, c, f, h, w = z.shape
+        tokens = z.permute(0, 2, 3, 4, 1).reshape(b, f * h * w, c)
+        s = self.vae_spatial
+        out = net(hidden_states=tokens, encoder_hidden_states=y, timestep=t, encoder_attention_mask=mask,
+                  num_frames=f, height=h, width=w, rope_interpolation_scale=(self.time_factor / self.frame_rate, s, s),
+                  return_dict=False)[0]
+        return out.reshape(b, f, h, w, c).permute(0, 4, 1, 2, 3)
+
+    @property
+    def mu(self) -> float:
+        """LTXPipeline's dynamic shift from the video's latent token count (calculate_shift)."""
+        from diffusers.pipelines.ltx.pipeline_ltx import calculate_shift
+
+        c, (_, f, h, w) = self.scheduler.config, self.latent_shape
+        return calculate_shift(f * h * w, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                               c.get("base_shift", 0.5), c.get("max_shift", 1.15))
+
+    def fresh_scheduler(self, steps: int | None, device):
+        """LTXPipeline: sigmas linspace(1, 1/N, N), shifted by mu (and stretched to the scheduler's terminal)."""
+        import numpy as np
+
+        n = steps or self.sample_steps
+        scheduler = copy.deepcopy(self.scheduler)
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / n, n), mu=self.mu, device=device)
+        return scheduler
+
+    def shifted(self, u: torch.Tensor) -> torch.Tensor:
+        """The scheduler's exponential time shift at this video's mu: e^mu / (e^mu + 1/u - 1)."""
+        return self.scheduler.time_shift(self.mu, 1.0, u)
+
+    def latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self.vae.latents_mean.view(1, -1, 1, 1, 1).to(like), self.vae.latents_std.view(1, -1, 1, 1, 1).to(like))
+
+    def vae_decode(self, z: torch.Tensor) -> torch.Tensor:
+        """LTXPipeline: un-normalise (mean, std, scaling factor); a timestep-conditioned VAE (0.9.1 on) decodes at
+        the pipeline's default decode_timestep 0 with no added noise."""
+        mean, std = self.latent_stats(z)
+        z = z * std / self.vae.config.scaling_factor + mean
+        temb = torch.zeros(len(z), device=z.device, dtype=z.dtype) if self.vae.config.timestep_conditioning else None
+        return self.vae.decode(z, temb, return_dict=False)[0]
+
+    def vae_encode(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.vae.encode(x).latent_dist.mode()  # the LTX pipelines' _normalize_latents
+        mean, std = self.latent_stats(z)
+        return (z - mean) * self.vae.config.scaling_factor / std
+
+
+LTX_ID = "Lightricks/LTX-Video"
+
+
+def build_ltx(dit: str | None = None, vae: str | None = None, text_encoder: str | None = None,
+              size: str | None = None, frames: int | None = None, **_) -> LTXVideo:
+    """LTX-Video 0.9.x with LTXPipeline's defaults: 161 frames at 480x704 (its example), 50 steps, guidance 3,
+    negative prompt "", 128 text tokens, frame rate 25."""
+    from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXVideoTransformer3DModel
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    parts = locate(LTX_ID, dit, vae, text_encoder)
+    tc, sc = read_json(parts["transformer"], "config.json"), read_json(parts["scheduler"], "scheduler_config.json")
+    if tc.get("patch_size", 1) != 1 or tc.get("patch_size_t", 1) != 1:
+        raise UserError("ltx: transformers with patches larger than one latent pixel are not supported (LTX-Video "
+                        "0.9.x has patch 1)")
+    if sc["_class_name"] != "FlowMatchEulerDiscreteScheduler":
+        raise UserError(f"ltx: scheduler {sc['_class_name']} is not LTXPipeline's FlowMatchEulerDiscreteScheduler")
+    vae_net = load_model(AutoencoderKLLTXVideo, parts["vae"])
+    height, width, frames = check_video("ltx", size, (480, 704), vae_net.spatial_compression_ratio, frames, 161,
+                                        vae_net.temporal_compression_ratio)
+    return LTXVideo(load_model(LTXVideoTransformer3DModel, parts["transformer"]), vae_net,
+                    load(T5EncoderModel, parts["text_encoder"]).eval(), load(AutoTokenizer, parts["tokenizer"]),
+                    load(FlowMatchEulerDiscreteScheduler, parts["scheduler"]), height, width, frames, fps=25,
+                    sample_steps=50, cfg=3.0, max_length=128)
+
+
+def build_wan22_5b(**kwargs) -> Wan22:
+    return build_wan(**kwargs, name="wan2.2-5b")
+
+
+def build_wan22_14b(**kwargs) -> Wan22Experts:
+    return build_wan(**kwargs, name="wan2.2-14b")
+
+
+BUILDERS = {"cogvideox": build_cogvideox, "wan": build_wan, "wan2.2-5b": build_wan22_5b, "wan2.2-14b": build_wan22_14b,
+            "ltx": build_ltx}

@@ -54,7 +54,53 @@ def save_tiny(name: str, folder: str, rope: bool = False, seed: int = 0) -> str:
                     out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, rope_max_seq_len=32),
                 scheduler=diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                                             flow_shift=3.0))
+        elif name in ("wan2.2-5b", "wan2.2-14b"):
+            pipe = tiny_wan22(name, tok, UMT5EncoderModel(UMT5Config(**text)))
+        elif name == "ltx":
+            pipe = diffusers.LTXPipeline(
+                tokenizer=tok, text_encoder=T5EncoderModel(T5Config(**text)),
+                vae=diffusers.AutoencoderKLLTXVideo(
+                    latent_channels=8, block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+                    layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1, 1),
+                    spatio_temporal_scaling=(True, True, False, False),
+                    decoder_spatio_temporal_scaling=(True, True, False, False),
+                    decoder_inject_noise=(False,) * 5, upsample_residual=(False,) * 4, upsample_factor=(1,) * 4,
+                    timestep_conditioning=False, patch_size=1, patch_size_t=1, encoder_causal=True,
+                    decoder_causal=False),
+                transformer=diffusers.LTXVideoTransformer3DModel(
+                    in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2,
+                    attention_head_dim=8, cross_attention_dim=16, num_layers=2, caption_channels=32),
+                scheduler=diffusers.FlowMatchEulerDiscreteScheduler(  # LTX-Video 0.9's published settings
+                    use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05, base_image_seq_len=1024,
+                    max_image_seq_len=4096, shift_terminal=0.1))
         else:
-            raise UserError(f"no tiny {name!r}; choose one of cogvideox, wan")
+            raise UserError(f"no tiny {name!r}; choose one of cogvideox, wan, wan2.2-5b, wan2.2-14b, ltx")
     pipe.save_pretrained(folder)
     return folder
+
+
+def tiny_wan22(name: str, tok, text_encoder):
+    """wan2.2-5b: the Wan2.2 VAE (residual, patchified by 2, 16x spatial) under a transformer on its 12 latent
+    channels, WanPipeline with expand_timesteps; wan2.2-14b: two transformer experts on the Wan2.1 VAE, boundary 0.875
+    (the A14B's), so 3 steps of flow_shift 3 run the first on the high-noise expert and the others on the low."""
+    import diffusers
+
+    transformer = lambda channels: diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=channels,
+        out_channels=channels, text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, rope_max_seq_len=32)
+    scheduler = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                  flow_shift=3.0)
+    if name == "wan2.2-5b":
+        z = 12
+        g = torch.Generator().manual_seed(1)  # per-channel statistics that are not the identity
+        vae = diffusers.AutoencoderKLWan(
+            base_dim=8, decoder_base_dim=8, z_dim=z, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+            temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12,
+            patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4,
+            latents_mean=torch.randn(z, generator=g).tolist(), latents_std=(torch.rand(z, generator=g) + 0.5).tolist())
+        return diffusers.WanPipeline(tokenizer=tok, text_encoder=text_encoder, vae=vae, transformer=transformer(z),
+                                     scheduler=scheduler, expand_timesteps=True)
+    vae = diffusers.AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                     temperal_downsample=[False, True, True])
+    return diffusers.WanPipeline(tokenizer=tok, text_encoder=text_encoder, vae=vae, transformer=transformer(16),
+                                 transformer_2=transformer(16), scheduler=scheduler, boundary_ratio=0.875)
