@@ -67,6 +67,12 @@ WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim
                 text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
                 qk_norm="rms_norm_across_heads", eps=1e-6)  # Wan-AI/Wan2.1-T2V-1.3B-Diffusers
 WAN_14B = {**WAN_1_3B, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40}  # Wan-AI/Wan2.1-T2V-14B-Diffusers
+WAN22_5B = {**WAN_1_3B, "num_attention_heads": 24, "ffn_dim": 14336, "in_channels": 48,
+            "out_channels": 48}  # Wan-AI/Wan2.2-TI2V-5B-Diffusers (30 layers, dim 3072)
+# Wan-AI/Wan2.2-T2V-A14B-Diffusers: two experts of WAN_14B's shape, boundary_ratio 0.875
+LTX_2B = dict(in_channels=128, out_channels=128, patch_size=1, patch_size_t=1, num_attention_heads=32,
+              attention_head_dim=64, cross_attention_dim=2048, num_layers=28,
+              caption_channels=4096)  # Lightricks/LTX-Video (0.9.x, 2B) transformer/config.json
 # The VAE's decoder is what ReFL backpropagates through; it is big enough here that its activations show in b.
 TINY_VAE = dict(micro_frame_size=17, micro_batch_size=4,
                 spatial_config=dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
@@ -537,11 +543,16 @@ def lora_memory(rank: int) -> str:
     import diffusers
 
     import lora
+    from diffusers_models import TwoExperts
 
     nets = {"Open-Sora v1.2 (STDiT3-XL/2)": lambda: osr.STDiT3(**FULL_DIT),
             "CogVideoX-2B": lambda: diffusers.CogVideoXTransformer3DModel(**COGVIDEOX_2B),
             "Wan2.1-T2V-1.3B": lambda: diffusers.WanTransformer3DModel(**WAN_1_3B),
-            "Wan2.1-T2V-14B": lambda: diffusers.WanTransformer3DModel(**WAN_14B)}
+            "Wan2.1-T2V-14B": lambda: diffusers.WanTransformer3DModel(**WAN_14B),
+            "Wan2.2-TI2V-5B": lambda: diffusers.WanTransformer3DModel(**WAN22_5B),
+            "Wan2.2-T2V-A14B (both experts)": lambda: TwoExperts(diffusers.WanTransformer3DModel(**WAN_14B),
+                                                                 diffusers.WanTransformer3DModel(**WAN_14B), 0.875),
+            "LTX-Video 0.9 (2B)": lambda: diffusers.LTXVideoTransformer3DModel(**LTX_2B)}
     gb = lambda n: n / 1e9
     rows = []
     for name, make in nets.items():

@@ -68,10 +68,15 @@ def write_files(tmp: str, model, policy, reference, opt_state, state: dict, args
     with open(os.path.join(tmp, "args.json"), "w") as f:
         json.dump(vars(args), f, indent=1)
     files = {name: {"bytes": os.path.getsize(os.path.join(tmp, name)), "sha256": file_sha256(os.path.join(tmp, name))}
-             for name in sorted(os.listdir(tmp)) if name != "args.json"}  # args.json is for people: never loaded
+             for name in files_under(tmp) if name != "args.json"}  # args.json is for people: never loaded
     record = {**state, "files": files}
     with open(os.path.join(tmp, "state.json"), "w") as f:
         json.dump({**record, "sha256": state_digest(record)}, f, indent=1)
+
+
+def files_under(folder: str) -> list[str]:
+    """Every file below the folder, as a path relative to it (wan2.2-14b's second expert sits in transformer_2/)."""
+    return sorted(os.path.relpath(os.path.join(root, f), folder) for root, _, names in os.walk(folder) for f in names)
 
 
 def state_digest(record: dict) -> str:

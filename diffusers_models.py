@@ -604,8 +604,9 @@ class TwoExperts(nn.Module):
             net = self.transformer if high.all() else self.transformer_2
             return net(hidden_states=hidden_states, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
                        return_dict=False)
-        out = torch.empty_like(hidden_states)
-        out[high], out[~high] = call(self.transformer, high), call(self.transformer_2, ~high)
+        first, second = call(self.transformer, high), call(self.transformer_2, ~high)
+        out = first.new_empty((len(high), *first.shape[1:]))  # the experts' output dtype (bf16 under autocast)
+        out[high], out[~high] = first, second
         return (out,)
 
     # diffusers' switches and files, on both experts
@@ -705,6 +706,9 @@ def build_wan(dit: str | None = None, vae: str | None = None, text_encoder: str 
     if tc.get("in_channels") != vc.get("z_dim", 16):
         raise UserError(f"{name}: the transformer in {parts['transformer']} takes {tc.get('in_channels')} latent "
                         f"channels, the VAE in {parts['vae']} makes {vc.get('z_dim', 16)}: not one model's parts")
+    if name == "wan2.2-5b" and not vc.get("is_residual"):
+        raise UserError(f"wan2.2-5b: the VAE in {parts['vae']} is not the Wan2.2 VAE (is_residual false): use "
+                        "--model wan for Wan2.1 weights")
     s, patch = vc.get("scale_factor_spatial", 8), tc.get("patch_size", [1, 2, 2])
     height, width, frames = check_video(name, size, spec["size"], s * max(patch[1:]), frames, spec["frames"],
                                         vc.get("scale_factor_temporal", 4))
@@ -726,7 +730,10 @@ def expert_folder(dit: str, transformer: str, hub_id: str) -> str:
     beside = os.path.join(transformer, "transformer_2")
     if os.path.isdir(beside):
         return beside
-    return component(dit if is_pipeline(dit) else hub_id, "transformer_2", hub_id)
+    folder = component(dit if is_pipeline(dit) else hub_id, "transformer_2", hub_id)
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise UserError(f"{dit} has no transformer_2: wan2.2-14b needs the two experts of a Wan2.2-A14B pipeline")
+    return folder
 
 
 def boundary_of(dit: str, parts: dict) -> float:

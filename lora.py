@@ -83,6 +83,19 @@ def add_adapters(net: nn.Module, rank: int, alpha: float | None = None, dropout:
     return config
 
 
+def store_base(net: nn.Module, dtype: torch.dtype):
+    """With adapters the base network is frozen, so it is stored in the compute dtype (bf16), as diffusers' LoRA
+    training scripts load the transformer in weight_dtype. What diffusers keeps in fp32 (_keep_in_fp32_modules:
+    Wan's norms, time embedder and modulation tables) stays fp32, and so do both adapters: the policy's, which the
+    optimizer updates, and the reference's, which must equal it exactly after a curriculum update.
+    Under bf16 autocast every adapted matmul already runs in bf16: the base's memory halves (a 14B Wan expert 57 ->
+    29 GB) for the same compute."""
+    keep = {k for m in net.modules() for k in (getattr(m, "_keep_in_fp32_modules", None) or [])}
+    for name, p in net.named_parameters():
+        if not p.requires_grad and ".lora_" not in name and not keep & set(name.split(".")):
+            p.data = p.data.to(dtype)
+
+
 def check_rank(net: nn.Module, rank: int, targets: str):
     """B A of an (out x in) linear has rank at most min(in, out): a larger r adds parameters and memory, never
     expressiveness (a rank of 100,000 on 64-wide layers would run for minutes before anyone noticed). Checked on the
@@ -145,7 +158,28 @@ def adapter_state(net: nn.Module, name: str = POLICY) -> dict[str, torch.Tensor]
 
     state = get_peft_model_state_dict(net, adapter_name=name)
     full = lambda v: v.full_tensor() if hasattr(v, "full_tensor") else v  # FSDP2: gathered on every rank
-    return {f"transformer.{k}": full(v).detach().contiguous().cpu() for k, v in state.items()}
+    prefix = "" if two_experts(net) else "transformer."  # TwoExperts' children already carry the pipeline's names
+    return {f"{prefix}{k}": full(v).detach().contiguous().cpu() for k, v in state.items()}
+
+
+def two_experts(net: nn.Module) -> bool:
+    """Wan2.2-A14B's denoiser (diffusers_models.TwoExperts): adapters on transformer.* and transformer_2.*."""
+    return hasattr(net, "transformer_2")
+
+
+def second_expert_file(file: str) -> str:
+    """Where the low-noise expert's adapter goes, in the layout diffusers loads with
+    `pipe.load_lora_weights(folder, weight_name=..., load_into_transformer_2=True)`: keys transformer.*."""
+    return file.removesuffix(".safetensors") + "_transformer_2.safetensors"
+
+
+def split_experts(state: dict[str, torch.Tensor]) -> list[tuple[str, dict]]:
+    """An adapter state as files: (suffix, tensors) for the network, and for TwoExperts a second file holding the
+    low-noise expert's tensors under transformer.* (what load_into_transformer_2 reads)."""
+    second = {"transformer." + k.removeprefix("transformer_2."): v for k, v in state.items()
+              if k.startswith("transformer_2.")}
+    first = {k: v for k, v in state.items() if not k.startswith("transformer_2.")}
+    return [("", first)] + ([("_transformer_2", second)] if second else [])
 
 
 def save_files(folder: str, states: dict[str, dict], config: dict, model_name: str, peft_layout: bool = False):
@@ -162,7 +196,9 @@ def save_files(folder: str, states: dict[str, dict], config: dict, model_name: s
                                                                                          sort_keys=True)}
     os.makedirs(folder, exist_ok=True)
     for name, file in ((POLICY, ADAPTER_FILE), (REFERENCE, REFERENCE_FILE)):
-        save_sorted(states[name], os.path.join(folder, file), metadata)
+        for suffix, tensors in split_experts(states[name]):
+            save_sorted(tensors, os.path.join(folder, file.removesuffix(".safetensors") + suffix + ".safetensors"),
+                        metadata)
     with open(os.path.join(folder, CONFIG_FILE), "w") as f:
         json.dump({**config, "model": model_name}, f, indent=1)
     if peft_layout:  # peft's names: adapter_config.json, adapter_model.safetensors, keys base_model.model.<module>
@@ -234,11 +270,18 @@ def load_adapter(file: str, net: nn.Module, model_name: str, name: str = POLICY)
         made_for = (f.metadata() or {}).get("model")
     if made_for is not None and made_for != model_name:
         raise UserError(f"{file} is an adapter of model {made_for!r}, not {model_name!r}")
-    state = {k.removeprefix("transformer."): v for k, v in load_file(file).items()}
+    state = load_file(file)
+    if two_experts(net):  # the low-noise expert's adapter from its own file, back under transformer_2.*
+        other = second_expert_file(file)
+        if not os.path.isfile(other):
+            raise UserError(f"no adapter file {other} (the low-noise expert's, beside {os.path.basename(file)})")
+        state.update({"transformer_2." + k.removeprefix("transformer."): v for k, v in load_file(other).items()})
     own = adapter_state(net, name)  # the adapters the config built: every tensor of the file must fit one of them
-    if {f"transformer.{k}": tuple(v.shape) for k, v in state.items()} != {k: tuple(v.shape) for k, v in own.items()}:
+    if {k: tuple(v.shape) for k, v in state.items()} != {k: tuple(v.shape) for k, v in own.items()}:
         raise UserError(f"{file} does not fit this network's adapters: its tensors' names or shapes are not those of "
                         "its lora_config.json (another model, rank or --lora-targets, or a damaged file)")
+    if not two_experts(net):
+        state = {k.removeprefix("transformer."): v for k, v in state.items()}
     result = set_peft_model_state_dict(net, state, adapter_name=name)
     if getattr(result, "unexpected_keys", None):
         raise UserError(f"{file} does not fit this network's adapters (another model, rank or --lora-targets?)")

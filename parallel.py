@@ -105,8 +105,10 @@ def stand_in(pairs: list, prompt: str, shape: tuple, segments: int = 1) -> tuple
 
 def block_lists(net: nn.Module) -> list[nn.Module]:
     """The transformer blocks: every entry of the network's top-level ModuleLists (STDiT3's spatial_blocks and
-    temporal_blocks, CogVideoX's transformer_blocks, Wan's blocks). Each becomes one FSDP2 unit."""
-    return [block for child in net.children() if isinstance(child, nn.ModuleList) for block in child]
+    temporal_blocks, CogVideoX's transformer_blocks, Wan's blocks; each expert's for Wan2.2-A14B's TwoExperts).
+    Each becomes one FSDP2 unit."""
+    parts = [net.transformer, net.transformer_2] if hasattr(net, "transformer_2") else [net]
+    return [block for part in parts for child in part.children() if isinstance(child, nn.ModuleList) for block in child]
 
 
 def shard(net: nn.Module, dtype: torch.dtype):
@@ -164,8 +166,8 @@ def state_dicts():
     return state_dict
 
 
-def full(cpu_offload: bool = True):
-    return state_dicts().StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload)
+def full(cpu_offload: bool = True, strict: bool = True):
+    return state_dicts().StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload, strict=strict)
 
 
 def savable(net: nn.Module) -> nn.Module | None:
@@ -193,4 +195,6 @@ def optimizer_state(net: nn.Module, opt: torch.optim.Optimizer) -> dict:
 
 
 def load_optimizer_state(net: nn.Module, opt: torch.optim.Optimizer, state: dict):
-    state_dicts().set_optimizer_state_dict(net, opt, state, options=full(cpu_offload=False))
+    # strict=False: a parameter that has had no gradient yet has no AdamW state to save (wan2.2-14b's low-noise
+    # expert while every DPO timestep fell above the boundary) and starts without one again, as it would have
+    state_dicts().set_optimizer_state_dict(net, opt, state, options=full(cpu_offload=False, strict=False))

@@ -165,6 +165,8 @@ class Run:
         # With LoRA the reference is a second adapter on the same network (lora.py): no copy of the network.
         self.adapters = lora.add_adapters(model.dit, args.lora_rank, args.lora_alpha, args.lora_dropout,
                                           args.lora_targets, args.seed) if args.lora_rank else None
+        if self.adapters and model.dtype != torch.float32 and not args.fsdp:  # FSDP2 shards one dtype per block
+            lora.store_base(model.dit, model.dtype)
         self.ref = model.frozen_copy() if method.reference != "none" and not self.adapters else None
         self.segments = self.segments_of(model)
         self.state = {"model": args.model, "step": 0, "prompts_seen": 0, "ties": 0, "bad_steps": 0,

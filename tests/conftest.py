@@ -58,13 +58,15 @@ def small_opensora(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def diffusers_folders(tmp_path_factory) -> dict[str, str]:
-    """Tiny CogVideoX (plain and with RoPE) and Wan pipelines saved by diffusers' save_pretrained, once a session."""
+    """Tiny CogVideoX (plain and with RoPE), Wan2.1, Wan2.2 (5B, A14B) and LTX-Video pipelines saved by diffusers'
+    save_pretrained, once a session."""
     from tiny_diffusers import save_tiny
 
     root = tmp_path_factory.mktemp("pipelines")
     return {"cogvideox": save_tiny("cogvideox", str(root / "cogvideox")),
             "cogvideox-rope": save_tiny("cogvideox", str(root / "cogvideox-rope"), rope=True),
-            "wan": save_tiny("wan", str(root / "wan"))}
+            "wan": save_tiny("wan", str(root / "wan")),
+            **{name: save_tiny(name, str(root / name)) for name in ("wan2.2-5b", "wan2.2-14b", "ltx")}}
 
 
 # ----------------------------------------------------------------------------------------------------------
