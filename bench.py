@@ -538,8 +538,9 @@ def lora_memory(rank: int) -> str:
     """Computed, not measured: what the policy, its gradients, AdamW's two moments and the reference take in train.py
     for the published denoisers, full fine-tuning vs --lora-rank. Parameters are counted on the meta device. Full:
     fp32 policy 4 B, gradients 4 B, moments 8 B and an fp32 reference copy 4 B per parameter. LoRA: the frozen
-    fp32 network 4 B per parameter once, plus per adapter number the policy adapter, its gradient, its moments and
-    the reference adapter (4 + 4 + 8 + 4 B). Activations, the VAE, the text encoder and the reward come on top."""
+    fp32 network 4 B per parameter once (2 B in the last column: --dtype bf16 stores the frozen base in bf16,
+    lora.store_base; the few modules diffusers keeps in fp32 are not counted apart), plus per adapter number the
+    policy adapter, its gradient, its moments and the reference adapter (4 + 4 + 8 + 4 B). Activations, the VAE, the text encoder and the reward come on top."""
     import diffusers
 
     import lora
@@ -561,11 +562,11 @@ def lora_memory(rank: int) -> str:
             params = sum(p.numel() for p in net.parameters())
             lora.add_adapters(net, rank)
             adapter = sum(p.numel() for p in lora.trainable(net))
-        full, low = 20 * params, 4 * params + 20 * adapter
+        full, low, low_bf16 = 20 * params, 4 * params + 20 * adapter, 2 * params + 20 * adapter
         rows.append([name, f"{params / 1e9:.2f} B", f"{adapter / 1e6:.1f} M", f"{gb(4 * params):.1f}",
-                     f"{gb(full):.1f}", f"{gb(low):.1f}", f"{low / full:.2f}"])
+                     f"{gb(full):.1f}", f"{gb(low):.1f}", f"{low / full:.2f}", f"{gb(low_bf16):.1f}"])
     return table(["denoiser", "parameters", f"adapter (r={rank})", "weights GB", "full FT GB", f"LoRA r={rank} GB",
-                  "LoRA / full"], rows)
+                  "LoRA / full", "LoRA, bf16 base GB"], rows)
 
 
 def machine(device: torch.device) -> str:

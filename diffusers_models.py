@@ -559,7 +559,8 @@ class Wan22(Wan):
         """WanPipeline with expand_timesteps gives the transformer one timestep per latent token (T x H/2 x W/2), all
         equal in text-to-video. Sampling does exactly that (the pipeline's numbers); with gradients (the DPO and
         GRPO training forwards) one timestep per sample, the same conditioning of every token, because per-token
-        modulation would keep B x tokens x 6 x dim numbers per block for the backward (60 GB at 704x1280x121)."""
+        modulation keeps tokens x 6 x dim fp32 numbers per video for the backward (2 GB at 704x1280x121, and that
+        again in every block without gradient checkpointing)."""
         if not torch.is_grad_enabled():
             _, ph, pw = net.config.patch_size
             tokens = z.shape[2] * (z.shape[3] // ph) * (z.shape[4] // pw)

@@ -234,6 +234,10 @@ DOMAINS = [
 ]
 # Flags that do not combine, checked after the domains: (the flags given together, the refusal)
 CONFLICTS = [
+    (lambda a: a.fsdp and a.model == "wan2.2-14b",
+     "--fsdp does not shard wan2.2-14b's two experts: ranks whose DPO timesteps fall on different sides of the "
+     "boundary would gather different experts' blocks; use DDP (torchrun without --fsdp) with --lora-rank and "
+     "--dtype bf16"),
     (lambda a: a.fsdp and parallel.WORLD == 1,
      "--fsdp shards the model across processes: start the run with torchrun --nproc_per_node G"),
     (lambda a: a.fsdp and a.ref_offload, "--ref-offload and --fsdp do not combine: FSDP2 already shards the reference"),

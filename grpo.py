@@ -220,5 +220,5 @@ def kl_reference(args) -> str:
 def check(run):
     """GRPO needs a sampler with an SDE form (a flow: model.sde_schedule)."""
     if not run.model.has_sde:
-        raise UserError(f"--method grpo needs a flow-matching model (opensora, toy, tiny, wan), not "
-                        f"{run.args.model!r}: its sampler has no SDE form here")
+        raise UserError("--method grpo needs a flow-matching model (opensora, toy, tiny, wan, wan2.2-5b, wan2.2-14b, "
+                        f"ltx), not {run.args.model!r}: its sampler has no SDE form here")

@@ -133,7 +133,10 @@ def wrap(model, fsdp: bool) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [model.device.index] if model.device.type == "cuda" else None
-    return DistributedDataParallel(model.dit, device_ids=ids)  # broadcasts rank 0's weights
+    # wan2.2-14b's TwoExperts: a rank whose samples all sit on one side of the boundary leaves the other expert
+    # without gradients this step, which DDP must be told of (it then reduces zeros for it)
+    return DistributedDataParallel(model.dit, device_ids=ids,  # broadcasts rank 0's weights
+                                   find_unused_parameters=hasattr(model.dit, "transformer_2"))
 
 
 def plain_class(net: nn.Module) -> type:

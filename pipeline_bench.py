@@ -1,5 +1,5 @@
 """Our batched sampling of N videos (diffusers_models.py) against the diffusers pipeline called once per video, for
-CogVideoX-2B and Wan2.1: same weights, steps, guidance, initial noise and prompt embeddings on both sides. Prints
+CogVideoX-2B, Wan2.1, Wan2.2 (5B, A14B) and LTX-Video: same weights, steps, guidance, initial noise and prompt embeddings on both sides. Prints
 one JSON line: the seconds of each (best of 3), the speedup, and the largest latent difference between the two, so
 the benchmark doubles as a parity check of our sampler on real weights.
 
@@ -18,30 +18,51 @@ import torch  # noqa: E402  (inputs first: Ctrl-C during this slow import is one
 
 from diffusers_models import BUILDERS  # noqa: E402
 
-PIPELINES = {"cogvideox": "CogVideoXPipeline", "wan": "WanPipeline"}
+PIPELINES = {"cogvideox": "CogVideoXPipeline", "wan": "WanPipeline", "wan2.2-5b": "WanPipeline",
+             "wan2.2-14b": "WanPipeline", "ltx": "LTXPipeline"}
+
+
+def make_pipeline(name: str, model):
+    """The diffusers pipeline over our model's own components (the A14B's two experts, the 5B's per-token timesteps)."""
+    import diffusers
+
+    parts = dict(tokenizer=model.tokenizer, text_encoder=model.text_encoder, vae=model.vae, transformer=model.dit,
+                 scheduler=model.scheduler)
+    if name == "wan2.2-14b":
+        parts.update(transformer=model.dit.transformer, transformer_2=model.dit.transformer_2,
+                     boundary_ratio=model.dit.boundary_ratio)
+    elif name == "wan2.2-5b":
+        parts.update(expand_timesteps=True)
+    return getattr(diffusers, PIPELINES[name])(**parts)
 
 
 def benchmark(name: str, dit: str, n: int = 4, steps: int = 10, size: str | None = None, frames: int | None = None,
               device: str = "cpu", dtype: torch.dtype = torch.float32, repeats: int = 3) -> dict:
     """Seconds to sample N videos of one prompt (latents only: same weights, steps, guidance, initial noise and
     prompt embeddings on both sides), best of `repeats`, and the largest latent difference between the two."""
-    import diffusers
-
     model = BUILDERS[name](dit=dit, size=size, frames=frames).to(device, dtype)
-    pipe = getattr(diffusers, PIPELINES[name])(tokenizer=model.tokenizer, text_encoder=model.text_encoder,
-                                               vae=model.vae, transformer=model.dit, scheduler=model.scheduler)
+    pipe = make_pipeline(name, model)
     pipe.set_progress_bar_config(disable=True)
     prompt, seeds = "a red panda climbs a snowy tree", list(range(n))
-    y, neg = model.encode_prompts([prompt])[0], model.encode_prompts([model.negative_prompt])[0]
+    (y, mask), (neg, neg_mask) = model.encode_prompts([prompt]), model.encode_prompts([model.negative_prompt])
     noise = torch.stack([torch.randn(model.latent_shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
-    layout = (lambda z: z.transpose(1, 2)) if name == "cogvideox" else (lambda z: z)  # pipeline latents <-> ours
+    extra = {}
+    if name == "cogvideox":  # pipeline latents <-> ours: CogVideoX (B, T, C, H, W), LTX packed tokens (B, T H W, C)
+        into, back = (lambda z: z.transpose(1, 2)), (lambda z: z.transpose(1, 2))
+    elif name == "ltx":
+        into, back = (lambda z: pipe._pack_latents(z, 1, 1)), (lambda z: pipe._unpack_latents(z, *model.latent_shape[1:]))
+        extra = dict(prompt_attention_mask=mask, negative_prompt_attention_mask=neg_mask)
+    else:
+        into = back = (lambda z: z)
+    if name == "wan2.2-14b":
+        extra = dict(guidance_scale_2=model.cfg_low)
 
     def pipeline_one(j):
         with model.autocast():
-            out = pipe(prompt_embeds=y, negative_prompt_embeds=neg, latents=layout(noise[j:j + 1]).to(device),
+            out = pipe(prompt_embeds=y, negative_prompt_embeds=neg, latents=into(noise[j:j + 1].to(device)),
                        height=model.height, width=model.width, num_frames=model.frames, num_inference_steps=steps,
-                       guidance_scale=model.cfg, output_type="latent", max_sequence_length=model.max_length)
-        return layout(out.frames).float()
+                       guidance_scale=model.cfg, output_type="latent", max_sequence_length=model.max_length, **extra)
+        return back(out.frames).float()
 
     def best(fn):
         times = []

@@ -64,7 +64,8 @@ def add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--model", default="toy", help=f"base model: {', '.join(MODELS)} (default: toy, shipped "
                    "weights; tiny = the same network family, random weights)")
     p.add_argument("--dit", default=None, help="denoiser weights: Hugging Face id or folder (opensora "
-                   "hpcai-tech/OpenSora-STDiT-v3; cogvideox/wan: the pipeline or a transformer folder; toy: toy/)")
+                   "hpcai-tech/OpenSora-STDiT-v3; cogvideox, wan, wan2.2-5b, wan2.2-14b, ltx: the pipeline or a transformer "
+                   "folder; toy: toy/)")
     p.add_argument("--vae", default=None, help="VAE: Hub id or folder (opensora default hpcai-tech/OpenSora-VAE-v1.2)")
     p.add_argument("--text-encoder", default=None, help="T5: Hub id or folder (opensora default DeepFloyd/t5-v1_1-xxl)")
     p.add_argument("--resolution", default=None, help="Open-Sora resolution name: 240p (default), 360p, 480p, 720p "
@@ -72,11 +73,12 @@ def add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--aspect", default=None, help="Open-Sora aspect-ratio name (default 9:16, 240x426 at 240p)")
     p.add_argument("--size", default=None, help="explicit HxW in pixels instead of --resolution/--aspect")
     p.add_argument("--frames", type=int, default=None, help="frames per video (opensora 51, cogvideox 49, wan 81, "
-                   "toy/tiny 8)")
+                   "wan2.2-5b 121, wan2.2-14b 81, ltx 161, toy/tiny 8)")
     p.add_argument("--sample-steps", type=int, default=None, help="sampling steps (opensora 30 as in the paper, "
-                   "cogvideox/wan 50, toy 10, tiny 20)")
+                   "cogvideox/wan/wan2.2-5b/ltx 50, wan2.2-14b 40, toy 10, tiny 20)")
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (opensora 7.0, "
-                   "cogvideox 6.0, wan 5.0, toy/tiny 4.0)")
+                   "cogvideox 6.0, wan 5.0, wan2.2-5b 5.0, wan2.2-14b 4.0 and 3.0 for its low-noise expert (--cfg sets "
+                   "both), ltx 3.0, toy/tiny 4.0)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="compute dtype (bf16 on GPU, fp32 on CPU)")
 
@@ -115,6 +117,8 @@ def model_from_args(args) -> "VideoModel":  # noqa: F821
         model.sample_steps = args.sample_steps
     if args.cfg is not None:
         model.cfg = args.cfg
+        if hasattr(model, "cfg_low"):  # wan2.2-14b: the low-noise expert's guidance too
+            model.cfg_low = args.cfg
     return model
 
 

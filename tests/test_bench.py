@@ -222,6 +222,9 @@ def test_computed_lora_memory_of_the_published_denoisers(capsys):
     bench.main(["--lora-memory", "64"])
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in capsys.readouterr().out.splitlines()[2:]}
     assert [rows[k][:2] for k in rows] == [["1.21 B", "95.0 M"], ["1.69 B", "66.4 M"], ["1.42 B", "87.5 M"],
-                                           ["14.29 B", "306.7 M"]]
+                                           ["14.29 B", "306.7 M"], ["5.00 B", "161.2 M"], ["28.58 B", "613.4 M"],
+                                           ["1.92 B", "95.4 M"]]
+    # Wan2.2-TI2V-5B by hand: 30 blocks x 64 x (8 x (3072 + 3072) + 2 x (3072 + 14336)) = 161.2 M; the A14B two
+    # Wan2.1-14B-shaped experts, each with its own adapters
     # STDiT3-XL/2 by hand: 56 blocks x 64 x (4608 + 2304 + 2304 + 3456 + 2304 + 5760 + 5760) = 94.96 M
     assert rows["Wan2.1-T2V-14B"][3] == "285.8"  # 20 B per parameter: fp32 policy, grads, AdamW, fp32 reference

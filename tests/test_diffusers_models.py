@@ -219,5 +219,6 @@ def test_a_wan_grpo_run_and_cogvideox_refused(diffusers_folders, tmp_path):
     cog[cog.index(diffusers_folders["wan"])] = diffusers_folders["cogvideox"]
     with pytest.raises(SystemExit) as e:
         train.main(cog + ["--steps", "1", "--out", str(tmp_path / "cog")])
-    assert str(e.value.code) == ("error: --method grpo needs a flow-matching model (opensora, toy, tiny, wan), not "
+    assert str(e.value.code) == ("error: --method grpo needs a flow-matching model (opensora, toy, tiny, wan, wan2.2-5b, "
+                                 "wan2.2-14b, ltx), not "
                                  "'cogvideox': its sampler has no SDE form here")

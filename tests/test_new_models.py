@@ -198,7 +198,7 @@ def test_wrong_parts_are_one_line(diffusers_folders):
 
 def run_args(name, folder, out, *extra):
     return ["--model", name, "--reward", "pixel", "--dit", folder, "--size", "64x64", "--frames", "9",
-            "--sample-steps", "3", "--n", "3" if "grpo" in extra else "2", "--batch-size", "1", "--lr", "1e-3",
+            "--sample-steps", "3", "-n", "3" if "grpo" in extra else "2", "--batch-size", "1", "--lr", "1e-3",
             "--out", str(out), "--prompts", os.path.join(ROOT, "prompts/train.txt"), *extra]
 
 
@@ -253,3 +253,20 @@ def test_with_adapters_the_frozen_base_is_stored_in_the_compute_dtype(diffusers_
     with torch.no_grad():
         after = model.errors(model.dit, x0, noise, t, y, mask)
     assert torch.allclose(after, before, rtol=2e-2)
+
+
+@pytest.mark.slow
+def test_ddp_keeps_both_experts_identical_across_ranks_and_fsdp_is_refused(diffusers_folders, tmp_path, capsys):
+    """Two CPU ranks (gloo): a rank whose DPO timesteps all fall on one side of the boundary leaves the other expert
+    without a gradient; DDP (find_unused_parameters) still ends every step with the same two experts on both ranks."""
+    from test_parallel import same_ranks, torchrun
+
+    from conftest import refusal
+
+    args = run_args("wan2.2-14b", diffusers_folders["wan2.2-14b"], tmp_path / "ddp", "--steps", "4", "--save-every",
+                    "2", "--batch-size", "2")
+    torchrun(tmp_path, *args)
+    same_ranks(str(tmp_path / "ddp"), 4)
+    message = refusal(train.main, run_args("wan2.2-14b", diffusers_folders["wan2.2-14b"], tmp_path / "fsdp",
+                                           "--steps", "1", "--fsdp"), capsys)
+    assert message.startswith("error: --fsdp does not shard wan2.2-14b's two experts")
