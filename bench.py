@@ -488,6 +488,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-memory", type=int, default=None, metavar="RANK", help="only print the computed table of "
                    "policy + gradients + AdamW + reference memory, full fine-tuning vs LoRA of this rank, for the "
                    "published denoisers (meta device: no memory, seconds)")
+    p.add_argument("--model-flops", action="store_true", help="only print the counted FLOPs of sampling and of a DPO "
+                   "step for the diffusers models at their full default shapes (meta device; a minute on a CPU)")
     return p
 
 
@@ -567,6 +569,46 @@ def lora_memory(rank: int) -> str:
                      f"{gb(full):.1f}", f"{gb(low):.1f}", f"{low / full:.2f}", f"{gb(low_bf16):.1f}"])
     return table(["denoiser", "parameters", f"adapter (r={rank})", "weights GB", "full FT GB", f"LoRA r={rank} GB",
                   "LoRA / full", "LoRA, bf16 base GB"], rows)
+
+
+def diffusers_denoisers() -> dict:
+    """The diffusers models' denoisers at full size, each with the transformer inputs of one video at its default
+    shape (B = 1; latents from its VAE's compression): (build, inputs, shape) per name, built on the meta device."""
+    import diffusers
+
+    wan = lambda cfg, c, t, h, w: (lambda: diffusers.WanTransformer3DModel(**cfg),  # noqa: E731
+                                   lambda b: dict(hidden_states=torch.randn(b, c, t, h, w), timestep=torch.full((b,), 500.0),
+                                                  encoder_hidden_states=torch.randn(b, 512, 4096)))
+    ltx_inputs = lambda b: dict(hidden_states=torch.randn(b, 21 * 15 * 22, 128), timestep=torch.full((b,), 500.0),
+                                encoder_hidden_states=torch.randn(b, 128, 4096), encoder_attention_mask=torch.ones(b, 128),
+                                num_frames=21, height=15, width=22, rope_interpolation_scale=(8 / 25, 32, 32))
+    return {"wan (Wan2.1-T2V-1.3B)": (*wan(WAN_1_3B, 16, 21, 60, 104), "480x832x81"),
+            "wan2.2-5b (TI2V-5B)": (*wan(WAN22_5B, 48, 31, 44, 80), "704x1280x121"),
+            "wan2.2-14b (one A14B expert)": (*wan(WAN_14B, 16, 21, 90, 160), "720x1280x81"),
+            "wan2.2-14b at 480p": (*wan(WAN_14B, 16, 21, 60, 104), "480x832x81"),
+            "ltx (LTX-Video 0.9)": (lambda: diffusers.LTXVideoTransformer3DModel(**LTX_2B), ltx_inputs, "480x704x161")}
+
+
+def model_flops(n: int = 4, peak_tflops: float = 989.0, mfu: float = 0.35) -> str:
+    """Counted on the meta device (FlopCounterMode: matmuls and attention), not measured: one transformer forward of
+    one video at the model's default shape; a sampling step of N candidates with both CFG halves is 2N of those,
+    the pipeline's steps that many times; a DPO step of one [winner; loser] pair is 10 (the pair's forward, its
+    recompute under gradient checkpointing, a backward of twice the forward, and the reference's forward). Seconds
+    at `mfu` of `peak_tflops` (an H200's dense bf16 989) are arithmetic."""
+    steps = {"wan": 50, "wan2.2-5b": 50, "wan2.2-14b": 40, "ltx": 50}
+    rows = []
+    for name, (make, inputs, shape) in diffusers_denoisers().items():
+        with building("meta"):
+            net = make()
+            kwargs = inputs(1)
+        with flop_counter() as counter, torch.no_grad():
+            net(**kwargs, return_dict=False)
+        one = counter.get_total_flops() / 1e12
+        sample = 2 * n * one * steps[name.split()[0]]
+        rows.append([name, shape, f"{one:.0f}", f"{sample / 1e3:.1f}", f"{sample / (peak_tflops * mfu):.0f}",
+                     f"{10 * one:.0f}", f"{10 * one / (peak_tflops * mfu):.1f}"])
+    return table(["model", "shape", "TFLOP per video forward", f"PFLOP to sample N={n} (CFG, all steps)",
+                  f"s at {mfu:.0%} of {peak_tflops:.0f} TFLOP/s", "TFLOP per DPO step (pair)", "s"], rows)
 
 
 def machine(device: torch.device) -> str:
@@ -682,6 +724,9 @@ def main(argv=None):
     args = parse_args(argv)
     if args.lora_memory is not None:
         print(lora_memory(args.lora_memory))
+        return
+    if args.model_flops:
+        print(model_flops(args.n, args.peak_tflops or 989.0))
         return
     if args.json:
         writable_file(args.json, "--json")  # before the benchmark, not after it

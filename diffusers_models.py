@@ -1,14 +1,18 @@
-"""CogVideoX-2B and Wan2.1 as OnlineVPO base models, assembled from diffusers components.
+"""CogVideoX-2B, Wan2.1, Wan2.2 (TI2V-5B, T2V-A14B) and LTX-Video 0.9 as OnlineVPO base models, assembled from
+diffusers components.
 
     python train.py --model cogvideox     # THUDM/CogVideoX-2b: 49 frames, 480x720, 50 steps, guidance 6
     python train.py --model wan           # Wan-AI/Wan2.1-T2V-1.3B-Diffusers: 81 frames, 480x832, 50 steps, guidance 5
+    python train.py --model wan2.2-5b     # Wan-AI/Wan2.2-TI2V-5B-Diffusers: 121 frames, 704x1280, 50 steps, guidance 5
+    python train.py --model wan2.2-14b    # Wan-AI/Wan2.2-T2V-A14B-Diffusers: two experts, 81 frames, 720x1280, 40 steps
+    python train.py --model ltx           # Lightricks/LTX-Video: 161 frames, 480x704, 50 steps, guidance 3
 
 Transformer, VAE, text encoder, tokenizer and scheduler are diffusers' and transformers' own classes, loaded from the
 published folder layout. Ours is only what the VideoModel verbs need: prompt embeddings cached per prompt; the N
 candidates and both CFG halves in ONE transformer forward per step, stepped by the pipeline's own scheduler; decoding;
 the per-sample error in the space of each model's own training objective; weights written with `save_pretrained`, so
-a fine-tuned transformer drops into CogVideoXPipeline / WanPipeline. pipeline_bench.py times (and checks) the batched
-sampling against the pipelines; tests/tiny_diffusers.py writes tiny random pipelines in these layouts.
+a fine-tuned transformer drops into the model's pipeline. pipeline_bench.py times (and checks) the batched sampling
+against the pipelines; tests/tiny_diffusers.py writes tiny random pipelines in these layouts.
 """
 import copy
 import json

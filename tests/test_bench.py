@@ -228,3 +228,17 @@ def test_computed_lora_memory_of_the_published_denoisers(capsys):
     # Wan2.1-14B-shaped experts, each with its own adapters
     # STDiT3-XL/2 by hand: 56 blocks x 64 x (4608 + 2304 + 2304 + 3456 + 2304 + 5760 + 5760) = 94.96 M
     assert rows["Wan2.1-T2V-14B"][3] == "285.8"  # 20 B per parameter: fp32 policy, grads, AdamW, fp32 reference
+
+
+@pytest.mark.slow
+def test_counted_flops_of_the_diffusers_models_at_full_size(capsys):
+    """--model-flops builds every diffusers denoiser at full size on the meta device. Wan2.1-1.3B at 480x832x81 by
+    hand: 32,760 tokens, 30 blocks of width 1536 (FFN 8960): linear layers 2 x tokens x (6 d^2 + 2 d ffn) per block,
+    self-attention 2 x 2 x tokens^2 x d, cross-attention to 512 text tokens 2 x 2 x tokens x 512 x d."""
+    bench.main(["--model-flops"])
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in capsys.readouterr().out.splitlines()[2:]}
+    tokens, d, ffn, layers = 21 * 30 * 52, 1536, 8960, 30
+    by_hand = layers * (2 * tokens * (6 * d * d + 2 * d * ffn) + 4 * tokens ** 2 * d + 4 * tokens * 512 * d) / 1e12
+    assert float(rows["wan (Wan2.1-T2V-1.3B)"][1]) == pytest.approx(by_hand, rel=0.01)
+    assert set(rows) == {"wan (Wan2.1-T2V-1.3B)", "wan2.2-5b (TI2V-5B)", "wan2.2-14b (one A14B expert)",
+                         "wan2.2-14b at 480p", "ltx (LTX-Video 0.9)"}
