@@ -270,3 +270,35 @@ def test_ddp_keeps_both_experts_identical_across_ranks_and_fsdp_is_refused(diffu
     message = refusal(train.main, run_args("wan2.2-14b", diffusers_folders["wan2.2-14b"], tmp_path / "fsdp",
                                            "--steps", "1", "--fsdp"), capsys)
     assert message.startswith("error: --fsdp does not shard wan2.2-14b's two experts")
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_eta_starts_the_aligned_copies_at_the_flow_forms_level(diffusers_folders, name):
+    """DenseDPO's --eta on every backend: the copies start at the first sampling step whose noise share b / (a + b)
+    is at most eta, and the scheduler's own noising at that step (UniPC's add_noise, FlowMatchEuler's scale_noise)
+    is a x + b noise."""
+    model = build_model(name, dit=diffusers_folders[name], **SIZE)
+    for eta in (0.3, 0.7):
+        scheduler = model.fresh_scheduler(20, "cpu")
+        i = model.start_index(scheduler, eta)
+        a, b = model.aligned_level(eta, 20)
+        a_all, b_all = model.levels(scheduler)
+        assert b / (a + b) <= eta + 1e-9 < b_all[i - 1] / (a_all[i - 1] + b_all[i - 1])
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(i)
+        t = scheduler.timesteps[i: i + 1]
+        one, zero = torch.ones(1, 2, 1, 1, 1), torch.zeros(1, 2, 1, 1, 1)
+        assert float(model.noised(scheduler, one, zero, t).flatten()[0]) == pytest.approx(a, abs=1e-5)
+        assert float(model.noised(scheduler, zero, one, t).flatten()[0]) == pytest.approx(b, abs=1e-5)
+
+
+def test_ltx_grpo_rollout_without_noise_is_the_pipelines_euler_loop(diffusers_folders):
+    """LTX ships FlowMatchEuler: GRPO's SDE rollout (grpo.sample_sde) with no noise is our sampler exactly, which is
+    the pipeline's (test above)."""
+    import grpo
+
+    model = build_model("ltx", dit=diffusers_folders["ltx"], **SIZE).to("cpu")
+    gens = [torch.Generator().manual_seed(s) for s in (3, 4)]
+    traj, log_probs, sigmas, _ = grpo.sample_sde(model, ["a red ball rolls"], 2, gens, 1e-12, steps=3)
+    assert sigmas[-1] == 0.0 and log_probs.shape == (3, 2)
+    assert torch.allclose(traj[-1], model.sample(["a red ball rolls"], 2, [3, 4], steps=3), atol=1e-5)
