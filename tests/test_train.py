@@ -97,7 +97,8 @@ def test_nan_losses_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path, cap
 def test_an_unknown_model_is_named_before_the_default_reward_loads(tmp_path):
     with pytest.raises(SystemExit) as e:  # --model sora9 would default to --reward videoscore, a 16 GB download
         train.main(["--model", "sora9", "--out", str(tmp_path)])
-    assert str(e.value.code) == "error: --model 'sora9' is no model here; choose one of toy, opensora, cogvideox, wan, tiny"
+    assert str(e.value.code) == ("error: --model 'sora9' is no model here; choose one of toy, opensora, cogvideox, wan, "
+                                 "wan2.2-5b, wan2.2-14b, ltx, tiny")
 
 
 def test_the_test_model_trains_without_any_reward_weights(tmp_path):
