@@ -202,12 +202,14 @@ def load_optimizer(path: str, model, opt):
 
 
 def finite_weights(path: str) -> bool:
+    """Every weights file of the checkpoint holds finite numbers: model.safetensors (the Open-Sora family), the
+    diffusers layout (diffusion_pytorch_model*.safetensors, wan2.2-14b's transformer_2/ too) or LoRA adapters."""
     from safetensors.torch import load_file
 
     try:
-        adapter = os.path.join(path, lora.ADAPTER_FILE)
-        file = adapter if os.path.isfile(adapter) else os.path.join(path, "model.safetensors")
-        return all(bool(torch.isfinite(t).all()) for t in load_file(file).values())
+        files = [f for f in files_under(path) if f.endswith(".safetensors")]
+        return bool(files) and all(bool(torch.isfinite(t).all()) for f in files
+                                   for t in load_file(os.path.join(path, f)).values())
     except Exception:  # noqa: BLE001 - a damaged file is not a good checkpoint
         return False
 

@@ -511,7 +511,7 @@ def lazy(module: str, builder: str):
 MODELS = {"toy": lazy("toy", "build_toy"), "opensora": build_opensora,
           "cogvideox": lazy("diffusers_models", "build_cogvideox"), "wan": lazy("diffusers_models", "build_wan"),
           "wan2.2-5b": lazy("diffusers_models", "build_wan22_5b"),
-          "wan2.2-14b": lazy("diffusers_models", "build_wan22_14b"), "ltx": lazy("diffusers_models", "build_ltx"),
+          "wan2.2-14b": lazy("diffusers_models", "build_wan22_14b"), "ltx": lazy("ltx_video", "build_ltx"),
           "tiny": build_tiny}
 
 

@@ -16,7 +16,7 @@ from inputs import ANY, check_domains, command, known_device, refuse_empty
 
 import torch  # noqa: E402  (inputs first: Ctrl-C during this slow import is one line too)
 
-from diffusers_models import BUILDERS  # noqa: E402
+from model import MODELS  # noqa: E402
 
 PIPELINES = {"cogvideox": "CogVideoXPipeline", "wan": "WanPipeline", "wan2.2-5b": "WanPipeline",
              "wan2.2-14b": "WanPipeline", "ltx": "LTXPipeline"}
@@ -40,7 +40,7 @@ def benchmark(name: str, dit: str, n: int = 4, steps: int = 10, size: str | None
               device: str = "cpu", dtype: torch.dtype = torch.float32, repeats: int = 3) -> dict:
     """Seconds to sample N videos of one prompt (latents only: same weights, steps, guidance, initial noise and
     prompt embeddings on both sides), best of `repeats`, and the largest latent difference between the two."""
-    model = BUILDERS[name](dit=dit, size=size, frames=frames).to(device, dtype)
+    model = MODELS[name](dit=dit, size=size, frames=frames).to(device, dtype)
     pipe = make_pipeline(name, model)
     pipe.set_progress_bar_config(disable=True)
     prompt, seeds = "a red panda climbs a snowy tree", list(range(n))
@@ -85,7 +85,7 @@ def benchmark(name: str, dit: str, n: int = 4, steps: int = 10, size: str | None
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="batched sampling of N videos vs N diffusers pipeline calls")
-    p.add_argument("--model", default="wan", choices=list(BUILDERS))
+    p.add_argument("--model", default="wan", choices=list(PIPELINES))
     p.add_argument("--dit", default=None, help="pipeline Hub id or folder (default: tiny random components)")
     p.add_argument("--n", type=int, default=4)
     p.add_argument("--steps", type=int, default=10)

@@ -21,10 +21,15 @@ from model import MODELS, build_model
 from videos import read_video, write_gif, write_png, write_video
 
 
+def tiles(videos: torch.Tensor, scale: int, gap: int) -> torch.Tensor:
+    """uint8 (..., H, W, 3) frames upscaled by `scale` (nearest) with white gaps right of and below each."""
+    v = videos.repeat_interleave(scale, -3).repeat_interleave(scale, -2)
+    return torch.nn.functional.pad(v, (0, 0, 0, gap, 0, gap), value=255)
+
+
 def frame_strip(videos: torch.Tensor, scale: int = 1, gap: int = 2) -> torch.Tensor:
     """uint8 (B, T, H, W, 3) -> one image, a row of frames per video, for a quick look or a README."""
-    v = videos.repeat_interleave(scale, 2).repeat_interleave(scale, 3)
-    v = torch.nn.functional.pad(v, (0, 0, 0, gap, 0, gap), value=255)  # white gaps right of / below frames
+    v = tiles(videos, scale, gap)
     b, t, h, w, c = v.shape
     return v.permute(0, 2, 1, 3, 4).reshape(b * h, t * w, c)
 
@@ -32,12 +37,7 @@ def frame_strip(videos: torch.Tensor, scale: int = 1, gap: int = 2) -> torch.Ten
 def side_by_side(groups: list[torch.Tensor], scale: int = 1, gap: int = 4) -> torch.Tensor:
     """uint8 videos (B, T, H, W, 3) of each group (before, after, ...) -> one video (T, H', W', 3): a row per video
     index, the groups side by side, white gaps between them; for an animated GIF."""
-    rows = []
-    for row in zip(*groups):  # video i of every group
-        tiles = [v.repeat_interleave(scale, 1).repeat_interleave(scale, 2) for v in row]
-        tiles = [torch.nn.functional.pad(v, (0, 0, 0, gap, 0, gap), value=255) for v in tiles]
-        rows.append(torch.cat(tiles, 2))
-    return torch.cat(rows, 1)
+    return torch.cat([torch.cat([tiles(v, scale, gap) for v in row], 2) for row in zip(*groups)], 1)
 
 
 def read_beside(folder: str, names: list[list[str]]) -> list[torch.Tensor]:

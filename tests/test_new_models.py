@@ -302,3 +302,20 @@ def test_ltx_grpo_rollout_without_noise_is_the_pipelines_euler_loop(diffusers_fo
     traj, log_probs, sigmas, _ = grpo.sample_sde(model, ["a red ball rolls"], 2, gens, 1e-12, steps=3)
     assert sigmas[-1] == 0.0 and log_probs.shape == (3, 2)
     assert torch.allclose(traj[-1], model.sample(["a red ball rolls"], 2, [3, 4], steps=3), atol=1e-5)
+
+
+def test_after_a_nan_stop_a_diffusers_checkpoint_is_recognised_as_good_or_bad(diffusers_folders, tmp_path):
+    """The NaN stop names the last checkpoint whose weights are finite: in the diffusers layout too (before, only
+    model.safetensors was read, so no wan/ltx checkpoint was ever found good), the second expert's file included."""
+    from safetensors.torch import load_file, save_file
+
+    import checkpoint
+
+    model = build_model("wan2.2-14b", dit=diffusers_folders["wan2.2-14b"], **SIZE)
+    model.save_weights(str(tmp_path))
+    assert checkpoint.finite_weights(str(tmp_path))
+    second = tmp_path / "transformer_2" / "diffusion_pytorch_model.safetensors"
+    state = load_file(second)
+    state["proj_out.bias"][0] = float("nan")
+    save_file(state, second)
+    assert not checkpoint.finite_weights(str(tmp_path))
