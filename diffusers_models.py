@@ -166,8 +166,21 @@ class DiffusersVideoModel:
     predicts_x0 = False  # ReFL: the Open-Sora family only
 
     @property
+    def latent_shape(self) -> tuple:
+        """(C, T, H, W) of one video's latents, from the VAE's compression (each backend's vae_spatial and
+        time_factor) and the transformer's input channels."""
+        s, tc = self.vae_spatial, self.time_factor
+        return (self.dit.config.in_channels, (self.frames - 1) // tc + 1, self.height // s, self.width // s)
+
+    def embed(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """T5 features of prompts padded to max_length, with the padding read (no mask into T5), and the mask:
+        CogVideoXPipeline's and LTXPipeline's _get_t5_prompt_embeds (LTX passes the mask on to its transformer)."""
+        ids, mask = tokenize(self.tokenizer, texts, self.max_length)
+        return self.text_encoder(ids.to(next(self.text_encoder.parameters()).device))[0], mask
+
+    @property
     def latent_spans(self) -> list[tuple[int, int]]:
-        """The pixel frames (first, end) each latent frame encodes: both VAEs take 1 + k * time_factor frames to
+        """The pixel frames (first, end) each latent frame encodes: the VAEs take 1 + k * time_factor frames to
         1 + k latent frames, the first frame alone (causal), then time_factor frames each (DenseDPO's segments)."""
         tf = self.time_factor
         return [(0, 1)] + [(1 + tf * k, 1 + tf * (k + 1)) for k in range((self.frames - 1) // tf)]
@@ -364,16 +377,6 @@ class CogVideoX(DiffusersVideoModel):
     def time_factor(self) -> int:
         return self.vae.config.temporal_compression_ratio
 
-    @property
-    def latent_shape(self) -> tuple:
-        s, tc = self.vae_spatial, self.time_factor
-        return (self.dit.config.in_channels, (self.frames - 1) // tc + 1, self.height // s, self.width // s)
-
-    def embed(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """CogVideoXPipeline._get_t5_prompt_embeds: padded to 226 tokens, and T5 reads the padding (no mask)."""
-        ids, mask = tokenize(self.tokenizer, texts, self.max_length)
-        return self.text_encoder(ids.to(next(self.text_encoder.parameters()).device))[0], mask
-
     def rotary(self, latent_frames: int):
         """CogVideoXPipeline._prepare_rotary_positional_embeddings for CogVideoX 1.0 (-5b; -2b has no RoPE)."""
         from diffusers.models.embeddings import get_3d_rotary_pos_embed
@@ -511,9 +514,8 @@ class Wan(FlowModel):
         return self.vae.config.scale_factor_temporal
 
     @property
-    def latent_shape(self) -> tuple:
-        st, s = self.time_factor, self.vae.config.scale_factor_spatial
-        return (self.dit.config.in_channels, (self.frames - 1) // st + 1, self.height // s, self.width // s)
+    def vae_spatial(self) -> int:
+        return self.vae.config.scale_factor_spatial
 
     def embed(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """WanPipeline._get_t5_prompt_embeds: cleaned text, UMT5 with the mask, zeros after each prompt's tokens."""
@@ -650,12 +652,6 @@ class Wan22Experts(Wan):
     pipeline's guidance_scale above the boundary, guidance_scale_2 below)."""
     name = "wan2.2-14b"
     cfg_low: float = 3.0  # guidance of the low-noise expert (WanPipeline's guidance_scale_2)
-
-    @property
-    def latent_shape(self) -> tuple:
-        st, s = self.time_factor, self.vae.config.scale_factor_spatial
-        return (self.dit.transformer.config.in_channels, (self.frames - 1) // st + 1, self.height // s,
-                self.width // s)
 
     def guided_prediction(self, net: nn.Module, z: torch.Tensor, t: torch.Tensor,
                           text: tuple[torch.Tensor, torch.Tensor], cfg: float) -> torch.Tensor:

@@ -173,13 +173,12 @@ def second_expert_file(file: str) -> str:
     return file.removesuffix(".safetensors") + "_transformer_2.safetensors"
 
 
-def split_experts(state: dict[str, torch.Tensor]) -> list[tuple[str, dict]]:
-    """An adapter state as files: (suffix, tensors) for the network, and for TwoExperts a second file holding the
-    low-noise expert's tensors under transformer.* (what load_into_transformer_2 reads)."""
-    second = {"transformer." + k.removeprefix("transformer_2."): v for k, v in state.items()
-              if k.startswith("transformer_2.")}
+def split_experts(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """An adapter state as its two files' tensors: the network's (TwoExperts: the high-noise expert's), and the
+    low-noise expert's under transformer.* (what load_into_transformer_2 reads; empty for one network)."""
     first = {k: v for k, v in state.items() if not k.startswith("transformer_2.")}
-    return [("", first)] + ([("_transformer_2", second)] if second else [])
+    second = {"transformer." + k.removeprefix("transformer_2."): v for k, v in state.items() if k not in first}
+    return first, second
 
 
 def save_files(folder: str, states: dict[str, dict], config: dict, model_name: str, peft_layout: bool = False):
@@ -196,9 +195,10 @@ def save_files(folder: str, states: dict[str, dict], config: dict, model_name: s
                                                                                          sort_keys=True)}
     os.makedirs(folder, exist_ok=True)
     for name, file in ((POLICY, ADAPTER_FILE), (REFERENCE, REFERENCE_FILE)):
-        for suffix, tensors in split_experts(states[name]):
-            save_sorted(tensors, os.path.join(folder, file.removesuffix(".safetensors") + suffix + ".safetensors"),
-                        metadata)
+        first, second = split_experts(states[name])
+        save_sorted(first, os.path.join(folder, file), metadata)
+        if second:
+            save_sorted(second, second_expert_file(os.path.join(folder, file)), metadata)
     with open(os.path.join(folder, CONFIG_FILE), "w") as f:
         json.dump({**config, "model": model_name}, f, indent=1)
     if peft_layout:  # peft's names: adapter_config.json, adapter_model.safetensors, keys base_model.model.<module>

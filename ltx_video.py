@@ -12,7 +12,7 @@ import copy
 import torch
 import torch.nn as nn
 
-from diffusers_models import FlowModel, check_video, load, load_model, locate, read_json, tokenize
+from diffusers_models import FlowModel, check_video, load, load_model, locate, read_json
 from inputs import UserError
 
 
@@ -29,16 +29,6 @@ class LTXVideo(FlowModel):
     @property
     def time_factor(self) -> int:
         return self.vae.temporal_compression_ratio
-
-    @property
-    def latent_shape(self) -> tuple:
-        s, tc = self.vae_spatial, self.time_factor
-        return (self.dit.config.in_channels, (self.frames - 1) // tc + 1, self.height // s, self.width // s)
-
-    def embed(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """LTXPipeline._get_t5_prompt_embeds: padded to 128 tokens, T5 without the mask (the transformer gets it)."""
-        ids, mask = tokenize(self.tokenizer, texts, self.max_length)
-        return self.text_encoder(ids.to(next(self.text_encoder.parameters()).device))[0], mask
 
     def predict(self, net: nn.Module, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
                 mask: torch.Tensor | None = None) -> torch.Tensor:

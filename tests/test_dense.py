@@ -69,9 +69,11 @@ def test_cogvideox_and_wan_segments_keep_the_first_frame_alone(diffusers_folders
                                                   ((49, 65), (13, 17)), ((65, 81), (17, 21))]
 
 
-def test_wan_encoder_is_causal_exactly_along_the_spans(diffusers_folders):
-    """Wan's VAE is strictly causal: changing frame f first changes the latent frame whose span holds f."""
-    model = build_model("wan", dit=diffusers_folders["wan"], size="32x32", frames=13)
+@pytest.mark.parametrize("name", ["wan", pytest.param("ltx", marks=pytest.mark.slow)])
+def test_the_encoder_is_causal_exactly_along_the_spans(diffusers_folders, name):
+    """Wan's and LTX-Video's VAEs are strictly causal: changing frame f first changes the latent frame whose span
+    holds f, so DenseDPO's segments are the VAE's own (the tiny LTX VAE compresses time 4x)."""
+    model = build_model(name, dit=diffusers_folders[name], size="32x32", frames=13)
     torch.manual_seed(0)
     x = torch.rand(1, 3, 13, 32, 32) * 2 - 1
     with torch.no_grad():
