@@ -542,7 +542,8 @@ def lora_memory(rank: int) -> str:
     fp32 policy 4 B, gradients 4 B, moments 8 B and an fp32 reference copy 4 B per parameter. LoRA: the frozen
     fp32 network 4 B per parameter once (2 B in the last column: --dtype bf16 stores the frozen base in bf16,
     lora.store_base; the few modules diffusers keeps in fp32 are not counted apart), plus per adapter number the
-    policy adapter, its gradient, its moments and the reference adapter (4 + 4 + 8 + 4 B). Activations, the VAE, the text encoder and the reward come on top."""
+    policy adapter, its gradient, its moments and the reference adapter (4 + 4 + 8 + 4 B). Activations, the VAE,
+    the text encoder and the reward come on top."""
     import diffusers
 
     import lora
@@ -576,12 +577,14 @@ def diffusers_denoisers() -> dict:
     shape (B = 1; latents from its VAE's compression): (build, inputs, shape) per name, built on the meta device."""
     import diffusers
 
-    wan = lambda cfg, c, t, h, w: (lambda: diffusers.WanTransformer3DModel(**cfg),  # noqa: E731
-                                   lambda b: dict(hidden_states=torch.randn(b, c, t, h, w), timestep=torch.full((b,), 500.0),
-                                                  encoder_hidden_states=torch.randn(b, 512, 4096)))
-    ltx_inputs = lambda b: dict(hidden_states=torch.randn(b, 21 * 15 * 22, 128), timestep=torch.full((b,), 500.0),
-                                encoder_hidden_states=torch.randn(b, 128, 4096), encoder_attention_mask=torch.ones(b, 128),
-                                num_frames=21, height=15, width=22, rope_interpolation_scale=(8 / 25, 32, 32))
+    wan = lambda cfg, c, t, h, w: (  # noqa: E731
+        lambda: diffusers.WanTransformer3DModel(**cfg),
+        lambda b: dict(hidden_states=torch.randn(b, c, t, h, w), timestep=torch.full((b,), 500.0),
+                       encoder_hidden_states=torch.randn(b, 512, 4096)))
+    ltx_inputs = lambda b: dict(  # noqa: E731  (21 latent frames of 15 x 22: 161 frames at 480x704)
+        hidden_states=torch.randn(b, 21 * 15 * 22, 128), timestep=torch.full((b,), 500.0),
+        encoder_hidden_states=torch.randn(b, 128, 4096), encoder_attention_mask=torch.ones(b, 128), num_frames=21,
+        height=15, width=22, rope_interpolation_scale=(8 / 25, 32, 32))
     return {"wan (Wan2.1-T2V-1.3B)": (*wan(WAN_1_3B, 16, 21, 60, 104), "480x832x81"),
             "wan2.2-5b (TI2V-5B)": (*wan(WAN22_5B, 48, 31, 44, 80), "704x1280x121"),
             "wan2.2-14b (one A14B expert)": (*wan(WAN_14B, 16, 21, 90, 160), "720x1280x81"),

@@ -584,7 +584,10 @@ class TwoExperts(nn.Module):
         super().__init__()
         self.transformer, self.transformer_2 = transformer, transformer_2
         self.boundary_ratio = float(boundary_ratio)
-        self.boundary = self.boundary_ratio * 1000  # scheduler.config.num_train_timesteps, as in WanPipeline
+
+    @property
+    def boundary(self) -> float:
+        return self.boundary_ratio * 1000  # x scheduler.config.num_train_timesteps, as in WanPipeline
 
     @property
     def config(self):
@@ -607,9 +610,7 @@ class TwoExperts(nn.Module):
         call = lambda net, i: net(hidden_states=hidden_states[i], timestep=timestep[i],
                                   encoder_hidden_states=encoder_hidden_states[i], return_dict=False)[0]
         if high.all() or not high.any():  # the sampler: every sample at the same step, one expert
-            net = self.transformer if high.all() else self.transformer_2
-            return net(hidden_states=hidden_states, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
-                       return_dict=False)
+            return (call(self.transformer if high.all() else self.transformer_2, slice(None)),)
         first, second = call(self.transformer, high), call(self.transformer_2, ~high)
         out = first.new_empty((len(high), *first.shape[1:]))  # the experts' output dtype (bf16 under autocast)
         out[high], out[~high] = first, second
@@ -672,7 +673,8 @@ class Wan22Experts(Wan):
 
 
 def check_experts(tc: dict, tc2: dict):
-    """TwoExperts builds its twin from one configuration (merged LoRA weights, FSDP2 copies): both experts alike."""
+    """TwoExperts builds its twin from one configuration (the merged LoRA weights, parallel.plain_twin): both experts
+    alike."""
     differ = [k for k in tc if not k.startswith("_") and tc.get(k) != tc2.get(k)]
     if differ:
         raise UserError(f"wan2.2-14b: the two experts are built differently ({differ[0]} {tc[differ[0]]} vs "

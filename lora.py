@@ -158,13 +158,8 @@ def adapter_state(net: nn.Module, name: str = POLICY) -> dict[str, torch.Tensor]
 
     state = get_peft_model_state_dict(net, adapter_name=name)
     full = lambda v: v.full_tensor() if hasattr(v, "full_tensor") else v  # FSDP2: gathered on every rank
-    prefix = "" if two_experts(net) else "transformer."  # TwoExperts' children already carry the pipeline's names
+    prefix = "" if parallel.two_experts(net) else "transformer."  # TwoExperts' children carry the pipeline's names
     return {f"{prefix}{k}": full(v).detach().contiguous().cpu() for k, v in state.items()}
-
-
-def two_experts(net: nn.Module) -> bool:
-    """Wan2.2-A14B's denoiser (diffusers_models.TwoExperts): adapters on transformer.* and transformer_2.*."""
-    return hasattr(net, "transformer_2")
 
 
 def second_expert_file(file: str) -> str:
@@ -271,7 +266,7 @@ def load_adapter(file: str, net: nn.Module, model_name: str, name: str = POLICY)
     if made_for is not None and made_for != model_name:
         raise UserError(f"{file} is an adapter of model {made_for!r}, not {model_name!r}")
     state = load_file(file)
-    if two_experts(net):  # the low-noise expert's adapter from its own file, back under transformer_2.*
+    if parallel.two_experts(net):  # the low-noise expert's adapter from its own file, back under transformer_2.*
         other = second_expert_file(file)
         if not os.path.isfile(other):
             raise UserError(f"no adapter file {other} (the low-noise expert's, beside {os.path.basename(file)})")
@@ -280,7 +275,7 @@ def load_adapter(file: str, net: nn.Module, model_name: str, name: str = POLICY)
     if {k: tuple(v.shape) for k, v in state.items()} != {k: tuple(v.shape) for k, v in own.items()}:
         raise UserError(f"{file} does not fit this network's adapters: its tensors' names or shapes are not those of "
                         "its lora_config.json (another model, rank or --lora-targets, or a damaged file)")
-    if not two_experts(net):
+    if not parallel.two_experts(net):
         state = {k.removeprefix("transformer."): v for k, v in state.items()}
     result = set_peft_model_state_dict(net, state, adapter_name=name)
     if getattr(result, "unexpected_keys", None):

@@ -103,11 +103,16 @@ def stand_in(pairs: list, prompt: str, shape: tuple, segments: int = 1) -> tuple
 # Wrapping: DDP for models that fit on one GPU, FSDP2 (fully_shard) for those that do not
 
 
+def two_experts(net: nn.Module) -> bool:
+    """Wan2.2-A14B's denoiser (diffusers_models.TwoExperts): two transformers, transformer and transformer_2."""
+    return hasattr(net, "transformer_2")
+
+
 def block_lists(net: nn.Module) -> list[nn.Module]:
     """The transformer blocks: every entry of the network's top-level ModuleLists (STDiT3's spatial_blocks and
     temporal_blocks, CogVideoX's transformer_blocks, Wan's blocks; each expert's for Wan2.2-A14B's TwoExperts).
     Each becomes one FSDP2 unit."""
-    parts = [net.transformer, net.transformer_2] if hasattr(net, "transformer_2") else [net]
+    parts = [net.transformer, net.transformer_2] if two_experts(net) else [net]
     return [block for part in parts for child in part.children() if isinstance(child, nn.ModuleList) for block in child]
 
 
@@ -136,7 +141,7 @@ def wrap(model, fsdp: bool) -> nn.Module:
     # wan2.2-14b's TwoExperts: a rank whose samples all sit on one side of the boundary leaves the other expert
     # without gradients this step, which DDP must be told of (it then reduces zeros for it)
     return DistributedDataParallel(model.dit, device_ids=ids,  # broadcasts rank 0's weights
-                                   find_unused_parameters=hasattr(model.dit, "transformer_2"))
+                                   find_unused_parameters=two_experts(model.dit))
 
 
 def plain_class(net: nn.Module) -> type:

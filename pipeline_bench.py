@@ -1,7 +1,8 @@
-"""Our batched sampling of N videos (diffusers_models.py) against the diffusers pipeline called once per video, for
-CogVideoX-2B, Wan2.1, Wan2.2 (5B, A14B) and LTX-Video: same weights, steps, guidance, initial noise and prompt embeddings on both sides. Prints
-one JSON line: the seconds of each (best of 3), the speedup, and the largest latent difference between the two, so
-the benchmark doubles as a parity check of our sampler on real weights.
+"""Our batched sampling of N videos (diffusers_models.py, ltx_video.py) against the diffusers pipeline called once
+per video, for CogVideoX-2B, Wan2.1, Wan2.2 (5B, A14B) and LTX-Video: same weights, steps, guidance, initial noise
+and prompt embeddings on both sides. Prints one JSON line: the seconds of each (best of 3), the speedup, and the
+largest latent difference between the two, so the benchmark doubles as a parity check of our sampler on real
+weights.
 
     python pipeline_bench.py --model wan          # tiny random components (tests/tiny_diffusers.py), CPU
     python pipeline_bench.py --model wan --dit Wan-AI/Wan2.1-T2V-1.3B-Diffusers --size 480x832 --frames 81
@@ -50,7 +51,8 @@ def benchmark(name: str, dit: str, n: int = 4, steps: int = 10, size: str | None
     if name == "cogvideox":  # pipeline latents <-> ours: CogVideoX (B, T, C, H, W), LTX packed tokens (B, T H W, C)
         into, back = (lambda z: z.transpose(1, 2)), (lambda z: z.transpose(1, 2))
     elif name == "ltx":
-        into, back = (lambda z: pipe._pack_latents(z, 1, 1)), (lambda z: pipe._unpack_latents(z, *model.latent_shape[1:]))
+        into = lambda z: pipe._pack_latents(z, 1, 1)  # noqa: E731
+        back = lambda z: pipe._unpack_latents(z, *model.latent_shape[1:])  # noqa: E731
         extra = dict(prompt_attention_mask=mask, negative_prompt_attention_mask=neg_mask)
     else:
         into = back = (lambda z: z)
